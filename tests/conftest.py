@@ -1,0 +1,29 @@
+"""Shared pytest setup.
+
+Triton kernels run in the CPU interpreter when no GPU is present. The interpreter must be switched on
+before Triton is imported anywhere, so it is decided here from the presence of an NVIDIA device node
+rather than by importing torch.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+if not pathlib.Path("/dev/nvidia0").exists() and not pathlib.Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
