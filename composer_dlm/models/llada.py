@@ -1,0 +1,526 @@
+"""The LLaDA transformer: a bidirectional Llama-style trunk, and its Hugging Face checkpoint format.
+
+Architecture (LLaDA's release): token embedding ``wte``; ``n_layers`` pre-norm blocks, each
+
+    x = x + attn_out(attention(rope(q_proj(h)), rope(k_proj(h)), v_proj(h)))   with h = attn_norm(x)
+    x = x + ff_out(silu(ff_proj(h)) * up_proj(h))                               with h = ff_norm(x)
+
+then ``ln_f`` and the output projection ``ff_out`` (or ``wte`` when ``weight_tying``). Attention has no
+causal mask, no biases and no time input; grouped-query attention is supported (``n_kv_heads < n_heads``).
+RMSNorm is computed in fp32 (x * rsqrt(mean(x^2) + eps)), cast back, then scaled by its weight. RoPE
+uses the rotate-half convention (dimension i pairs with i + head_dim/2, inverse frequency
+theta^(-2i/head_dim)) and is applied to q and k in fp32.
+
+Parameter names equal the tensor names in LLaDA's safetensors files (``model.transformer.blocks.0.q_proj.weight``
+...), so loading and saving need no renaming map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+T = TypeVar("T")
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be used as it is; the message says what to change."""
+
+
+# Values of LLaDA config.json keys that this implementation does not cover. A folder whose config sets one of
+# them to anything else is refused rather than silently computed wrongly.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "alibi": (False, None),
+    "block_type": ("llama", "sequential", None),
+    "layer_norm_type": ("rms", None),
+    "activation_type": ("silu", "swiglu", None),
+    "attention_layer_norm": (False, None),
+    "input_emb_norm": (False, None),
+    "scale_logits": (False, None),
+    "clip_qkv": (None,),
+    "rope": (True, None),
+    "include_qkv_bias": (False, None),
+    "multi_query_attention": (False, None),
+}
+
+
+@dataclasses.dataclass
+class LLaDAConfig:
+    """The fields of LLaDA's ``config.json`` that define the network.
+
+    Keys of the file that are not fields (``architectures``, ``auto_map``, ``init_device`` ...) are kept in
+    ``extra`` and written back unchanged by :meth:`to_json`, so a released folder round-trips.
+    """
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: int | None = None
+    mlp_hidden_size: int | None = None
+    embedding_size: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    pad_token_id: int | None = None
+    max_sequence_length: int = 4096
+    weight_tying: bool = False
+    include_bias: bool = False
+    init_std: float = 0.02
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.mlp_hidden_size is None:
+            self.mlp_hidden_size = 4 * self.d_model
+        if self.embedding_size is None:
+            self.embedding_size = self.vocab_size
+        problems = []
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "mlp_hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not problems:
+            if self.d_model % self.n_heads:
+                problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            elif (self.d_model // self.n_heads) % 2:
+                problems.append(f"head_dim = d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+            if self.n_heads % self.n_kv_heads:
+                problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            if self.embedding_size < self.vocab_size:
+                problems.append(f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})")
+            if not 0 <= self.mask_token_id < self.embedding_size:
+                problems.append(f"mask_token_id ({self.mask_token_id}) is outside the embedding (size {self.embedding_size})")
+        if self.include_bias:
+            problems.append("include_bias=true is not supported: LLaDA's blocks have no biases")
+        if problems:
+            raise ValueError("invalid LLaDA config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> LLaDAConfig:
+        """Builds a config from a ``config.json`` mapping, refusing settings this implementation lacks."""
+        data = dict(data)
+        for key, allowed in _UNSUPPORTED.items():
+            if key in data and data[key] not in allowed:
+                raise CheckpointError(
+                    f"{source}: {key}={data[key]!r} is not supported by composer-dlm's LLaDA implementation "
+                    f"(supported: {', '.join(repr(a) for a in allowed if a is not None)})"
+                )
+        if data.get("multi_query_attention"):
+            data.setdefault("n_kv_heads", 1)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        required = ("d_model", "n_layers", "n_heads", "vocab_size")
+        missing = [name for name in required if data.get(name) is None]
+        if missing:
+            raise CheckpointError(f"{source}: missing required field(s) {', '.join(missing)}")
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        try:
+            return cls(**known, extra=extra)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> LLaDAConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such config file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object at the top level")
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        data.update(self.extra)
+        data.setdefault("model_type", "llada")
+        data.setdefault("architectures", ["LLaDAModelLM"])
+        return data
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def num_params(self, *, include_embedding: bool = True) -> int:
+        """Parameter count, from the shapes alone."""
+        h, kv = self.d_model, self.n_kv_heads * self.head_dim
+        per_block = 2 * h + h * h + 2 * h * kv + h * h + 3 * h * self.mlp_hidden_size
+        total = self.n_layers * per_block + h
+        if include_embedding:
+            total += self.embedding_size * h * (1 if self.weight_tying else 2)
+        elif not self.weight_tying:
+            total += self.embedding_size * h  # the output projection does matrix work on every token
+        return total
+
+
+class RMSNorm(nn.Module):
+    """y = (x * rsqrt(mean(x^2) + eps)) * weight, normalised in fp32 and cast back before the weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return normed * self.weight.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (seq_len, head_dim) in fp32; angle(p, i) = p * theta^(-2i/head_dim), i < head_dim/2,
+    repeated for the second half so that position i and i + head_dim/2 share a frequency."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHLD: torch.Tensor, cos_LD: torch.Tensor, sin_LD: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in fp32: x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a)."""
+    x = x_BHLD.float()
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return (x * cos_LD + rotated * sin_LD).to(x_BHLD.dtype)
+
+
+class LLaDABlock(nn.Module):
+    """One pre-norm transformer block with bidirectional attention and a SwiGLU MLP."""
+
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        h, kv_dim = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.attn_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.ff_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(h, h, bias=False)
+        self.k_proj = nn.Linear(h, kv_dim, bias=False)
+        self.v_proj = nn.Linear(h, kv_dim, bias=False)
+        self.attn_out = nn.Linear(h, h, bias=False)
+        self.ff_proj = nn.Linear(h, cfg.mlp_hidden_size, bias=False)
+        self.up_proj = nn.Linear(h, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, h, bias=False)
+
+    def attention(
+        self, h_BLH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask_B11L: torch.Tensor | None
+    ) -> torch.Tensor:
+        b, length, _ = h_BLH.shape
+        q = self.q_proj(h_BLH).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h_BLH).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h_BLH).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            groups = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask_B11L, is_causal=False)
+        return self.attn_out(out.transpose(1, 2).reshape(b, length, -1))
+
+    def forward(
+        self, x_BLH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask_B11L: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x_BLH = x_BLH + self.attention(self.attn_norm(x_BLH), cos, sin, key_mask_B11L)
+        h = self.ff_norm(x_BLH)
+        return x_BLH + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class _Transformer(nn.Module):
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(cfg.embedding_size, cfg.d_model)
+        self.blocks = nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        if not cfg.weight_tying:
+            self.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+
+
+class _Model(nn.Module):
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        self.transformer = _Transformer(cfg)
+
+
+class LLaDAModel(nn.Module):
+    """LLaDA mask predictor. ``model(input_ids)`` returns logits (B, L, embedding_size).
+
+    ``model(input_ids, head=fn)`` instead returns ``fn(hidden_BLH, output_weight_VH)``: the loss is then computed
+    inside ``forward``, where FSDP has the output projection gathered, and without materialising logits.
+    """
+
+    def __init__(self, config: LLaDAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = _Model(config)
+
+    # --- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: LLaDAConfig | Mapping[str, Any] | str | os.PathLike[str], *, seed: int | None = None) -> LLaDAModel:
+        """A freshly initialised model for pretraining from scratch.
+
+        Initialisation: every linear and embedding weight ~ N(0, init_std); the two projections that write
+        into the residual stream (``attn_out`` and the blocks' ``ff_out``) use init_std / sqrt(2 * n_layers) so
+        the residual's variance does not grow with depth; RMSNorm weights are 1.
+        """
+        if isinstance(config, (str, os.PathLike)):
+            config = LLaDAConfig.from_json(config)
+        elif not isinstance(config, LLaDAConfig):
+            config = LLaDAConfig.from_dict(config)
+        model = cls(config)
+        model.reset_parameters(seed=seed)
+        return model
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(0 if seed is None else seed)
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                param.fill_(1.0)
+                continue
+            is_residual_out = ".blocks." in name and (name.endswith("attn_out.weight") or name.endswith("ff_out.weight"))
+            sample = torch.empty(param.shape, dtype=torch.float32).normal_(
+                0.0, residual_std if is_residual_out else std, generator=generator
+            )
+            param.copy_(sample)
+
+    # --- forward --------------------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.transformer.blocks
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (embedding_size, d_model) matrix of the output projection."""
+        t = self.model.transformer
+        return t.wte.weight if self.config.weight_tying else t.ff_out.weight
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, L, d_model), after ``ln_f``, before the output projection.
+
+        ``attention_mask`` (B, L), true/1 for real tokens: padded keys are excluded from every query's attention.
+        """
+        t = self.model.transformer
+        _, length = input_ids.shape
+        x = t.wte(input_ids)
+        cos, sin = rope_cos_sin(length, self.config.head_dim, self.config.rope_theta, input_ids.device)
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = attention_mask.to(torch.bool)[:, None, None, :]
+        for block in t.blocks:
+            x = block(x, cos, sin, key_mask)
+        return t.ln_f(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor], T] | None = None,
+    ) -> torch.Tensor | T:
+        hidden = self.hidden_states(input_ids, attention_mask)
+        if head is not None:
+            return head(hidden, self.output_weight)
+        return F.linear(hidden, self.output_weight)
+
+    # --- Hugging Face format --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> LLaDAModel:
+        """Loads a LLaDA Hugging Face folder (config.json + safetensors, one file or sharded with an index).
+
+        The model is built on the meta device and each shard's tensors are moved into it as the shard is read,
+        so peak host memory is about one shard beyond the model itself. ``dtype`` defaults to the stored dtype.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: not a folder; pass the Hugging Face folder holding config.json")
+        if not (folder / CONFIG_NAME).is_file():
+            raise CheckpointError(
+                f"{folder}: no {CONFIG_NAME}; a LLaDA checkpoint folder needs config.json next to its safetensors"
+            )
+        config = LLaDAConfig.from_json(folder / CONFIG_NAME)
+        shards = _safetensors_files(folder)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        expected = dict(model.named_parameters())
+        loaded: set[str] = set()
+        for shard in shards:
+            try:
+                with safe_open(str(shard), framework="pt", device=str(device)) as f:
+                    for name in f.keys():
+                        if name not in expected:
+                            raise CheckpointError(
+                                f"{shard}: tensor {name!r} is not a parameter of a LLaDA model with this config"
+                            )
+                        tensor = f.get_tensor(name)
+                        param = expected[name]
+                        if tuple(tensor.shape) != tuple(param.shape):
+                            raise CheckpointError(
+                                f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                f"config.json implies {tuple(param.shape)}"
+                            )
+                        if dtype is not None:
+                            tensor = tensor.to(dtype)
+                        _assign_parameter(model, name, tensor)
+                        loaded.add(name)
+            except SafetensorError as err:
+                raise CheckpointError(
+                    f"{shard}: cannot be read as safetensors ({err}); the file is probably truncated or corrupt, "
+                    "copy or export it again"
+                ) from None
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise CheckpointError(f"{folder}: {len(missing)} parameter(s) missing from the safetensors: {shown}")
+        return model
+
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        max_shard_size: int | str = "5GB",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Writes config.json and safetensors shards (with an index when sharded) under LLaDA's tensor names.
+
+        The files are written into a temporary folder beside ``folder`` and renamed into place at the end, so a
+        crash leaves either the previous folder or the new one, never a half-written one.
+        """
+        write_pretrained(self.config, self.state_dict(), folder, max_shard_size=max_shard_size, dtype=dtype)
+
+
+def write_pretrained(
+    config: LLaDAConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    folder: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Writes ``state_dict`` (LLaDA tensor names) as a Hugging Face folder, atomically; see ``save_pretrained``."""
+    folder = Path(folder)
+    limit = _parse_size(max_shard_size)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if config.weight_tying and name.endswith("transformer.ff_out.weight"):
+            continue
+        tensor = tensor.detach().to("cpu")
+        tensors[name] = (tensor.to(dtype) if dtype is not None else tensor).contiguous().clone()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        stored = dataclasses.replace(config, extra=dict(config.extra))
+        first = next(iter(tensors.values()), None)
+        if first is not None:
+            stored.extra["torch_dtype"] = str(first.dtype).removeprefix("torch.")
+        stored.to_json(tmp / CONFIG_NAME)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Moves ``new`` to ``target``; an existing ``target`` is moved aside first and removed only afterwards."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(old)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / SAFETENSORS_INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err!r})") from None
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} lists shard(s) that are not there: {', '.join(absent)}")
+        return files
+    single = folder / SAFETENSORS_NAME
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: only pickle weights ({', '.join(pickles)}); composer-dlm loads safetensors only, because "
+            "unpickling runs arbitrary code. Convert the folder to safetensors with a tool you trust and retry."
+        )
+    raise CheckpointError(f"{folder}: no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}")
+
+
+def _assign_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, param_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[param_name] = nn.Parameter(tensor, requires_grad=True)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    text = size.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
