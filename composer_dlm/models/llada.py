@@ -167,14 +167,13 @@ class LLaDAConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def num_params(self, *, include_embedding: bool = True) -> int:
-        """Parameter count, from the shapes alone."""
+        """Parameter count from the shapes alone; ``include_embedding=False`` leaves out the input embedding
+        (but keeps the output projection, tied or not, since it does matrix work on every token)."""
         h, kv = self.d_model, self.n_kv_heads * self.head_dim
         per_block = 2 * h + h * h + 2 * h * kv + h * h + 3 * h * self.mlp_hidden_size
-        total = self.n_layers * per_block + h
-        if include_embedding:
-            total += self.embedding_size * h * (1 if self.weight_tying else 2)
-        elif not self.weight_tying:
-            total += self.embedding_size * h  # the output projection does matrix work on every token
+        total = self.n_layers * per_block + h + self.embedding_size * h  # blocks, ln_f, output projection
+        if include_embedding and not self.weight_tying:
+            total += self.embedding_size * h  # the input embedding, a lookup with no matrix work
         return total
 
 

@@ -1,0 +1,245 @@
+"""ComposerModel for masked-diffusion training: noise the batch, run the LLaDA trunk, score masked tokens.
+
+The loss is computed inside ``LLaDAModel.forward`` (through its ``head`` argument), so under FSDP the output
+projection is gathered while it is used, and with ``loss_impl='fused'`` the (tokens x vocabulary) logits are
+never formed: the fused kernel scores only the masked rows.
+
+Noise is drawn from a generator seeded by (seed, rank, batch, microbatch) for training and by (eval_seed,
+batch contents) for evaluation. Training noise is therefore a function of the trainer's timestamp, which
+Composer checkpoints, so a resumed run draws exactly the noise the uninterrupted run would have; evaluation
+noise is the same for the same data in every run and at every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from composer.models import ComposerModel
+from composer.utils import dist
+from torch import nn
+from torchmetrics import Metric
+
+from composer_dlm.diffusion import (
+    DiffusionConfig,
+    elbo_denominator,
+    forward_process,
+    loss_weights,
+    random_truncation_length,
+)
+from composer_dlm.models.llada import LLaDABlock, LLaDAModel
+
+LossImpl = Literal["fused", "plain"]
+
+
+@dataclasses.dataclass
+class DiffusionOutputs:
+    """What one forward returns: the loss and the sums that metrics need (all device tensors, no host sync)."""
+
+    loss: torch.Tensor
+    ce_sum: torch.Tensor
+    correct_sum: torch.Tensor
+    num_masked: torch.Tensor
+    elbo_sum: torch.Tensor
+    elbo_tokens: torch.Tensor
+
+
+class _SumRatio(Metric):
+    """sum(numerator) / sum(denominator) over batches and ranks."""
+
+    full_state_update = False
+
+    def __init__(self, numerator: str, denominator: str) -> None:
+        super().__init__()
+        self.numerator, self.denominator = numerator, denominator
+        self.add_state("num", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("den", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, outputs: DiffusionOutputs) -> None:
+        self.num += getattr(outputs, self.numerator).detach().to(torch.float64)
+        self.den += getattr(outputs, self.denominator).detach().to(torch.float64)
+
+    def compute(self) -> torch.Tensor:
+        return (self.num / self.den.clamp_min(1.0)).float()
+
+
+class DiffusionLoss(_SumRatio):
+    """Mean training objective over batches."""
+
+    def __init__(self) -> None:
+        super().__init__("loss", "one")
+
+    def update(self, outputs: DiffusionOutputs) -> None:
+        self.num += outputs.loss.detach().to(torch.float64)
+        self.den += 1.0
+
+
+class MaskedCrossEntropy(_SumRatio):
+    """Cross-entropy per masked token (nats), without the 1/p_mask weighting."""
+
+    def __init__(self) -> None:
+        super().__init__("ce_sum", "num_masked")
+
+
+class MaskedAccuracy(_SumRatio):
+    """Fraction of masked tokens whose argmax prediction is the original token."""
+
+    def __init__(self) -> None:
+        super().__init__("correct_sum", "num_masked")
+
+
+class DiffusionELBO(_SumRatio):
+    """The masked-diffusion bound on negative log-likelihood, nats per token (per answer token in SFT)."""
+
+    def __init__(self) -> None:
+        super().__init__("elbo_sum", "elbo_tokens")
+
+
+def _metrics() -> dict[str, Metric]:
+    return {
+        "DiffusionLoss": DiffusionLoss(),
+        "MaskedCrossEntropy": MaskedCrossEntropy(),
+        "MaskedAccuracy": MaskedAccuracy(),
+        "ELBO": DiffusionELBO(),
+    }
+
+
+def _is_block(module: nn.Module) -> bool:
+    return isinstance(module, LLaDABlock)
+
+
+class ComposerLLaDA(ComposerModel):
+    """Masked-diffusion objective around a :class:`LLaDAModel` (kept as the single child ``self.model``)."""
+
+    def __init__(
+        self,
+        model: LLaDAModel,
+        diffusion: DiffusionConfig,
+        *,
+        mask_token_id: int | None = None,
+        loss_impl: LossImpl = "fused",
+        seed: int = 17,
+    ) -> None:
+        super().__init__()
+        if loss_impl not in ("fused", "plain"):
+            raise ValueError(f"loss_impl must be 'fused' or 'plain', got {loss_impl!r}")
+        self.model = model
+        self.diffusion = diffusion
+        self.mask_token_id = model.config.mask_token_id if mask_token_id is None else mask_token_id
+        self.loss_impl = loss_impl
+        self.seed = seed
+        self.train_metrics = _metrics()
+        self.val_metrics = _metrics()
+        # The noise clock: set to the trainer's batch index by NoiseClock; counts microbatches within a batch.
+        self.noise_step = 0
+        self.noise_microbatch = 0
+        # FSDP wraps and activation-checkpoints each transformer block (Composer reads these off the child).
+        model.fsdp_wrap_fn = _is_block  # type: ignore[attr-defined]
+        model.activation_checkpointing_fn = _is_block  # type: ignore[attr-defined]
+
+    # --- noise ----------------------------------------------------------------------------------------------
+    def set_noise_step(self, step: int) -> None:
+        self.noise_step, self.noise_microbatch = step, 0
+
+    def _train_generator(self, device: torch.device) -> torch.Generator:
+        seed = hash((self.seed, dist.get_global_rank(), self.noise_step, self.noise_microbatch)) % (2**62)
+        self.noise_microbatch += 1
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _eval_generator(self, input_ids: torch.Tensor) -> torch.Generator:
+        positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device, dtype=torch.float64)
+        fingerprint = int((input_ids.to(torch.float64) * positions).sum().item()) % (2**31)
+        seed = hash((self.diffusion.eval_seed, fingerprint, tuple(input_ids.shape))) % (2**62)
+        return torch.Generator(device=input_ids.device).manual_seed(seed)
+
+    # --- forward --------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> DiffusionOutputs:
+        input_ids = batch["input_ids"]
+        prompt_lengths = self._prompt_lengths(batch)
+        if prompt_lengths is None and self.diffusion.random_length_prob > 0:
+            length = random_truncation_length(
+                input_ids.shape[1],
+                self.diffusion.random_length_prob,
+                seed=self.seed,
+                step=self.noise_step,
+                microbatch=self.noise_microbatch,
+            )
+            input_ids = input_ids[:, :length]
+        return self._score(input_ids, prompt_lengths, self._train_generator(input_ids.device))
+
+    def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> DiffusionOutputs:
+        if outputs is not None:
+            return outputs
+        input_ids = batch["input_ids"]
+        return self._score(input_ids, self._prompt_lengths(batch), self._eval_generator(input_ids))
+
+    def _prompt_lengths(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.diffusion.mode == "pretrain":
+            return None
+        if "prompt_lengths" not in batch:
+            raise ValueError("diffusion.mode is 'sft' but the batch has no 'prompt_lengths'; use SFT shards")
+        return batch["prompt_lengths"]
+
+    def _score(
+        self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None, generator: torch.Generator
+    ) -> DiffusionOutputs:
+        noisy, masked, p_mask = forward_process(
+            input_ids,
+            mask_token_id=self.mask_token_id,
+            eps=self.diffusion.eps,
+            prompt_lengths=prompt_lengths,
+            generator=generator,
+        )
+        weights_N = loss_weights(masked, p_mask, prompt_lengths).reshape(-1)
+        targets_N = input_ids.reshape(-1)
+
+        def head(hidden_BLH: torch.Tensor, weight_VH: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            hidden_NH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
+            if self.loss_impl == "fused":
+                from kernels import masked_linear_cross_entropy
+
+                return masked_linear_cross_entropy(hidden_NH, weight_VH, targets_N, weights_N, return_stats=True)
+            logits_NV = F.linear(hidden_NH, weight_VH).float()
+            ce_N = F.cross_entropy(logits_NV, targets_N, reduction="none")
+            correct_N = logits_NV.argmax(-1) == targets_N
+            return (ce_N * weights_N).sum(), ce_N.detach(), correct_N
+
+        loss, ce_N, correct_N = self.model(noisy, head=head)
+        masked_N = masked.reshape(-1)
+        ce_masked = torch.where(masked_N, ce_N.float(), 0.0)
+        tokens = elbo_denominator(masked, prompt_lengths)
+        # Sum over masked tokens of CE / p_mask: the loss rescaled from its normalisation to a plain sum.
+        elbo_sum = (ce_masked / p_mask.reshape(-1)).sum()
+        return DiffusionOutputs(
+            loss=loss,
+            ce_sum=ce_masked.sum(),
+            correct_sum=(correct_N & masked_N).sum().float(),
+            num_masked=masked_N.sum().float(),
+            elbo_sum=elbo_sum,
+            elbo_tokens=tokens,
+        )
+
+    def loss(self, outputs: DiffusionOutputs, batch: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return outputs.loss
+
+    # --- metrics --------------------------------------------------------------------------------------------
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return self.train_metrics if is_train else self.val_metrics
+
+    def update_metric(self, batch: Any, outputs: DiffusionOutputs, metric: Metric) -> None:
+        metric.update(outputs)
+
+    # --- throughput -----------------------------------------------------------------------------------------
+    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
+        """Training FLOPs by the standard formula: 3 * (2 * params * tokens + 4 * n_layers * d_model * L^2 * B).
+
+        ``params`` excludes the input embedding (a lookup) and includes the output projection; the attention
+        term counts the full L x L score and value products (attention here is bidirectional).
+        """
+        cfg = self.model.config
+        b, length = batch["input_ids"].shape
+        params = cfg.num_params(include_embedding=False)
+        forward = 2 * params * b * length + 4 * cfg.n_layers * cfg.d_model * length * length * b
+        return float(3 * forward)
