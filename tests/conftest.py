@@ -14,6 +14,11 @@ if not pathlib.Path("/dev/nvidia0").exists() and not pathlib.Path("/dev/nvidiact
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The embedded tokenizer and corpus are built once per test session in a private cache, never in ~/.cache.
+if "COMPOSER_DLM_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["COMPOSER_DLM_CACHE"] = tempfile.mkdtemp(prefix="composer-dlm-test-cache-")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402

@@ -1,0 +1,238 @@
+"""End-to-end training throughput: ``python scripts/benchmark.py train [options]`` (under ``composer -n N`` for N GPUs).
+
+Runs the real trainer path (``composer_dlm.train.build_trainer`` on synthetic MDS shards written on the spot)
+for a fixed number of steps and reports tokens/s per GPU, MFU (standard formula, 989 TFLOP/s bf16 peak),
+and peak memory. With ``--reference`` it also times, in the same process, the baseline step: the same model
+with full logits + F.cross_entropy as LLaDA's guidelines write it, eager, bf16 autocast, fp32 master
+weights, fused AdamW. ``--max-micro-batch`` finds the largest micro-batch our step fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PEAK_BF16_FLOPS = 989e12
+
+
+def _model_config(args: argparse.Namespace) -> dict:
+    return {
+        "d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads,
+        "mlp_hidden_size": args.mlp, "vocab_size": args.vocab, "max_sequence_length": args.seq_len,
+        "rope_theta": 500000.0,
+    }
+
+
+def write_synthetic_shards(root: Path, *, seq_len: int, num_samples: int, tokenizer) -> Path:
+    """Random token sequences as pretraining MDS shards, with the manifest our loaders check."""
+    from streaming import MDSWriter
+
+    from composer_dlm.data.manifest import FORMAT, tokenizer_info, write_manifest
+
+    folder = root / "train"
+    rng = np.random.default_rng(0)
+    vocab = len(tokenizer)
+    with MDSWriter(out=str(folder), columns={"tokens": "ndarray:uint32"}, size_limit=1 << 27) as writer:
+        for _ in range(num_samples):
+            writer.write({"tokens": rng.integers(0, vocab, seq_len, dtype=np.uint32)})
+    write_manifest(folder, {
+        "format": FORMAT, "mode": "pretrain", "seq_len": seq_len, "split": "train", "columns": {"tokens": "ndarray:uint32"},
+        "tokenizer": tokenizer_info(tokenizer, "embedded"), "counts": {"samples": num_samples, "tokens": num_samples * seq_len},
+    })
+    return root
+
+
+class _StepTimer:
+    """Composer callback: wall time between the end of batch ``warmup`` and the last batch (GPU synchronised)."""
+
+    def __new__(cls, warmup: int):  # built lazily so importing this module does not need composer
+        from composer.core import Callback
+
+        class StepTimer(Callback):
+            def __init__(self) -> None:
+                self.start: float | None = None
+                self.end: float | None = None
+                self.batches = 0
+
+            def batch_end(self, state, logger) -> None:
+                batch = int(state.timestamp.batch)
+                if batch < warmup:
+                    return
+                torch.cuda.synchronize()
+                now = time.perf_counter()
+                if batch == warmup:
+                    torch.cuda.reset_peak_memory_stats()
+                    self.start = now
+                else:
+                    self.end, self.batches = now, batch - warmup
+
+        return StepTimer()
+
+
+def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
+    from composer.utils import dist
+
+    from composer_dlm.config import TrainConfig, build
+    from composer_dlm.train import build_trainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    raw = {
+        "run_name": "bench", "base_path": str(out_root), "model": {"config": _model_config(args),
+        "loss_impl": args.loss_impl, "compile_blocks": args.compile},
+        "train_loader": {"local": str(data_root), "split": "train", "num_workers": 4, "shuffle": False},
+        "max_duration": f"{args.steps}ba", "max_seq_len": args.seq_len,
+        "global_train_batch_size": args.micro_batch * world * args.grad_accum,
+        "device_train_microbatch_size": args.micro_batch, "precision": "amp_bf16",
+        "diffusion": {"random_length_prob": 0.0},
+        "checkpoint": {"save_interval": f"{10 * args.steps}ba", "autoresume": False},
+        "callbacks": {"hf_export": None, "samples": None, "speed_window": max(1, args.steps - args.warmup - 1)},
+        "logging": {"console_interval": f"{args.steps}ba", "log_file": False},
+        "eval_interval": f"{10 * args.steps}ba",
+    }
+    if args.fsdp != "none":
+        raw["fsdp"] = {"sharding_strategy": args.fsdp, "activation_checkpointing": args.ac, "mixed_precision": "PURE"}
+    cfg = build(TrainConfig, raw)
+    timer = _StepTimer(args.warmup)
+    trainer = build_trainer(cfg, extra_callbacks=[timer])
+    trainer.fit()
+    model = trainer.state.model
+    tokens_per_batch = args.micro_batch * args.grad_accum * args.seq_len  # per GPU
+    dt = timer.end - timer.start
+    tps = timer.batches * tokens_per_batch / dt
+    flops_per_token = model.flops_per_batch({"input_ids": torch.empty(1, args.seq_len)}) / args.seq_len
+    result = {
+        "path": f"ours ({args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, ac={args.ac}, world={world})",
+        "micro_batch": args.micro_batch, "tokens_per_s_per_gpu": tps, "mfu": tps * flops_per_token / PEAK_BF16_FLOPS,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "step_s": dt / timer.batches,
+    }
+    trainer.close()
+    del trainer, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    return result
+
+
+def run_reference(args: argparse.Namespace, micro_batch: int) -> dict:
+    """LLaDA's guideline step: full logits, masked rows' CE / p_mask, sum / (B L); eager; bf16 autocast."""
+    from composer_dlm.diffusion import forward_process
+    from composer_dlm.models import LLaDAModel
+
+    torch.cuda.empty_cache()
+    model = LLaDAModel.from_config(_model_config(args) | {"mask_token_id": args.vocab - 128}).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def step() -> None:
+        ids = torch.randint(0, args.vocab - 256, (micro_batch, args.seq_len), device="cuda", generator=gen)
+        noisy, masked, p_mask = forward_process(ids, mask_token_id=args.vocab - 128, generator=gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(noisy)
+        loss = (F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p_mask[masked]).sum()
+        (loss / ids.numel()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    oom = False
+    try:
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(args.steps - args.warmup):
+            step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - start
+    except torch.OutOfMemoryError:
+        oom = True
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    model.cpu()
+    opt.state.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+    if oom:
+        return {"path": "reference (full logits + F.cross_entropy, eager)", "micro_batch": micro_batch, "oom": True}
+    tps = (args.steps - args.warmup) * micro_batch * args.seq_len / dt
+    from composer_dlm.models.llada import LLaDAConfig
+
+    cfg = LLaDAConfig.from_dict(_model_config(args) | {"mask_token_id": args.vocab - 128})
+    flops_per_token = 6 * cfg.num_params(include_embedding=False) + 12 * cfg.n_layers * cfg.d_model * args.seq_len
+    result = {
+        "path": "reference (full logits + F.cross_entropy, eager)", "micro_batch": micro_batch,
+        "tokens_per_s_per_gpu": tps, "mfu": tps * flops_per_token / PEAK_BF16_FLOPS,
+        "peak_gib": peak, "step_s": dt / (args.steps - args.warmup),
+    }
+    return result
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="benchmark.py train", description=__doc__)
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--n-layers", type=int, default=22)
+    p.add_argument("--n-heads", type=int, default=32)
+    p.add_argument("--mlp", type=int, default=5632)
+    p.add_argument("--vocab", type=int, default=126464)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--micro-batches", type=str, default="", help="comma list: run ours at each (largest that fits)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--fsdp", default="FULL_SHARD", choices=["none", "FULL_SHARD", "HYBRID_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
+    p.add_argument("--ac", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--loss-impl", default="fused", choices=["fused", "plain"])
+    p.add_argument("--reference", action="store_true", help="also time the reference step (rank 0 only, 1 GPU)")
+    p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmark.py train needs a CUDA GPU")
+    rank = int(os.environ.get("RANK", "0"))
+    results = []
+    with tempfile.TemporaryDirectory(prefix=f"cdlm-bench-{rank}-") as tmp:
+        from composer_dlm.data import load_tokenizer
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        samples = (args.steps + 2) * max([args.micro_batch, *[int(m) for m in args.micro_batches.split(",") if m]]) * world * args.grad_accum
+        data_root = Path(os.environ.get("CDLM_BENCH_DATA", "/tmp/cdlm-bench-data")) / f"seq{args.seq_len}-n{samples}"
+        if rank == 0 and not (data_root / "train" / "manifest.json").exists():
+            write_synthetic_shards(data_root, seq_len=args.seq_len, num_samples=samples, tokenizer=load_tokenizer("embedded"))
+        if world > 1:
+            from composer.utils import dist
+
+            dist.initialize_dist("gpu")
+            dist.barrier()
+        for mb in [int(m) for m in args.micro_batches.split(",") if m] or [args.micro_batch]:
+            args.micro_batch = mb
+            try:
+                results.append(run_ours(args, data_root, Path(tmp) / f"run{mb}"))
+            except torch.OutOfMemoryError:
+                results.append({"path": "ours", "micro_batch": mb, "oom": True})
+                torch.cuda.empty_cache()
+        if args.reference and rank == 0:
+            results.append(run_reference(args, 4))
+            results.append(run_reference(args, 8))
+    if rank != 0:
+        return
+    print(f"\nLLaDA d_model={args.d_model} layers={args.n_layers} seq={args.seq_len} on {torch.cuda.get_device_name()}")
+    print(f"| {'path':<70} | mb | tokens/s/GPU | MFU | peak GiB |")
+    print(f"|{'-' * 72}|----|--------------|-----|----------|")
+    for r in results:
+        if r.get("oom"):
+            print(f"| {r['path']:<70} | {r['micro_batch']:>2} | OOM | | |")
+        else:
+            print(f"| {r['path']:<70} | {r['micro_batch']:>2} | {r['tokens_per_s_per_gpu']:>12,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))

@@ -1,0 +1,89 @@
+"""Prints text sampled from the model at fixed prompts every N batches, so users can watch it learn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from composer.core import Callback, State, Time, TimeUnit, get_precision_context
+from composer.loggers import Logger
+from composer.utils import dist
+from transformers import PreTrainedTokenizerBase
+
+from composer_dlm.generate import generate
+
+log = logging.getLogger(__name__)
+
+
+class SampleText(Callback):
+    """Every ``interval`` batches (and at the end) decodes ``gen_length`` tokens after each prompt with LLaDA's
+    sampler at temperature 0, prints them on rank 0 and appends them to ``{run_folder}/samples.txt``.
+
+    All ranks run the sampler (under FSDP each forward is collective); rank 0 reports.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: list[str],
+        *,
+        interval: str,
+        gen_length: int,
+        steps: int,
+        block_length: int | None = None,
+        mask_token_id: int,
+        out_file: str | Path | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.interval = Time.from_timestring(interval)
+        if self.interval.unit != TimeUnit.BATCH:
+            raise ValueError(f"callbacks.samples.interval must be in batches (e.g. '100ba'), got {interval!r}")
+        self.gen_length, self.steps = gen_length, steps
+        self.block_length = block_length or gen_length
+        self.mask_token_id = mask_token_id
+        self.out_file = Path(out_file) if out_file else None
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) % self.interval.value == 0:
+            self.sample(state, logger)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) % self.interval.value != 0:  # not sampled at this batch already
+            self.sample(state, logger)
+
+    @torch.no_grad()
+    def sample(self, state: State, logger: Logger) -> list[str]:
+        model = state.model.model
+        was_training = model.training
+        model.eval()
+        device = next(state.model.parameters()).device
+        texts = []
+        try:
+            for prompt in self.prompts:
+                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
+                with get_precision_context(state.precision):
+                    out = generate(
+                        model,
+                        prompt_ids,
+                        steps=self.steps,
+                        gen_length=self.gen_length,
+                        block_length=self.block_length,
+                        mask_token_id=self.mask_token_id,
+                    )
+                texts.append(self.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
+        finally:
+            model.train(was_training)
+        if dist.get_global_rank() == 0:
+            step = int(state.timestamp.batch)
+            lines = [f"[sample @ batch {step}] {p!r} -> {t!r}" for p, t in zip(self.prompts, texts, strict=True)]
+            for line in lines:
+                print(line, flush=True)
+            if self.out_file is not None:
+                self.out_file.parent.mkdir(parents=True, exist_ok=True)
+                with self.out_file.open("a") as f:
+                    f.write("\n".join(lines) + "\n")
+            logger.log_traces({f"samples/{i}": t for i, t in enumerate(texts)})
+        return texts

@@ -1,0 +1,314 @@
+"""The run's YAML schema: one dataclass per section, unknown keys and wrong types rejected at every depth.
+
+``load_config(path, overrides)`` reads the YAML with OmegaConf, merges ``dotted.key=value`` overrides,
+resolves interpolations and builds :class:`TrainConfig`. Every error is a :class:`ConfigError` naming the key's
+full path (``train_loader.shufle``) and, for an unknown key, the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from composer_dlm.data import LoaderConfig
+from composer_dlm.diffusion import DiffusionConfig
+
+
+class ConfigError(ValueError):
+    """A mistake in the YAML or the command-line overrides; the message names the key and the fix."""
+
+
+def _check_duration(value: str | None, key: str) -> None:
+    if value is None:
+        return
+    from composer.core import Time
+
+    try:
+        Time.from_timestring(value)
+    except ValueError:
+        raise ConfigError(f"{key}: {value!r} is not a duration; write e.g. '100ba' (batches), '1ep', '2e6tok'") from None
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Where the network comes from: a config JSON (from scratch), an inline dict, or a pretrained HF folder."""
+
+    config_path: str | None = None
+    config: dict[str, Any] | None = None
+    pretrained: str | None = None
+    loss_impl: Literal["fused", "plain"] = "fused"
+    compile_blocks: bool = False
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("config_path", "config", "pretrained") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                "model: set exactly one of model.config_path (JSON, from scratch), model.config (inline) or "
+                f"model.pretrained (Hugging Face folder); got {given or 'none'}"
+            )
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    name: str = "embedded"
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    fused: bool | None = None  # None: fused on GPU, plain on CPU
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    """``cosine``: linear warmup then cosine to alpha_f; ``wsd``: warmup, constant, then a linear decay over the
+    last ``decay_fraction`` of training (LLaDA's schedule); ``constant``: warmup then constant."""
+
+    name: Literal["cosine", "wsd", "constant", "linear"] = "cosine"
+    t_warmup: str = "0ba"
+    alpha_f: float = 0.1
+    decay_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_duration(self.t_warmup, "scheduler.t_warmup")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"scheduler.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+@dataclasses.dataclass
+class FSDPConfig:
+    """Composer's FSDP settings (``parallelism_config.fsdp``)."""
+
+    sharding_strategy: Literal["FULL_SHARD", "HYBRID_SHARD", "SHARD_GRAD_OP", "NO_SHARD"] = "FULL_SHARD"
+    mixed_precision: Literal["DEFAULT", "PURE", "FULL"] = "PURE"
+    activation_checkpointing: bool = False
+    activation_cpu_offload: bool = False
+    state_dict_type: Literal["full", "sharded"] = "full"
+    limit_all_gathers: bool = True
+    use_orig_params: bool = True
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save_interval: str = "500ba"
+    save_num_checkpoints_to_keep: int = 2
+    autoresume: bool = True
+    load_path: str | None = None
+    load_weights_only: bool = False
+    trusted_load_paths: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_duration(self.save_interval, "checkpoint.save_interval")
+
+
+@dataclasses.dataclass
+class HFExportConfig:
+    interval: str | None = None  # also at the end of training
+    folder: str = "hf"  # relative to the run folder
+
+    def __post_init__(self) -> None:
+        _check_duration(self.interval, "callbacks.hf_export.interval")
+
+
+@dataclasses.dataclass
+class SamplesConfig:
+    interval: str = "100ba"
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["The"])
+    gen_length: int = 32
+    steps: int = 32
+    block_length: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_duration(self.interval, "callbacks.samples.interval")
+
+
+@dataclasses.dataclass
+class NaNGuardConfig:
+    max_consecutive: int = 5
+
+
+@dataclasses.dataclass
+class LikelihoodEvalConfig:
+    data: str = ""
+    interval: str = "500ba"
+    num_samples: int = 32
+    max_examples: int | None = None
+
+
+@dataclasses.dataclass
+class CallbacksConfig:
+    speed_window: int = 10
+    lr_monitor: bool = True
+    memory_monitor: bool = True
+    runtime_estimator: bool = True
+    hf_export: HFExportConfig | None = dataclasses.field(default_factory=HFExportConfig)
+    samples: SamplesConfig | None = dataclasses.field(default_factory=SamplesConfig)
+    nan_guard: NaNGuardConfig | None = dataclasses.field(default_factory=NaNGuardConfig)
+    likelihood_eval: LikelihoodEvalConfig | None = None
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    console_interval: str = "10ba"
+    progress_bar: bool = False
+    log_file: bool = True
+    tensorboard: bool = False
+    wandb_project: str | None = None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The whole run. Outputs go to ``{base_path}/{run_name}`` (checkpoints, HF export, logs, samples)."""
+
+    run_name: str
+    model: ModelConfig
+    train_loader: LoaderConfig
+    max_duration: str
+    max_seq_len: int
+    global_train_batch_size: int
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    eval_loader: LoaderConfig | None = None
+    base_path: str = "runs"
+    seed: int = 17
+    device_train_microbatch_size: int | Literal["auto"] = "auto"
+    device_eval_batch_size: int = 8
+    eval_interval: str = "500ba"
+    eval_subset_num_batches: int = -1
+    precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "amp_bf16"
+    grad_clip_norm: float | None = 1.0
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    fsdp: FSDPConfig | None = None
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    callbacks: CallbacksConfig = dataclasses.field(default_factory=CallbacksConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    dist_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        _check_duration(self.max_duration, "max_duration")
+        _check_duration(self.eval_interval, "eval_interval")
+        if self.max_seq_len <= 0:
+            raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")
+        if self.global_train_batch_size <= 0:
+            raise ConfigError(f"global_train_batch_size must be positive, got {self.global_train_batch_size}")
+
+    @property
+    def run_folder(self) -> Path:
+        return Path(self.base_path) / self.run_name
+
+
+# --- building dataclasses from plain data ------------------------------------------------------------------
+
+
+def build(cls: type, data: Any, path: str = "") -> Any:
+    """Builds dataclass ``cls`` from a mapping, checking keys and types recursively; errors name ``path``."""
+    where = path or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key '{full}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    missing = [
+        name for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[-1] if len(errors) == 1 else f"{path}: {value!r} does not fit {_name(hint)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return build(hint, {} if value is None else value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{path}: expected {_name(hint)}, got {type(value).__name__} {value!r}")
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Reads a YAML file, applies ``key.sub=value`` overrides, and validates it into a :class:`TrainConfig`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        cfg = OmegaConf.load(path)
+        bad = [o for o in overrides or [] if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key.sub=value; got {', '.join(bad)}")
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return build(TrainConfig, data)

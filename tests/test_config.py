@@ -1,0 +1,107 @@
+"""The YAML schema: every shipped config validates; typos and wrong types are named with their full path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from composer_dlm.config import ConfigError, TrainConfig, load_config
+from composer_dlm.grid import make_grid
+from composer_dlm.schedulers import wsd_multiplier
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in (ROOT / "yamls").glob("*.yaml") if p.name != "grid_example.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_yamls_validate(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.run_folder == Path(cfg.base_path) / cfg.run_name
+
+
+def test_llada_1b_shape_is_the_issues():
+    cfg = load_config(ROOT / "yamls" / "llada_1b.yaml")
+    m = cfg.model.config
+    assert (m["d_model"], m["n_layers"], m["n_heads"], m["mlp_hidden_size"], m["vocab_size"]) == (2048, 22, 32, 5632, 126464)
+    assert cfg.max_seq_len == 4096
+
+
+def test_overrides_merge_and_are_typed():
+    cfg = load_config(ROOT / "yamls" / "quickstart.yaml", ["optimizer.lr=0.5", "train_loader.shuffle=false", "run_name=x"])
+    assert cfg.optimizer.lr == 0.5 and cfg.train_loader.shuffle is False and cfg.run_name == "x"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train_loader.shufle=false", r"unknown key 'train_loader.shufle'; did you mean 'shuffle'\?"),
+        ("optimizer.lrr=1", r"unknown key 'optimizer.lrr'; did you mean 'lr'\?"),
+        ("callbacks.samples.gen_lenght=3", r"unknown key 'callbacks.samples.gen_lenght'; did you mean 'gen_length'\?"),
+        ("max_seq_lenn=4", r"unknown key 'max_seq_lenn'; did you mean 'max_seq_len'\?"),
+        ("optimizer.lr=fast", r"optimizer.lr: expected float, got str 'fast'"),
+        ("precision=amp_int3", r"precision: 'amp_int3' is not one of"),
+        ("max_duration=10 steps", r"max_duration: '10 steps' is not a duration"),
+        ("model.pretrained=/x", r"model: set exactly one of"),
+        ("global_train_batch_size=0", r"global_train_batch_size must be positive"),
+        ("diffusion.mode=ar", r"'ar' is not one of"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "yamls" / "quickstart.yaml", [override])
+
+
+def test_missing_required_key_and_file(tmp_path):
+    data = yaml.safe_load((ROOT / "yamls" / "quickstart.yaml").read_text())
+    del data["max_duration"]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="missing required key.*max_duration"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(ROOT / "yamls" / "quickstart.yaml", ["lr"])
+
+
+def test_make_grid_writes_valid_configs(tmp_path):
+    desc = tmp_path / "grid.yaml"
+    desc.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(ROOT / "yamls" / "quickstart.yaml"),
+                "models": {"tiny": {}, "wide": {"model.config.d_model": 256}},
+                "datasets": {"d1": {"train": "/data/d1/train", "eval": "/data/d1/val", "subset_size": 1000}},
+                "modes": {"pretrain": {}, "sft": {"optimizer.lr": 1e-4}},
+            }
+        )
+    )
+    paths = make_grid(desc, out=tmp_path / "out")
+    assert sorted(p.name for p in paths) == sorted(
+        f"{m}_d1_{mode}.yaml" for m in ("tiny", "wide") for mode in ("pretrain", "sft")
+    )
+    cfg = load_config(tmp_path / "out" / "wide_d1_sft.yaml")
+    assert cfg.model.config["d_model"] == 256 and cfg.diffusion.mode == "sft" and cfg.optimizer.lr == 1e-4
+    assert cfg.train_loader.local == "/data/d1/train" and cfg.train_loader.subset_size == 1000
+    assert cfg.run_name == "wide_d1_sft"
+
+
+def test_make_grid_rejects_bad_description(tmp_path):
+    desc = tmp_path / "grid.yaml"
+    desc.write_text(yaml.safe_dump({"base": str(ROOT / "yamls" / "quickstart.yaml"), "models": {"a": {"optimizer.lrr": 1}},
+                                    "datasets": {"d": {"train": "x"}}}))
+    with pytest.raises(ConfigError, match="a_d_pretrain: unknown key 'optimizer.lrr'"):
+        make_grid(desc, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_wsd_schedule_by_hand():
+    kw = dict(warmup=10, total=100, decay_fraction=0.2, alpha_f=0.1)
+    assert wsd_multiplier(0, **kw) == 0.0
+    assert wsd_multiplier(5, **kw) == 0.5
+    assert wsd_multiplier(10, **kw) == 1.0
+    assert wsd_multiplier(79, **kw) == 1.0
+    assert wsd_multiplier(90, **kw) == pytest.approx(0.55)
+    assert wsd_multiplier(100, **kw) == pytest.approx(0.1)
