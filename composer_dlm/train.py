@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from composer_dlm.callbacks.hf_export import HuggingFaceExport
 from composer_dlm.callbacks.nan_guard import NaNGuard
 from composer_dlm.callbacks.noise_clock import NoiseClock
 from composer_dlm.callbacks.samples import SampleText
+from composer_dlm.checkpoints import repair_checkpoint_folder
 from composer_dlm.config import ConfigError, OptimizerConfig, SchedulerConfig, TrainConfig, load_config
 from composer_dlm.data import DataError, build_dataloader, load_tokenizer, mask_token_id
 from composer_dlm.models import CheckpointError, LLaDAConfig, LLaDAModel
@@ -151,7 +153,10 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
 def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
     loggers: list[LoggerDestination] = []
     if cfg.logging.log_file:
-        loggers.append(FileLogger(filename=str(cfg.run_folder / "logs" / "rank{rank}.txt"), flush_interval=10))
+        # One file per start, so a resumed run keeps the logs of the attempts before it.
+        started = time.strftime("%Y%m%d-%H%M%S")
+        filename = str(cfg.run_folder / "logs" / f"rank{{rank}}-{started}-pid{os.getpid()}.txt")
+        loggers.append(FileLogger(filename=filename, flush_interval=1))
     if cfg.logging.tensorboard:
         from composer.loggers import TensorboardLogger
 
@@ -199,7 +204,21 @@ def resolve_load_path(cfg: TrainConfig) -> str | None:
     return path
 
 
+def prepare_checkpoint_folder(cfg: TrainConfig) -> None:
+    """Before autoresume looks for ``latest``: repair what a crash mid-save left (see checkpoints.py)."""
+    if not cfg.checkpoint.autoresume:
+        return
+    if not dist.is_initialized() and dist.get_world_size() > 1:
+        dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu", timeout=cfg.dist_timeout)
+    if dist.get_global_rank() == 0:
+        message = repair_checkpoint_folder(cfg.run_folder / "checkpoints").message()
+        if message:
+            print(f"composer-dlm: {message}", flush=True)
+    dist.barrier()
+
+
 def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = None) -> Trainer:
+    prepare_checkpoint_folder(cfg)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer)
     batch_size = device_batch_size(cfg)

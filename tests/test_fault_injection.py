@@ -1,0 +1,119 @@
+"""Crash safety end to end: a run SIGKILLed repeatedly (mid-save, between Composer's symlink remove and create,
+and at random times) and resumed each time ends with exactly the weights and losses of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from composer_dlm.checkpoints import is_complete_checkpoint, repair_checkpoint_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULTS = Path(__file__).parent / "faults.py"
+STEPS = 12
+
+
+def overrides(base: Path) -> list[str]:
+    return [
+        f"base_path={base}", "run_name=crash", "model.config.d_model=32", "model.config.n_layers=2",
+        "model.config.n_heads=2", "model.config.mlp_hidden_size=64", "model.loss_impl=plain", "max_seq_len=32",
+        "global_train_batch_size=8", "device_train_microbatch_size=8", f"max_duration={STEPS}ba",
+        "eval_interval=1000ba", "checkpoint.save_interval=2ba", "checkpoint.save_num_checkpoints_to_keep=3",
+        "callbacks.samples=null", "callbacks.hf_export=null", "train_loader.num_workers=0",
+        "diffusion.random_length_prob=0.2", "logging.console_interval=1ba",
+    ]
+
+
+def launch(base: Path, mode: str = "none", n: int = 0) -> subprocess.Popen:
+    cmd = [sys.executable, str(FAULTS), mode, str(n), str(ROOT / "yamls" / "quickstart.yaml"), *overrides(base)]
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def kill_after_batches(p: subprocess.Popen, k: int) -> str:
+    """SIGKILLs ``p`` once it has logged ``k`` training batches; returns what it printed."""
+    assert p.stdout is not None
+    lines, seen = [], 0
+    for line in p.stdout:
+        lines.append(line)
+        seen += line.startswith("[batch=")
+        if seen == k:
+            p.kill()
+            break
+    rest, _ = p.communicate(timeout=600)
+    return "".join(lines) + (rest or "")
+
+
+def final_weights(base: Path) -> dict[str, torch.Tensor]:
+    path = base / "crash" / "checkpoints" / f"ep0-ba{STEPS}-rank0.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["state"]["model"]
+
+
+def loss_curve(base: Path) -> dict[int, str]:
+    """batch -> logged loss, the last attempt's value winning (all attempts' log files are kept)."""
+    curve: dict[int, str] = {}
+    for log in sorted((base / "crash" / "logs").glob("rank0-*.txt"), key=lambda p: p.stat().st_mtime):
+        for batch, value in re.findall(r"\[metric\]\[batch=(\d+)\]: loss/train/total: (\S+)", log.read_text()):
+            curve[int(batch)] = value
+    return curve
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    reference = launch(tmp_path / "ref")
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+
+    faulty = tmp_path / "faulty"
+    outputs = []
+    # 1: dies halfway through writing its 2nd checkpoint (ba4): ba4 is truncated, latest still -> ba2.
+    p = launch(faulty, "save", 2)
+    outputs.append(p.communicate(timeout=600)[0])
+    assert p.returncode == -9
+    assert not is_complete_checkpoint(faulty / "crash" / "checkpoints" / "ep0-ba4-rank0.pt")
+    # 2: resumes from ba2, then dies at its 2nd checkpoint (ba6) between removing latest and re-creating it.
+    p = launch(faulty, "relink", 2)
+    outputs.append(p.communicate(timeout=600)[0])
+    assert p.returncode == -9
+    assert "incomplete checkpoint(s) moved aside: ep0-ba4-rank0.pt.incomplete" in outputs[-1]
+    assert not (faulty / "crash" / "checkpoints" / "latest-rank0.pt").exists()
+    # 3..: killed after a random number of training batches, then run until it finishes.
+    rng = random.Random(1234)
+    for attempt in range(8):
+        p = launch(faulty)
+        outputs.append(kill_after_batches(p, rng.randint(1, 3)) if attempt < 2 else p.communicate(timeout=600)[0])
+        if p.returncode == 0:
+            break
+    assert p.returncode == 0, outputs[-1]
+    assert "resuming from the last complete checkpoint ep0-ba6-rank0.pt" in outputs[2]
+
+    ref_w, got_w = final_weights(tmp_path / "ref"), final_weights(faulty)
+    assert ref_w.keys() == got_w.keys()
+    for name in ref_w:
+        assert torch.equal(ref_w[name], got_w[name]), name
+    ref_curve, got_curve = loss_curve(tmp_path / "ref"), loss_curve(faulty)
+    assert sorted(ref_curve) == list(range(STEPS))  # Composer logs batch k under step k - 1
+    assert got_curve == ref_curve
+
+
+def test_repair_relinks_to_newest_complete_checkpoint(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for step in (2, 4):
+        torch.save({"step": step}, folder / f"ep0-ba{step}-rank0.pt")
+    data = (folder / "ep0-ba4-rank0.pt").read_bytes()
+    (folder / "ep0-ba6-rank0.pt").write_bytes(data[: len(data) // 2])
+    os.symlink("ep0-ba6-rank0.pt", folder / "latest-rank0.pt")
+    report = repair_checkpoint_folder(folder)
+    assert report.latest == folder / "ep0-ba4-rank0.pt"
+    assert os.readlink(folder / "latest-rank0.pt") == "ep0-ba4-rank0.pt"
+    assert (folder / "ep0-ba6-rank0.pt.incomplete").exists()
+    assert "resuming from the last complete checkpoint ep0-ba4-rank0.pt" in (report.message() or "")
+    # a healthy folder is left alone
+    assert repair_checkpoint_folder(folder).message() is None
