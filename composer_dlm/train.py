@@ -27,7 +27,7 @@ from composer.utils import dist
 from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.callbacks.hf_export import HuggingFaceExport
-from composer_dlm.callbacks.nan_guard import NaNGuard
+from composer_dlm.callbacks.nan_guard import NaNGuard, NonFiniteLossError
 from composer_dlm.callbacks.noise_clock import NoiseClock
 from composer_dlm.callbacks.samples import SampleText
 from composer_dlm.checkpoints import repair_checkpoint_folder
@@ -39,7 +39,7 @@ from composer_dlm.schedulers import WarmupStableDecayScheduler
 
 log = logging.getLogger("composer_dlm")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
 
 
 def build_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
