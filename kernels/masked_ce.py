@@ -1,0 +1,431 @@
+"""Fused masked linear cross-entropy: loss = sum_i w_i * CE(h_i @ W.T, t_i), gradients formed in the forward.
+
+Shapes: hidden h (N, H), weight W (V, H), targets t (N,), row weights w (N,). Only the M rows with w != 0
+(the masked tokens of a diffusion LM) do any matrix work, and no (N, V) or (M, V) tensor ever exists.
+
+Design. The loss is the final scalar of the step, so its gradients can be formed during the forward and
+only scaled by grad_output in the backward: that costs the three unavoidable products (6·M·V·H FLOPs)
+instead of the 8·M·V·H of recomputing the logits. The weighted rows are compacted (which needs their
+count on the host: one synchronisation per call, to size the cuBLAS products; the GPU then waits for
+the host to launch the next kernels: all idle gaps of a profiled 36.8 ms step together were 1.3 ms) and
+walked in chunks of C rows. Per chunk:
+
+1. cuBLAS: Z = h_C @ W.T into one reused (C, V) buffer in the compute dtype (bf16 under autocast);
+2. Triton, one program per row: pass 1 streams the row once for an online max / sum-exp, the argmax and
+   the target logit (lse, CE, correctness); pass 2 overwrites Z in place with G0 = w * softmax(Z), whose
+   target entry is set to 0; the target coefficient g_t = w * (p_t - 1) is kept in float32;
+3. cuBLAS: dh_C = G0 @ W (float32 output where torch has `out_dtype`), plus g_t * W[t] in float32, one
+   rounding into d(hidden);
+4. cuBLAS: dW += G0.T @ h_C, accumulated in place (beta = 1, float32 inside each product).
+
+After the last chunk a Triton kernel adds the target terms dW[t] += sum_i g_t,i * h_i in float32, rows
+grouped by target (sorted, so no atomics: deterministic). Keeping the target entries out of the bf16
+matrices matters: they dominate both gradients, and rounding them once more to bf16 on top of the final
+rounding would put the gradients at ~2.3e-3 relative error instead of ~1.7e-3. d(weight) accumulates
+in float32 when the weight is float32 (a master parameter under autocast: the gradient buffer itself is
+float32, so this costs no memory). For a bf16 weight (FSDP's gathered bf16 parameter) the running sum
+between chunks is bf16 (each product accumulates in float32, and the dominant target terms are added in
+float32), because a float32 copy of dW (4·V·H bytes, 1.9 GiB at V=126464, H=4096) would break the memory
+budget; KernelConfig(fp32_weight_grad=True) pays it for an exact float32 sum. The backward multiplies the
+saved gradients by grad_output in place (skipped on the device when it is exactly 1), so it may run only
+once (no retain_graph double backward).
+
+Cost, with b = bytes of the compute dtype, a = bytes of the dW accumulator, k = ceil(M / C) chunks:
+    FLOPs  6·M·V·H (three GEMMs) + ~12·M·V (exp, max, compare) + 4·M·H (target terms)
+    bytes  logits written by the first GEMM and read by the other two: 3·M·V·b; the row kernel: 3·M·V·b
+           (two reads, one write); W read by two GEMMs per chunk: 2·k·V·H·b; the dW accumulator read and
+           written per chunk: 2·k·V·H·a; plus O(M·H) for gathers and the target terms.
+At B·L = 16384, half weighted (M = 8192), H = 4096, V = 126464, bf16, C = 1024 (k = 8): 2.55e13 FLOPs
+(32 ms at 790 TFLOP/s), and 6.2 + 6.2 + 16.6 + 16.6 GB, of which only the row kernel's 6.2 GB (~1.5 ms at
+4.3 TB/s) is not hidden under the compute-bound GEMMs. Measured on one H200 (torch 2.11): a profiled step
+is 35.5 ms of kernels (GEMMs 33.0 ms, ~775 TFLOP/s; row kernel 1.75 ms; the rest 0.8 ms), the timed median
+40.8 ms. C is a multiple of 1024 where the budget allows: C = 1024 beat C = 1408 and 1664 (the d(hidden)
+product's C·H output fills whole waves of tiles). Transient memory is the (C, V) buffer (at most
+chunk_bytes = 448 MiB; 247 MiB at C = 1024) plus O(C·H): 0.28 GiB measured at that shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.masked_ce_reference import masked_linear_cross_entropy_reference
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # globals used in kernels must be constexpr
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Launch settings. Tests use tiny blocks and chunks so the interpreter covers every loop."""
+
+    block_v: int = 4096  # vocabulary tile of the per-row softmax kernel
+    block_h: int = 256  # hidden tile of the target-term kernel
+    num_warps: int = 16
+    chunk_bytes: int = 448 << 20  # budget of the reused (C, V) logits buffer
+    max_chunk_rows: int | None = None  # optional cap on C
+    chunk_align: int = 1024  # C is a multiple of this when the budget allows (whole tile waves in the GEMMs)
+    dh_split: int = 1  # split-K of the d(hidden) product over the vocabulary (batched GEMM), when V divides
+    # Sum d(weight) over the chunks in float32 even for a bf16 weight: exact, but 4·V·H transient bytes.
+    fp32_weight_grad: bool = False
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+@triton.jit
+def _softmax_grad_rows_kernel(
+    z_ptr,  # (C, V) logits in the compute dtype; overwritten with G0 when WRITE_GRAD
+    stride_z,
+    targets_ptr,  # (C,) int64
+    weights_ptr,  # (C,) float32
+    ce_ptr,  # (C,) float32 out: lse - z_t
+    correct_ptr,  # (C,) int8 out: argmax == t
+    gt_ptr,  # (C,) float32 out: w * (p_t - 1)
+    V,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    base = z_ptr + row.to(tl.int64) * stride_z
+    t = tl.load(targets_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+    # Per-lane online max / sum-exp / first argmax, reduced across lanes after the loop.
+    m_vec = tl.full([BLOCK_V], -1.0e30, tl.float32)
+    s_vec = tl.zeros([BLOCK_V], tl.float32)
+    i_vec = tl.zeros([BLOCK_V], tl.int32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        i_vec = tl.where(z > m_vec, offs, i_vec)
+        m_new = tl.maximum(m_vec, z)
+        s_vec = s_vec * tl.exp2((m_vec - m_new) * _LOG2E) + tl.exp2((z - m_new) * _LOG2E)
+        m_vec = m_new
+    m = tl.max(m_vec, axis=0)
+    s = tl.sum(s_vec * tl.exp2((m_vec - m) * _LOG2E), axis=0)
+    lse = m + tl.log2(s) / _LOG2E
+    argmax = tl.min(tl.where(m_vec == m, i_vec, 2147483647), axis=0)
+    z_t = tl.load(base + t).to(tl.float32)
+    tl.store(ce_ptr + row, lse - z_t)
+    tl.store(correct_ptr + row, (argmax == t).to(tl.int8))
+    if WRITE_GRAD:
+        w = tl.load(weights_ptr + row)
+        tl.store(gt_ptr + row, w * (tl.exp2((z_t - lse) * _LOG2E) - 1.0))
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            z = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.where(offs == t, 0.0, w * tl.exp2((z - lse) * _LOG2E))
+            tl.store(base + offs, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_target_terms_kernel(
+    dw_ptr,  # (V, H) d(weight), updated in place
+    stride_dw,
+    hidden_ptr,  # (N, H) hidden in the compute dtype
+    stride_h,
+    sorted_t_ptr,  # (M,) int64 targets of the weighted rows, sorted
+    sorted_rows_ptr,  # (M,) int64 their row indices into hidden
+    sorted_g_ptr,  # (M,) float32 their target coefficients g_t
+    M,
+    H,
+    BLOCK_H: tl.constexpr,
+):
+    """dW[t] += sum over rows i with target t of g_t,i * h_i, in float32; the first row of each run of
+    equal targets owns the sum, so every dW row is written by exactly one program."""
+    j = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    t0 = tl.load(sorted_t_ptr + j)
+    prev = tl.load(sorted_t_ptr + j - 1, mask=j > 0, other=-1)
+    if prev != t0:
+        dst = dw_ptr + t0 * stride_dw + cols
+        acc = tl.load(dst, mask=cmask, other=0.0).to(tl.float32)
+        k = j
+        t_k = t0
+        while t_k == t0:
+            r = tl.load(sorted_rows_ptr + k)
+            g = tl.load(sorted_g_ptr + k)
+            h = tl.load(hidden_ptr + r * stride_h + cols, mask=cmask, other=0.0).to(tl.float32)
+            acc += g * h
+            k += 1
+            t_k = tl.load(sorted_t_ptr + k, mask=k < M, other=-1)
+        tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
+    """x *= g in float32, in place; returns at once when g == 1 (the usual grad_output)."""
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        tl.store(x_ptr + offs, (x.to(tl.float32) * g).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _has_out_dtype(device_type: str) -> bool:
+    """Whether torch.mm / addmm take out_dtype=float32 for bf16/fp16 operands here (CUDA, torch >= 2.8),
+    including addmm accumulating into its own fp32 input, and bmm."""
+    if device_type != "cuda":
+        return False
+    try:
+        a = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(32, 48, device="cuda", dtype=torch.bfloat16)
+        exact = a.float() @ b.float()
+        acc = torch.ones(64, 48, device="cuda")
+        prod = torch.mm(a, b, out_dtype=torch.float32)  # type: ignore[call-arg]
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # type: ignore[call-arg]
+        batched = torch.bmm(a[None], b[None], out_dtype=torch.float32)[0]  # type: ignore[call-arg]
+        ok = prod.dtype == torch.float32 and torch.allclose(prod, exact, rtol=1e-5, atol=1e-4)
+        ok = ok and batched.dtype == torch.float32 and torch.allclose(batched, exact, rtol=1e-5, atol=1e-4)
+        return bool(ok and torch.allclose(acc, exact + 1, rtol=1e-5, atol=1e-4))
+    except (TypeError, RuntimeError):
+        return False
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b returned in float32 (accumulated in float32 by the GEMM)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if _has_out_dtype(a.device.type):
+        return torch.mm(a, b, out_dtype=torch.float32)  # type: ignore[call-arg]
+    return torch.mm(a, b).float()
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc (+)= a @ b in place; acc is in the operands' dtype or float32."""
+    if acc.dtype == a.dtype:
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+    elif _has_out_dtype(a.device.type):
+        torch.addmm(acc, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=acc)  # type: ignore[call-arg]
+    else:  # older torch: float32 sum of low-precision partial products, in row slices to bound memory
+        step = max(1, (64 << 20) // max(1, b.shape[1] * a.element_size()))
+        for s in range(0, a.shape[0], step):
+            part = torch.mm(a[s : s + step], b).float()
+            if first:
+                acc[s : s + step].copy_(part)
+            else:
+                acc[s : s + step].add_(part)
+
+
+def _chunk_rows(num_rows: int, vocab: int, elt: int, cfg: KernelConfig) -> int:
+    """Rows per chunk: within the buffer budget, aligned, balanced over the chunks."""
+    cap = max(1, cfg.chunk_bytes // (vocab * elt))
+    if cfg.max_chunk_rows is not None:
+        cap = min(cap, cfg.max_chunk_rows)
+    if cap >= cfg.chunk_align:
+        cap = cap // cfg.chunk_align * cfg.chunk_align
+    num_chunks = math.ceil(num_rows / cap)
+    rows = math.ceil(num_rows / num_chunks)
+    if rows >= 128:
+        rows = min(cap, math.ceil(rows / 128) * 128)
+    return rows
+
+
+def _dh_product(z: torch.Tensor, w: torch.Tensor, split: int) -> torch.Tensor:
+    """z (C, V) @ w (V, H) in float32; with split > 1, as `split` batched products over vocabulary slices
+    summed in float32 (more output tiles for the GEMM when C * H is too small to fill the GPU)."""
+    rows, vocab = z.shape
+    if split == 1 or vocab % split:
+        return _mm_f32(z, w)
+    a = z.view(rows, split, vocab // split).transpose(0, 1)
+    b = w.view(split, vocab // split, w.shape[1])
+    if z.dtype != torch.float32 and _has_out_dtype(z.device.type):
+        return torch.bmm(a, b, out_dtype=torch.float32).sum(0)  # type: ignore[call-arg]
+    return torch.bmm(a, b).float().sum(0)
+
+
+def _forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_weight: torch.Tensor,
+    compute_dtype: torch.dtype,
+    need_dh: bool,
+    need_dw: bool,
+    cfg: KernelConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss, per-row CE and correctness, and (when asked) both gradients for grad_output = 1."""
+    num_rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    hidden_c = hidden.to(compute_dtype).contiguous()
+    weight_c = weight.to(compute_dtype).contiguous()
+    targets = targets.long().contiguous()
+    row_weight = row_weight.float().contiguous()
+
+    rows_M = torch.nonzero(row_weight).squeeze(1)  # host sync: the GEMMs need the count
+    num_w = rows_M.numel()
+    ce_N = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    correct_N = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    d_hidden = torch.zeros(num_rows, dim, dtype=hidden.dtype, device=device) if need_dh else None
+    d_weight = None
+    if need_dw:
+        # Accumulate in the weight's own dtype when it is float32 or the compute dtype, else in float32.
+        own = weight.dtype in (compute_dtype, torch.float32) and not cfg.fp32_weight_grad
+        acc_dtype = weight.dtype if own else torch.float32
+        d_weight = torch.empty(vocab, dim, dtype=acc_dtype, device=device)
+        if num_w == 0:
+            d_weight.zero_()
+    if num_w == 0:
+        d_weight = None if d_weight is None else d_weight.to(weight.dtype)
+        return torch.zeros((), dtype=torch.float32, device=device), ce_N, correct_N, d_hidden, d_weight
+
+    need_grad = need_dh or need_dw
+    targets_M = targets.index_select(0, rows_M)
+    weights_M = row_weight.index_select(0, rows_M)
+    ce_M = torch.empty(num_w, dtype=torch.float32, device=device)
+    correct_M = torch.empty(num_w, dtype=torch.int8, device=device)
+    gt_M = torch.empty(num_w, dtype=torch.float32, device=device)
+    chunk = _chunk_rows(num_w, vocab, weight_c.element_size(), cfg)
+    buf = torch.empty(chunk, vocab, dtype=compute_dtype, device=device)
+    for start in range(0, num_w, chunk):
+        stop = min(start + chunk, num_w)
+        rows_C = rows_M[start:stop]
+        hidden_CH = hidden_c.index_select(0, rows_C)
+        z_CV = buf[: stop - start]
+        torch.mm(hidden_CH, weight_c.t(), out=z_CV)
+        _softmax_grad_rows_kernel[(stop - start,)](
+            z_CV,
+            z_CV.stride(0),
+            targets_M[start:stop],
+            weights_M[start:stop],
+            ce_M[start:stop],
+            correct_M[start:stop],
+            gt_M[start:stop],
+            vocab,
+            WRITE_GRAD=need_grad,
+            BLOCK_V=cfg.block_v,
+            num_warps=cfg.num_warps,
+        )
+        if d_hidden is not None:
+            dh_CH = _dh_product(z_CV, weight_c, cfg.dh_split)
+            dh_CH.addcmul_(gt_M[start:stop, None], weight_c.index_select(0, targets_M[start:stop]))
+            d_hidden.index_copy_(0, rows_C, dh_CH.to(d_hidden.dtype))
+        if d_weight is not None:
+            _accumulate(d_weight, z_CV.t(), hidden_CH, first=start == 0)
+    del buf
+    if d_weight is not None:
+        order = torch.argsort(targets_M, stable=True)
+        grid = (num_w, triton.cdiv(dim, cfg.block_h))
+        _add_target_terms_kernel[grid](
+            d_weight,
+            d_weight.stride(0),
+            hidden_c,
+            hidden_c.stride(0),
+            targets_M[order].contiguous(),
+            rows_M[order].contiguous(),
+            gt_M[order].contiguous(),
+            num_w,
+            dim,
+            BLOCK_H=cfg.block_h,
+            num_warps=4,
+        )
+        d_weight = d_weight.to(weight.dtype)
+    ce_N.index_copy_(0, rows_M, ce_M)
+    correct_N.index_copy_(0, rows_M, correct_M.bool())
+    loss = torch.dot(weights_M, ce_M)
+    return loss, ce_N, correct_N, d_hidden, d_weight
+
+
+def _scale_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """x *= g in place (float32 arithmetic); a no-op on the device when g == 1."""
+    n = x.numel()
+    if n:
+        block = 8192
+        _scale_kernel[(triton.cdiv(n, block),)](x, g.reshape(1).float(), n, BLOCK=block)
+    return x
+
+
+class _MaskedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        row_weight: torch.Tensor,
+        compute_dtype: torch.dtype,
+        cfg: KernelConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        need_dh, need_dw = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, ce, correct, d_hidden, d_weight = _forward(
+                hidden, weight, targets, row_weight, compute_dtype, need_dh, need_dw, cfg
+            )
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.mark_non_differentiable(ce, correct)
+        ctx.used = False  # type: ignore[attr-defined]
+        return loss, ce, correct
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor, *_: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        if ctx.used:  # type: ignore[attr-defined]
+            raise RuntimeError("masked_linear_cross_entropy: backward may run only once (no retain_graph)")
+        ctx.used = True  # type: ignore[attr-defined]
+        d_hidden, d_weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        g = grad_loss.detach().contiguous()
+        if d_hidden is not None:
+            _scale_(d_hidden, g)
+        if d_weight is not None:
+            _scale_(d_weight, g)
+        return d_hidden, d_weight, None, None, None, None
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@torch.compiler.disable
+def masked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_weight: torch.Tensor,
+    *,
+    return_stats: bool = False,
+    config: KernelConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sum_i row_weight_i * CE(hidden_i @ weight.T, targets_i) as a float32 scalar.
+
+    hidden (N, H), weight (V, H), targets (N,) int (valid ids wherever the weight is nonzero, anything
+    elsewhere), row_weight (N,) float. Under autocast both operands are cast to the autocast dtype, as
+    F.linear would be; otherwise they must share a dtype. Runs the Triton path on CUDA (or on CPU when
+    TRITON_INTERPRET=1) and the plain-PyTorch reference otherwise. With `return_stats`, also returns,
+    without gradient, per-row CE (float32, (N,)) and argmax == target (bool, (N,)), both zero where the
+    weight is 0.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"need hidden (N, H) and weight (V, H); got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if targets.shape != (hidden.shape[0],) or row_weight.shape != (hidden.shape[0],):
+        raise ValueError(
+            f"targets and row_weight must be ({hidden.shape[0]},); got {tuple(targets.shape)}, {tuple(row_weight.shape)}"
+        )
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    elif hidden.dtype == weight.dtype:
+        compute_dtype = hidden.dtype
+    else:
+        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype} (outside autocast)")
+    if not _use_triton(hidden):
+        return masked_linear_cross_entropy_reference(hidden, weight, targets, row_weight, return_stats=return_stats)
+    loss, ce, correct = _MaskedLinearCE.apply(
+        hidden, weight, targets, row_weight, compute_dtype, config or DEFAULT_CONFIG
+    )
+    if return_stats:
+        return loss, ce, correct
+    return loss
