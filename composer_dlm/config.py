@@ -107,6 +107,9 @@ class FSDPConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
+    """``save: false`` writes no checkpoints at all (benchmarks); nothing can then be resumed."""
+
+    save: bool = True
     save_interval: str = "500ba"
     save_num_checkpoints_to_keep: int = 2
     autoresume: bool = True

@@ -206,7 +206,7 @@ def resolve_load_path(cfg: TrainConfig) -> str | None:
 
 def prepare_checkpoint_folder(cfg: TrainConfig) -> None:
     """Before autoresume looks for ``latest``: repair what a crash mid-save left (see checkpoints.py)."""
-    if not cfg.checkpoint.autoresume:
+    if not (cfg.checkpoint.autoresume and cfg.checkpoint.save):
         return
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu", timeout=cfg.dist_timeout)
@@ -257,10 +257,10 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         callbacks=build_callbacks(cfg, tokenizer) + list(extra_callbacks or []),
         loggers=build_loggers(cfg),
         parallelism_config=build_parallelism(cfg),
-        save_folder=str(cfg.run_folder / "checkpoints"),
+        save_folder=str(cfg.run_folder / "checkpoints") if cfg.checkpoint.save else None,
         save_interval=cfg.checkpoint.save_interval,
         save_num_checkpoints_to_keep=cfg.checkpoint.save_num_checkpoints_to_keep,
-        autoresume=cfg.checkpoint.autoresume,
+        autoresume=cfg.checkpoint.autoresume and cfg.checkpoint.save,
         load_path=resolve_load_path(cfg),
         load_weights_only=cfg.checkpoint.load_weights_only,
         seed=cfg.seed,

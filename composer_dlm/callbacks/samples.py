@@ -12,6 +12,7 @@ from composer.utils import dist
 from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.generate import generate
+from composer_dlm.models.llada import eager_blocks
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class SampleText(Callback):
             for prompt in self.prompts:
                 ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
-                with get_precision_context(state.precision):
+                with get_precision_context(state.precision), eager_blocks():
                     out = generate(
                         model,
                         prompt_ids,

@@ -29,7 +29,7 @@ from composer_dlm.diffusion import (
     loss_weights,
     random_truncation_length,
 )
-from composer_dlm.models.llada import LLaDABlock, LLaDAModel
+from composer_dlm.models.llada import LLaDABlock, LLaDAModel, eager_blocks
 
 LossImpl = Literal["fused", "plain"]
 
@@ -173,7 +173,8 @@ class ComposerLLaDA(ComposerModel):
         if outputs is not None:
             return outputs
         input_ids = batch["input_ids"]
-        return self._score(input_ids, self._prompt_lengths(batch), self._eval_generator(input_ids))
+        with eager_blocks():
+            return self._score(input_ids, self._prompt_lengths(batch), self._eval_generator(input_ids))
 
     def _prompt_lengths(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if self.diffusion.mode == "pretrain":

@@ -17,13 +17,14 @@ Parameter names equal the tensor names in LLaDA's safetensors files (``model.tra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -206,6 +207,18 @@ def apply_rope(x_BHLD: torch.Tensor, cos_LD: torch.Tensor, sin_LD: torch.Tensor)
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat((-second, first), dim=-1)
     return (x * cos_LD + rotated * sin_LD).to(x_BHLD.dtype)
+
+
+@contextlib.contextmanager
+def eager_blocks() -> Iterator[None]:
+    """Runs ``torch.compile``-d blocks eagerly inside the block.
+
+    No-grad passes (evaluation, sampling) would otherwise recompile the blocks for the other grad mode, which
+    fails under FSDP1 with compiled blocks on recent torch (seen on torch 2.11: "attempting to assign a
+    gradient with dtype 'float' to a tensor with grad_dtype 'BFloat16'"). They are a small part of a run.
+    """
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 class LLaDABlock(nn.Module):

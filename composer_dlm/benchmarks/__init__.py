@@ -1,0 +1,1 @@
+"""Benchmarks run through `python scripts/benchmark.py NAME`; each module exposes `main(argv)`."""

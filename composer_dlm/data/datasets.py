@@ -1,0 +1,96 @@
+"""StreamingDataset subclasses over our MDS shards: pretraining sequences and SFT examples.
+
+Both check the split's manifest against the run (mode, sequence length, tokenizer) before touching
+the shards, so a wrong folder fails with a message naming it and the fix. Mid-epoch resumption is
+StreamingDataset's own: `state_dict(num_samples, from_beginning)` / `load_state_dict(obj)`, which
+Composer calls on the train dataloader's dataset.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from streaming import StreamingDataset
+
+from composer_dlm.data.config import LoaderConfig
+from composer_dlm.data.errors import DataError
+from composer_dlm.data.manifest import check_manifest, locate_manifest
+from composer_dlm.data.shm import register_live_dataset
+
+
+class _TokenDataset(StreamingDataset):
+    mode: ClassVar[str]
+
+    def __init__(
+        self, cfg: LoaderConfig, *, local: str | None, tokenizer: Any, max_seq_len: int, batch_size: int
+    ) -> None:
+        """`local` overrides cfg.local (the builder resolves 'embedded' to the cached folder)."""
+        where = "/".join(p for p in ((local or cfg.remote or "").rstrip("/"), cfg.split) if p)
+        manifest = locate_manifest(local, cfg.remote, cfg.split, download_timeout=cfg.download_timeout)
+        check_manifest(manifest, where=where, mode=self.mode, max_seq_len=max_seq_len, tokenizer=tokenizer)
+        num_samples = int(manifest["counts"]["samples"])
+        if cfg.subset_size is not None and cfg.subset_size > num_samples:
+            raise DataError(
+                f"{where}: subset_size {cfg.subset_size} is more than the {num_samples} samples there; "
+                f"set subset_size to at most {num_samples}, or null for all"
+            )
+        super().__init__(
+            local=local,
+            remote=cfg.remote,
+            split=cfg.split,
+            download_retry=cfg.download_retry,
+            download_timeout=cfg.download_timeout,
+            epoch_size=cfg.subset_size,
+            predownload=cfg.predownload,
+            cache_limit=cfg.cache_limit,
+            sampling_method="fixed" if cfg.subset_size is not None else "balanced",
+            num_canonical_nodes=cfg.num_canonical_nodes,
+            batch_size=batch_size,
+            shuffle=cfg.shuffle,
+            shuffle_algo=cfg.shuffle_algo,
+            shuffle_seed=cfg.shuffle_seed,
+            shuffle_block_size=cfg.shuffle_block_size,
+        )
+        self.where = where
+        self.manifest = manifest
+        self.seq_len = int(manifest["seq_len"])
+        register_live_dataset(self)
+
+    def _tokens(self, idx: int) -> tuple[np.ndarray, dict[str, Any]]:
+        sample = super().__getitem__(idx)
+        tokens = sample["tokens"]
+        if tokens.ndim != 1 or len(tokens) > self.seq_len:
+            raise DataError(
+                f"{self.where}: sample {idx} has shape {tokens.shape}, not at most ({self.seq_len},) as the "
+                "manifest says; the folder mixes conversions, convert it again"
+            )
+        return tokens, sample
+
+
+class PretrainDataset(_TokenDataset):
+    """Yields {"input_ids": LongTensor (seq_len,)}."""
+
+    mode = "pretrain"
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        tokens, _ = self._tokens(idx)
+        if len(tokens) != self.seq_len:
+            raise DataError(
+                f"{self.where}: sample {idx} has {len(tokens)} tokens, not {self.seq_len}; convert again"
+            )
+        return {"input_ids": torch.from_numpy(tokens.astype(np.int64))}
+
+
+class SFTDataset(_TokenDataset):
+    """Yields {"input_ids": LongTensor (n,), "prompt_length": int}, unpadded (SFTCollator pads)."""
+
+    mode = "sft"
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        tokens, sample = self._tokens(idx)
+        return {
+            "input_ids": torch.from_numpy(tokens.astype(np.int64)),
+            "prompt_length": int(sample["prompt_length"]),
+        }

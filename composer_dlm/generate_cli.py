@@ -1,0 +1,236 @@
+"""Sampling from a checkpoint on the command line (``scripts/generate.py`` calls :func:`main`).
+
+    python scripts/generate.py runs/quickstart/hf/final --prompt "The list type" --gen-length 32 --show
+    python scripts/generate.py runs/quickstart/checkpoints/latest-rank0.pt --prompt "..." --chat
+
+A checkpoint is a Hugging Face folder (config.json + safetensors; preferred: nothing in it runs code) or a
+Composer checkpoint file (``.pt``) written by our trainer. A ``.pt`` holds the weights but not the model's
+shape, which comes from ``--config`` or, when that is not given, from the run's own HF export found next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from composer_dlm.generate import generate, left_pad
+from composer_dlm.models.llada import CONFIG_NAME, CheckpointError, LLaDAConfig, LLaDAModel
+
+MASK_GLYPH = "░"
+# Prefixes that FSDP and activation checkpointing put inside parameter names of wrapped modules.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def load_model(
+    path: str | Path, *, config: str | Path | None = None, dtype: torch.dtype, device: str | torch.device
+) -> LLaDAModel:
+    """A :class:`LLaDAModel` in eval mode from a Hugging Face folder or a Composer ``.pt`` checkpoint.
+
+    ``config`` (a LLaDA config.json) is used for a ``.pt`` only; see :func:`load_composer_checkpoint`.
+    Raises :class:`CheckpointError` for a missing path or a file that is neither.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return LLaDAModel.from_pretrained(path, dtype=dtype, device=device).eval()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.suffix == ".pt":
+        return load_composer_checkpoint(path, config=config, dtype=dtype, device=device)
+    hint = (
+        "; pass the folder that holds it" if path.name == CONFIG_NAME or path.suffix == ".safetensors" else ""
+    )
+    raise CheckpointError(
+        f"{path}: expected a Hugging Face folder (config.json + safetensors) or a Composer checkpoint (.pt){hint}"
+    )
+
+
+def load_composer_checkpoint(
+    path: str | Path, *, config: str | Path | None = None, dtype: torch.dtype, device: str | torch.device
+) -> LLaDAModel:
+    """Loads the LLaDA weights of a Composer checkpoint written by our trainer.
+
+    The file is a pickle: it is read with ``torch.load(weights_only=False)``, which runs whatever code the file
+    names, so only load checkpoints you trust (a warning says so); the HF export of the same run is the safe
+    choice. The model's shape comes from ``config`` or :func:`find_run_config`.
+    """
+    path = Path(path)
+    config_path = Path(config) if config is not None else find_run_config(path)
+    if config_path is None:
+        raise CheckpointError(
+            f"{path}: a Composer checkpoint holds the weights but not the model's shape, and no config.json was "
+            "found beside it or in the run's hf/ exports; pass --config PATH/TO/config.json"
+        )
+    llada_config = LLaDAConfig.from_json(config_path)
+    warnings.warn(
+        f"{path} is a pickle: loading it (torch.load with weights_only=False) runs code stored in it. Only load "
+        "checkpoints you trust; the run's Hugging Face export (safetensors) is the safe alternative.",
+        UserWarning,
+        stacklevel=2,
+    )
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as err:
+        raise CheckpointError(f"{path}: unpickling needs the module {err.name!r}; install composer") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
+    state = raw.get("state") if isinstance(raw, Mapping) else None
+    weights = state.get("model") if isinstance(state, Mapping) else None
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path}: not a Composer checkpoint (no state['state']['model'])")
+    model = LLaDAModel(llada_config)
+    result = model.load_state_dict(llada_weights(weights), strict=False)
+    problems = [f"missing {', '.join(result.missing_keys[:3])}"] if result.missing_keys else []
+    problems += [f"unexpected {', '.join(result.unexpected_keys[:3])}"] if result.unexpected_keys else []
+    if problems:
+        raise CheckpointError(f"{path} does not fit {config_path}: " + "; ".join(problems))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def llada_weights(composer_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LLaDA parameter names from a ComposerLLaDA state dict: its keys are ``model.`` + the LLaDAModel's own
+    (``model.model.transformer.wte.weight``); FSDP and activation-checkpoint wrapper segments are dropped."""
+    out = {}
+    for key, tensor in composer_state.items():
+        for segment in _WRAPPER_SEGMENTS:
+            key = key.replace(segment, "")
+        if key.startswith("model."):
+            out[key.removeprefix("model.")] = tensor
+    return out
+
+
+def find_run_config(checkpoint: Path) -> Path | None:
+    """The config.json for a checkpoint of our trainer's run layout (``RUN/checkpoints/*.pt`` beside
+    ``RUN/hf/{final,baN}/config.json``): one beside the file, else ``hf/final``, else the newest export."""
+    beside = checkpoint.parent / CONFIG_NAME
+    if beside.is_file():
+        return beside
+    exports = checkpoint.resolve().parent.parent / "hf"
+    final = exports / "final" / CONFIG_NAME
+    if final.is_file():
+        return final
+    found = sorted(exports.glob(f"*/{CONFIG_NAME}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def render(tokenizer, ids: list[int], mask_token_id: int) -> str:
+    """Partly decoded text: runs of committed tokens decoded, each mask shown as ``MASK_GLYPH``."""
+    parts: list[str] = []
+    run: list[int] = []
+    for token in [*ids, None]:
+        if token is not None and token != mask_token_id:
+            run.append(token)
+            continue
+        if run:
+            parts.append(tokenizer.decode(run))
+            run = []
+        if token is not None:
+            parts.append(MASK_GLYPH)
+    return "".join(parts)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("checkpoint", help="Hugging Face folder (preferred) or Composer checkpoint .pt")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument(
+        "--tokenizer", default="embedded", help="'embedded' or a tokenizer folder (default: embedded)"
+    )
+    p.add_argument(
+        "--config", help="config.json giving the model's shape, for a .pt (default: the run's HF export)"
+    )
+    p.add_argument(
+        "--chat", action="store_true", help="wrap each prompt as a user turn with the chat template"
+    )
+    p.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: gen-length)")
+    p.add_argument("--block-length", type=int, help="semi-autoregressive block size (default: gen-length)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: Gumbel sampling")
+    p.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance scale")
+    p.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
+    p.add_argument(
+        "--min-new-tokens", type=int, default=0, help="forbid EOS in the first this many answer tokens"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for sampling (temperature > 0, random remasking)"
+    )
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--show", action="store_true", help="print the answer after every step as masks fill in")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from composer_dlm.data import DataError, load_tokenizer, mask_token_id  # the data stack, only for the CLI
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        with warnings.catch_warnings():  # the unpickling warning, as one line on stderr
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"generate: warning: {message}", file=sys.stderr
+            )
+            model = load_model(args.checkpoint, config=args.config, dtype=dtype, device=device)
+        mask_id = mask_token_id(tokenizer)
+        if mask_id != model.config.mask_token_id:
+            raise CheckpointError(
+                f"the tokenizer's mask id is {mask_id} but the model's config says {model.config.mask_token_id}; "
+                "pass the model's own tokenizer with --tokenizer"
+            )
+        texts = args.prompt
+        if args.chat:
+            if not tokenizer.chat_template:
+                raise DataError(f"--chat: tokenizer {args.tokenizer!r} has no chat template")
+            texts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
+                )
+                for t in texts
+            ]
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+        prompt_ids, attention_mask = left_pad(rows, pad_id=pad)
+        steps = args.steps or args.gen_length
+        plen = prompt_ids.shape[1]
+
+        def show(step: int, x: torch.Tensor) -> None:
+            for row, ids in enumerate(x[:, plen:].tolist()):
+                label = f"[{row}] " if len(rows) > 1 else ""
+                text = render(tokenizer, ids, mask_id).replace("\n", "\\n")
+                print(f"step {step + 1}/{steps}: {label}{text}", flush=True)
+
+        sampling = args.temperature > 0 or args.remasking == "random"
+        out = generate(
+            model,
+            prompt_ids,
+            steps=steps,
+            gen_length=args.gen_length,
+            block_length=args.block_length or args.gen_length,
+            temperature=args.temperature,
+            cfg_scale=args.cfg_scale,
+            remasking=args.remasking,
+            mask_token_id=mask_id,
+            attention_mask=attention_mask if len({len(r) for r in rows}) > 1 else None,
+            eos_token_id=model.config.eos_token_id,
+            min_new_tokens=args.min_new_tokens,
+            generator=torch.Generator(device=device).manual_seed(args.seed) if sampling else None,
+            on_step=show if args.show else None,
+        )
+    except ValueError as err:  # CheckpointError, DataError and bad sampler arguments
+        print(f"generate: error: {err}", file=sys.stderr)
+        return 2
+    for row, ids in enumerate(out[:, plen:].tolist()):
+        answer = tokenizer.decode(ids, skip_special_tokens=True)
+        print(answer if len(rows) == 1 else f"[{row}] {answer}", flush=True)
+    return 0

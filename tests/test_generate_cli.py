@@ -1,0 +1,192 @@
+"""scripts/generate.py: sampling from an exported HF folder and from a Composer checkpoint of a real run, with the
+toy-task model (so the printed answer is known), --show, --chat, batches, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import toy_task as tt
+from composer import Trainer
+from torch.utils.data import DataLoader
+
+from composer_dlm.data import load_tokenizer
+from composer_dlm.diffusion import DiffusionConfig
+from composer_dlm.generate import generate
+from composer_dlm.generate_cli import MASK_GLYPH, main
+from composer_dlm.models import LLaDAModel
+from composer_dlm.models.composer_llada import ComposerLLaDA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    """A run folder as our trainer lays it out: checkpoints/*.pt from a Composer Trainer, hf/final export."""
+    root = tmp_path_factory.mktemp("run")
+    model = ComposerLLaDA(tt.trained_model(), DiffusionConfig(random_length_prob=0.0), loss_impl="plain")
+    batch = {"input_ids": torch.tensor([[tt.token(s), *tt.answer(s)] for s in range(4)])}
+    Trainer(
+        model=model,
+        train_dataloader=DataLoader([batch], batch_size=None),
+        max_duration="1ba",
+        device_train_microbatch_size=4,
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.0),
+        save_folder=str(root / "checkpoints"),
+        save_interval="1ba",
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+    ).fit()
+    model.model.save_pretrained(root / "hf" / "final")
+    return {
+        "pt": root / "checkpoints" / "ep0-ba1-rank0.pt",
+        "hf": root / "hf" / "final",
+        "tokenizer": tt.tokenizer_folder(root / "tokenizer"),
+    }
+
+
+def cli(capsys, *argv: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("source", ["hf", "pt"])
+def test_prints_the_learnt_answer(run, capsys, source):
+    code, out, err = cli(
+        capsys, run[source], "--prompt", "t3", "--tokenizer", run["tokenizer"], "--gen-length", "4"
+    )
+    assert code == 0, err
+    assert out == "t4 t5 t6 t7\n"
+    if source == "pt":
+        assert "generate: warning:" in err and "pickle" in err and "weights_only=False" in err
+    else:
+        assert err == ""
+
+
+def test_show_prints_masks_filling_in(run, capsys):
+    argv = [run["hf"], "--prompt", "t11", "--tokenizer", run["tokenizer"], "--gen-length", "4", "--show"]
+    code, out, _ = cli(capsys, *argv)
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split(" ", 2)[1] for line in lines[:4]] == ["1/4:", "2/4:", "3/4:", "4/4:"]
+    assert [line.count(MASK_GLYPH) for line in lines[:4]] == [3, 2, 1, 0]  # one token committed per step
+    assert lines[3].endswith("t12 t13 t14 t15") and lines[4] == "t12 t13 t14 t15"
+
+
+def test_batch_of_prompts_of_different_lengths(run, capsys):
+    argv = [
+        run["hf"],
+        "--prompt",
+        "t5",
+        "--prompt",
+        "t0 t1 t2 t7",
+        "--tokenizer",
+        run["tokenizer"],
+        "--gen-length",
+        "4",
+    ]
+    code, out, _ = cli(capsys, *argv)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "[0] t6 t7 t8 t9"
+    # Row 1 under left padding is what the same prompt gives alone.
+    code, alone, _ = cli(
+        capsys, run["hf"], "--prompt", "t0 t1 t2 t7", "--tokenizer", run["tokenizer"], "--gen-length", "4"
+    )
+    assert lines[1] == "[1] " + alone.strip()
+
+
+def test_chat_wraps_the_prompt_in_the_template(run, capsys):
+    tok = load_tokenizer(str(run["tokenizer"]))
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "t2"}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[:3] == [
+        tt.WORDS.index("<|startoftext|>"),
+        tt.WORDS.index("<|start_header_id|>"),
+        tt.WORDS.index("user"),
+    ]
+    model = LLaDAModel.from_pretrained(run["hf"], dtype=torch.float32).eval()
+    expected = generate(
+        model, torch.tensor([ids]), steps=8, gen_length=8, block_length=4, mask_token_id=tt.MASK
+    )
+    argv = [
+        run["hf"],
+        "--prompt",
+        "t2",
+        "--chat",
+        "--tokenizer",
+        run["tokenizer"],
+        "--gen-length",
+        "8",
+        "--block-length",
+        "4",
+    ]
+    code, out, _ = cli(capsys, *argv)
+    assert code == 0
+    assert out == tok.decode(expected[0, len(ids) :].tolist(), skip_special_tokens=True) + "\n"
+
+
+def test_default_embedded_tokenizer(tmp_path, capsys):
+    tok = load_tokenizer("embedded")
+    model = LLaDAModel.from_config(
+        dict(
+            d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64, vocab_size=len(tok), mask_token_id=tt.MASK
+        ),
+        seed=0,
+    ).eval()
+    assert tok.convert_tokens_to_ids("<|mdm_mask|>") == tt.MASK
+    model.save_pretrained(tmp_path / "hf")
+    ids = tok("def f", add_special_tokens=False)["input_ids"]
+    expected = generate(
+        model, torch.tensor([ids]), steps=6, gen_length=6, block_length=6, mask_token_id=tt.MASK
+    )
+    code, out, err = cli(capsys, tmp_path / "hf", "--prompt", "def f", "--gen-length", "6")
+    assert code == 0, err
+    assert out == tok.decode(expected[0, len(ids) :].tolist(), skip_special_tokens=True) + "\n"
+
+
+def test_errors_are_one_line_messages(run, tmp_path, capsys):
+    tok = ["--tokenizer", run["tokenizer"], "--prompt", "t1"]
+    cases = [
+        ([tmp_path / "absent"], "absent: no such file or folder"),
+        ([run["hf"] / "config.json"], "pass the folder that holds it"),
+        ([run["hf"], "--gen-length", "6", "--block-length", "4"], "divisible by block_length"),
+    ]
+    lonely = tmp_path / "lonely" / "ckpt.pt"
+    lonely.parent.mkdir()
+    lonely.write_bytes(run["pt"].read_bytes())
+    cases.append(([lonely], "pass --config"))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": {}}, other)
+    cases.append(([other, "--config", run["hf"] / "config.json"], "not a Composer checkpoint"))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    cases.append(([garbage, "--config", run["hf"] / "config.json"], "not a readable torch checkpoint"))
+    bigger = LLaDAModel.from_config(tt.fresh_model().config.to_dict() | {"n_layers": 3})
+    bigger.save_pretrained(tmp_path / "bigger")
+    cases.append(([run["pt"], "--config", tmp_path / "bigger" / "config.json"], "does not fit .*missing"))
+    for argv, message in cases:
+        code, out, err = cli(capsys, *argv, *tok)
+        assert code == 2, (argv, err)
+        assert out == ""
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("generate: error: ")
+        assert re.search(message, last), (message, last)
+
+
+def test_script_entry_point(run):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, str(ROOT / "scripts" / "generate.py"), str(run["hf"]), "--prompt", "t8",
+            "--tokenizer", str(run["tokenizer"]), "--gen-length", "4"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "t9 t10 t11 t12\n"

@@ -1,0 +1,243 @@
+"""Monte-Carlo likelihood: hand-worked cases with known logits, convergence to the exhaustively enumerated
+ELBO, shrinking spread, ranking on a trained toy model, and the multiple-choice callback in a Composer run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+import toy_task as tt
+from composer import Trainer
+from composer.loggers import InMemoryLogger
+from torch import nn
+from torch.utils.data import DataLoader
+
+from composer_dlm.callbacks.eval_likelihood import LikelihoodEval
+from composer_dlm.data import DataError, load_tokenizer
+from composer_dlm.diffusion import DiffusionConfig
+from composer_dlm.likelihood import mask_counts, mc_log_likelihood, score_choices
+from composer_dlm.models import LLaDAModel
+from composer_dlm.models.composer_llada import ComposerLLaDA
+
+MASK = 5  # vocabulary of the fake models: 0..4 words, 5 = mask
+
+
+class PerColumn(nn.Module):
+    """Logits that depend only on the column (a fixed table), except that a row whose prompt (column 0) is the
+    mask token gets ``uncond`` instead: a known conditional and unconditional prediction."""
+
+    def __init__(self, cond_LV: torch.Tensor, uncond_LV: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("cond", cond_LV)
+        self.register_buffer("uncond", cond_LV if uncond_LV is None else uncond_LV)
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        prompt_masked = (input_ids[:, 0] == MASK)[:, None, None]
+        return torch.where(prompt_masked, self.uncond, self.cond).expand(input_ids.shape[0], -1, -1).clone()
+
+
+def test_mask_counts_hand_worked():
+    assert mask_counts(8, 4, 3).tolist() == [3, 5, 7, 1]  # 3, 5, 7, 9 -> wrapped to 1
+    assert mask_counts(5, 5, 4).tolist() == [4, 5, 1, 2, 3]
+    assert mask_counts(2, 4, 1).tolist() == [1, 2, 2, 2]  # 1, 1.5, 2, 2.5: halves round to even
+    assert mask_counts(3, 1, 2).tolist() == [2]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
+def test_mask_counts_equal_llada_linspace_rule(rows):
+    # LLaDA: round(linspace(o, o + (n - 1) * A / n, n)), wrapped to [1, A]; exact in binary for these n.
+    for answer_length in range(1, 13):
+        for offset in range(1, answer_length + 1):
+            end = offset + (rows - 1) * answer_length / rows
+            expected = torch.round(torch.linspace(offset, end, rows, dtype=torch.float64)).long()
+            expected = (expected - 1) % answer_length + 1
+            assert mask_counts(answer_length, rows, offset).tolist() == expected.tolist()
+
+
+def test_single_token_answer_is_exact():
+    # Prompt [0, 1], answer [3]; column 2 predicts p = (0.1, 0.2, 0.3, 0.4, 0, 0) -> log p(3) = log 0.4.
+    probs = torch.tensor([[0.2] * 5 + [1e-9]] * 2 + [[0.1, 0.2, 0.3, 0.4, 1e-9, 1e-9]])
+    model = PerColumn(probs.log())
+    for num_samples in (1, 5):
+        got = mc_log_likelihood(model, [0, 1], [3], mask_token_id=MASK, num_samples=num_samples, batch_size=2)
+        assert got == pytest.approx(math.log(0.4), abs=1e-6)
+
+
+def test_guidance_uses_the_extrapolated_logits():
+    cond = torch.tensor([[0.0] * 6, [2.0, 1.5, 0, 0, -9, -9]])
+    uncond = torch.tensor([[0.0] * 6, [2.0, 0.0, 0, 0, -9, -9]])
+    model = PerColumn(cond, uncond)
+    # s = 1: un + 2 (cond - un) = [2, 3, 0, 0, -9, -9]
+    guided = torch.tensor([2.0, 3.0, 0, 0, -9, -9])
+    expected = float(guided[1] - torch.logsumexp(guided, 0))
+    got = mc_log_likelihood(model, [4], [1], mask_token_id=MASK, num_samples=1, batch_size=1, cfg_scale=1.0)
+    assert got == pytest.approx(expected, abs=1e-5)
+    plain = mc_log_likelihood(model, [4], [1], mask_token_id=MASK, num_samples=1, batch_size=1)
+    assert plain == pytest.approx(float(cond[1, 1] - torch.logsumexp(cond[1], 0)), abs=1e-5)
+
+
+def exhaustive_elbo(model: nn.Module, prompt: list[int], answer: list[int], mask_id: int) -> float:
+    """-(1/A) sum_k mean over k-subsets S of (A/k) sum_{i in S} -log p(answer_i | answer with S masked)."""
+    a = len(answer)
+    total = 0.0
+    for k in range(1, a + 1):
+        subsets = list(itertools.combinations(range(a), k))
+        for subset in subsets:
+            x = torch.tensor([prompt + answer])
+            cols = [len(prompt) + i for i in subset]
+            x[0, cols] = mask_id
+            logp = F.log_softmax(model(x)[0].double(), dim=-1)
+            nll = -sum(float(logp[c, answer[i]]) for c, i in zip(cols, subset, strict=True))
+            total += (a / k) * nll / len(subsets)
+    return -total / a
+
+
+def test_estimate_converges_to_the_elbo_and_its_spread_shrinks():
+    model = LLaDAModel.from_config(
+        dict(d_model=32, n_layers=2, n_heads=2, vocab_size=16, mlp_hidden_size=64, mask_token_id=15), seed=3
+    ).eval()
+    prompt, answer = [1, 2, 3], [7, 4, 9]
+    exact = exhaustive_elbo(model, prompt, answer, 15)
+
+    def estimates(num_samples: int) -> list[float]:
+        # batch 9 = 3 * A: every batch masks 1, 2 and 3 tokens three times each (no half-way rounding).
+        return [
+            mc_log_likelihood(
+                model,
+                prompt,
+                answer,
+                mask_token_id=15,
+                num_samples=num_samples,
+                batch_size=9,
+                generator=torch.Generator().manual_seed(seed),
+            )  # fmt: skip
+            for seed in range(20)
+        ]
+
+    small, large = estimates(9), estimates(9 * 16)
+    spread_small, spread_large = statistics.stdev(small), statistics.stdev(large)
+    assert spread_small > 0
+    assert spread_large < 0.5 * spread_small  # 1/sqrt(16) = 0.25 in theory
+    # Each estimate is unbiased: the mean of 20 lies within 4 standard errors of the exact value.
+    assert abs(statistics.fmean(large) - exact) < 4 * spread_large / math.sqrt(20) + 1e-6
+
+
+def test_the_same_generator_seed_gives_the_same_estimate():
+    model = PerColumn(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))
+    kw = dict(mask_token_id=MASK, num_samples=20, batch_size=8)  # a last batch of 4
+    a = mc_log_likelihood(model, [0], [1, 2, 3, 4, 0], generator=torch.Generator().manual_seed(7), **kw)
+    b = mc_log_likelihood(model, [0], [1, 2, 3, 4, 0], generator=torch.Generator().manual_seed(7), **kw)
+    assert a == b
+
+
+def test_trained_toy_model_ranks_the_correct_answer_first():
+    model = tt.trained_model()
+    for start in range(0, tt.NUMBERS, 3):
+        right = tt.answer(start)
+        wrong = [right[::-1], [right[1], right[0], *right[2:]], tt.answer(start + 7)]
+        scores = score_choices(
+            model, [tt.token(start)], [right, *wrong], mask_token_id=tt.MASK, num_samples=32
+        )
+        assert scores[0] == max(scores), (start, scores)
+        assert scores[0] > -1.0  # the task is learnt: the right answer is near certain
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(answer_ids=[]), "answer_ids is empty"),
+        (dict(prompt_ids=[0, MASK]), "contains the mask token"),
+        (dict(num_samples=0), "must be positive"),
+        (dict(cfg_scale=-1.0), "cfg_scale"),
+        (dict(prompt_ids=[[0, 1]]), "1-D sequence"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    kw = dict(prompt_ids=[0], answer_ids=[1, 2], mask_token_id=MASK) | kwargs
+    with pytest.raises(ValueError, match=message):
+        mc_log_likelihood(PerColumn(torch.zeros(3, 6)), **kw)
+
+
+# --- the callback -------------------------------------------------------------------------------------------------
+def write_questions(path, answers_right: bool = True) -> None:
+    with path.open("w") as f:
+        for start in range(0, tt.NUMBERS, 4):
+            right = tt.words(tt.answer(start))
+            wrong = tt.words(tt.answer(start)[::-1])
+            choices, answer = ([wrong, right], 1) if start % 8 else ([right, wrong], 0)
+            if not answers_right:
+                answer = 1 - answer
+            f.write(json.dumps({"prompt": f"t{start}", "choices": choices, "answer": answer}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(str(tt.tokenizer_folder(tmp_path_factory.mktemp("tok"))))
+
+
+@pytest.mark.parametrize("answers_right", [True, False])
+def test_callback_logs_mc_accuracy_at_interval_and_fit_end(tmp_path, tokenizer, answers_right):
+    data = tmp_path / "mc.jsonl"
+    write_questions(data, answers_right)
+    model = ComposerLLaDA(tt.trained_model(), DiffusionConfig(random_length_prob=0.0), loss_impl="plain")
+    model.train()
+    callback = LikelihoodEval(
+        str(data), tokenizer=tokenizer, interval="2ba", num_samples=8, max_examples=None
+    )
+    assert len(callback.questions) == 5
+    logger = InMemoryLogger()
+    batches = [{"input_ids": torch.tensor([[tt.token(s), *tt.answer(s)] for s in range(4)])}] * 3
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(batches, batch_size=None),
+        max_duration="3ba",
+        device_train_microbatch_size=4,
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.0),  # the weights stay those of the trained model
+        callbacks=[callback],
+        loggers=[logger],
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+    )
+    trainer.fit()
+    logged = logger.data["eval/mc_accuracy"]
+    assert [int(ts.batch) for ts, _ in logged] == [2, 3]  # the interval, then fit end
+    expected = 1.0 if answers_right else 0.0
+    assert [value for _, value in logged] == [expected, expected]
+    assert model.training  # train mode restored
+
+
+def test_callback_max_examples_and_bad_files(tmp_path, tokenizer):
+    data = tmp_path / "mc.jsonl"
+    write_questions(data)
+    kw = dict(tokenizer=tokenizer, interval="10ba", num_samples=4)
+    assert len(LikelihoodEval(str(data), max_examples=2, **kw).questions) == 2
+    with pytest.raises(DataError, match="no such file"):
+        LikelihoodEval(str(tmp_path / "absent.jsonl"), max_examples=None, **kw)
+    bad_lines = [
+        ("{not json", "mc.jsonl:2: not valid JSON"),
+        (
+            '{"prompt": "t1", "choices": ["t2"], "answer": 0}',
+            "mc.jsonl:2: 'choices' must be a list of at least two",
+        ),
+        ('{"prompt": "t1", "choices": ["t2", "t3"], "answer": 2}', "mc.jsonl:2: 'answer' must be an index"),
+        ('{"prompt": "t1", "choices": ["t2", "t3"]}', "mc.jsonl:2: missing field"),
+        (
+            '{"prompt": "t1", "choices": ["t2", ""], "answer": 0}',
+            "mc.jsonl:2: choice 1 .* tokenizes to no tokens",
+        ),
+        ("[1, 2]", "mc.jsonl:2: expected a JSON object"),
+    ]
+    good = data.read_text().splitlines()[0]
+    for line, message in bad_lines:
+        data.write_text(good + "\n" + line + "\n")
+        with pytest.raises(DataError, match=message):
+            LikelihoodEval(str(data), max_examples=None, **kw)
+    with pytest.raises(ValueError, match="in batches"):
+        LikelihoodEval(str(data), max_examples=None, **(kw | {"interval": "1ep"}))
