@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -51,25 +50,6 @@ def _model_config(args: argparse.Namespace) -> dict:
         "mlp_hidden_size": args.mlp, "vocab_size": args.vocab, "max_sequence_length": args.seq_len,
         "rope_theta": 500000.0,
     }
-
-
-def write_synthetic_shards(root: Path, *, seq_len: int, num_samples: int, tokenizer) -> Path:
-    """Random token sequences as pretraining MDS shards, with the manifest our loaders check."""
-    from streaming import MDSWriter
-
-    from composer_dlm.data.manifest import FORMAT, tokenizer_info, write_manifest
-
-    folder = root / "train"
-    rng = np.random.default_rng(0)
-    vocab = len(tokenizer)
-    with MDSWriter(out=str(folder), columns={"tokens": "ndarray:uint32"}, size_limit=1 << 27) as writer:
-        for _ in range(num_samples):
-            writer.write({"tokens": rng.integers(0, vocab, seq_len, dtype=np.uint32)})
-    write_manifest(folder, {
-        "format": FORMAT, "mode": "pretrain", "seq_len": seq_len, "split": "train", "columns": {"tokens": "ndarray:uint32"},
-        "tokenizer": tokenizer_info(tokenizer, "embedded"), "counts": {"samples": num_samples, "tokens": num_samples * seq_len},
-    })
-    return root
 
 
 class _StepTimer:
@@ -109,7 +89,7 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     raw = {
         "run_name": "bench", "base_path": str(out_root), "model": {"config": _model_config(args),
         "loss_impl": args.loss_impl, "compile_blocks": args.compile},
-        "train_loader": {"local": str(data_root), "split": "train", "num_workers": 4, "shuffle": False},
+        "train_loader": {"local": str(data_root / "pretrain"), "split": "train", "num_workers": 4, "shuffle": False},
         "max_duration": f"{args.steps}ba", "max_seq_len": args.seq_len,
         "global_train_batch_size": args.micro_batch * world * args.grad_accum,
         "device_train_microbatch_size": args.micro_batch, "precision": "amp_bf16",
@@ -223,12 +203,14 @@ def main(argv: list[str]) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix=f"cdlm-bench-{rank}-") as tmp:
         from composer_dlm.data import load_tokenizer
+        from composer_dlm.data.benchmark import write_synthetic
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         samples = (args.steps + 2) * max([args.micro_batch, *[int(m) for m in args.micro_batches.split(",") if m]]) * world * args.grad_accum
         data_root = Path(os.environ.get("CDLM_BENCH_DATA", "/tmp/cdlm-bench-data")) / f"seq{args.seq_len}-n{samples}"
-        if rank == 0 and not (data_root / "train" / "manifest.json").exists():
-            write_synthetic_shards(data_root, seq_len=args.seq_len, num_samples=samples, tokenizer=load_tokenizer("embedded"))
+        if rank == 0 and not (data_root / "pretrain" / "train" / "manifest.json").exists():
+            write_synthetic(data_root, mode="pretrain", seq_len=args.seq_len, num_samples=samples,
+                            tokenizer=load_tokenizer("embedded"))
         if world > 1:
             from composer.utils import dist
 
