@@ -20,6 +20,7 @@ import inspect
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -31,7 +32,7 @@ from pathlib import Path
 from filelock import FileLock
 
 CACHE_ENV = "COMPOSER_DLM_CACHE"
-RECIPE_VERSION = 2  # bump whenever the corpus, tokenizer or conversion recipe changes
+RECIPE_VERSION = 3  # bump whenever the corpus, tokenizer or conversion recipe changes
 VOCAB_SIZE = 4096
 VAL_FRACTION = 0.05
 MIN_VAL_SEQUENCES = 8  # long sequences need a larger validation share of this small corpus
@@ -55,14 +56,26 @@ def corpus_documents() -> list[tuple[str, str]]:
     import pydoc_data.topics
 
     topics = pydoc_data.topics.topics
-    docs = [(f"topic {name}", topics[name].strip()) for name in sorted(topics)]
+    docs = [(f"topic {name}", reflow(topics[name])) for name in sorted(topics)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/__init__.py"))
     for path in sorted(files, key=lambda p: _module_name(stdlib, p)):
         doc = _module_docstring(path.read_bytes())
         if doc and len(doc) >= MIN_DOCSTRING_CHARS:
-            docs.append((f"module {_module_name(stdlib, path)}", doc.strip()))
+            docs.append((f"module {_module_name(stdlib, path)}", reflow(doc)))
     return docs
+
+
+def reflow(text: str) -> str:
+    """Joins the hard-wrapped lines of each paragraph into one line and drops heading underlines
+    ("*****", "=====", "-----"), so the corpus reads as prose rather than 70-column layout."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        lines = [line.strip() for line in block.splitlines()]
+        lines = [line for line in lines if line and not re.fullmatch(r"[*=~^-]{3,}", line)]
+        if lines:
+            paragraphs.append(" ".join(lines))
+    return "\n\n".join(paragraphs)
 
 
 def _module_docstring(source: bytes) -> str | None:
