@@ -139,3 +139,29 @@ def test_flops_per_batch_by_hand():
     b, length = 4, 16
     expected = 3 * (2 * params * b * length + 4 * 2 * 32 * length * length * b)
     assert model.flops_per_batch(batch()) == expected
+
+
+def test_eval_does_not_recompile_compiled_blocks():
+    """Evaluation and sampling run compiled blocks eagerly: recompiling them for no-grad mode crashed under
+    FSDP1 on torch 2.11 (see models.llada.eager_blocks). A counting backend sees every compilation."""
+    compiled = []
+
+    def counting_backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    model = make()
+    for block in model.model.blocks:
+        block.compile(backend=counting_backend)
+    b = batch()
+    model.set_noise_step(0)
+    model(b).loss.backward()
+    after_train = len(compiled)
+    assert after_train >= 1
+    model.eval()
+    with torch.no_grad():
+        model.eval_forward(b)
+    assert len(compiled) == after_train
+    with torch.no_grad():  # without the guard, the no-grad pass does compile again
+        model.model(b["input_ids"])
+    assert len(compiled) > after_train
