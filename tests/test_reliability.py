@@ -10,7 +10,7 @@ import torch
 from composer.core import Callback
 from test_train import ROOT, tiny_overrides
 
-from composer_dlm import train
+from composer_dlm import builders
 from composer_dlm.callbacks.nan_guard import NonFiniteLossError
 from composer_dlm.config import ConfigError, load_config
 
@@ -39,7 +39,7 @@ def build(tmp_path, poison: PoisonLoss, **extra: str):
     over = {"callbacks.samples": "null", "callbacks.hf_export": "null", "eval_interval": "100ba",
             "checkpoint.save_interval": "2ba", "device_train_microbatch_size": "8", "scheduler.t_warmup": "0ba"} | extra
     cfg = load_config(ROOT / "yamls" / "quickstart.yaml", tiny_overrides(tmp_path, **over))
-    return cfg, train.build_trainer(cfg, extra_callbacks=[poison])
+    return cfg, builders.build_trainer(cfg, extra_callbacks=[poison])
 
 
 def test_nan_steps_are_skipped_and_training_continues(tmp_path):
@@ -63,9 +63,9 @@ def test_consecutive_nans_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pat
 
 def test_global_batch_must_divide_by_world_size(tmp_path, monkeypatch):
     cfg = load_config(ROOT / "yamls" / "quickstart.yaml", tiny_overrides(tmp_path, global_train_batch_size="10"))
-    monkeypatch.setattr(train.dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(builders.dist, "get_world_size", lambda: 4)
     with pytest.raises(ConfigError, match=r"global_train_batch_size \(10\) is not divisible by the number of processes \(4\)"):
-        train.device_batch_size(cfg)
+        builders.device_batch_size(cfg)
 
 
 def test_disk_full_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

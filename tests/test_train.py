@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from composer_dlm import train
+from composer_dlm import builders, train
 from composer_dlm.config import load_config
 from composer_dlm.models import LLaDAModel
 
@@ -63,7 +63,7 @@ class LossTrace:
 def fit(tmp_path: Path, **extra: str):
     cfg = load_config(ROOT / "yamls" / "quickstart.yaml", tiny_overrides(tmp_path, **extra))
     trace = LossTrace()
-    trainer = train.build_trainer(cfg, extra_callbacks=[trace])
+    trainer = builders.build_trainer(cfg, extra_callbacks=[trace])
     trainer.fit()
     trainer.close()
     return cfg, trainer, trace.losses

@@ -1,6 +1,6 @@
 """End-to-end training throughput: ``python scripts/benchmark.py train [options]`` (under ``composer -n N`` for N GPUs).
 
-Runs the real trainer path (``composer_dlm.train.build_trainer`` on synthetic MDS shards written on the spot)
+Runs the real trainer path (``composer_dlm.builders.build_trainer`` on synthetic MDS shards written on the spot)
 for a fixed number of steps and reports tokens/s per GPU, MFU (standard formula, 989 TFLOP/s bf16 peak),
 and peak memory. With ``--reference`` it also times, in the same process, the baseline step: the same model
 with full logits + F.cross_entropy as LLaDA's guidelines write it, eager, bf16 autocast, fp32 master
@@ -82,8 +82,8 @@ class _StepTimer:
 def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     from composer.utils import dist
 
+    from composer_dlm.builders import build_trainer
     from composer_dlm.config import TrainConfig, build
-    from composer_dlm.train import build_trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     raw = {
