@@ -13,7 +13,6 @@ choice that continues the prompt after a space should start with that space.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from composer.utils import dist
 from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.data import DataError, mask_token_id
+from composer_dlm.data.sources import iter_jsonl_objects
 from composer_dlm.likelihood import score_choices
 from composer_dlm.models.llada import eager_blocks
 
@@ -53,18 +53,10 @@ def read_mc_jsonl(
     if not path.is_file():
         raise DataError(f"likelihood eval data {path}: no such file (a JSONL of {{prompt, choices, answer}})")
     questions: list[MCQuestion] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if max_examples is not None and len(questions) >= max_examples:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            questions.append(_question(row, tokenizer, where))
+    for where, row in iter_jsonl_objects(path):
+        if max_examples is not None and len(questions) >= max_examples:
+            break
+        questions.append(_question(row, tokenizer, where))
     if not questions:
         raise DataError(f"likelihood eval data {path}: no questions in the file")
     return questions

@@ -106,7 +106,11 @@ def _read_text_file(path: Path) -> str:
     return text[1:] if text.startswith("\ufeff") else text  # drop a byte-order mark
 
 
-def _read_jsonl(path: Path, mode: str, fields: Fields) -> Iterator[Record]:
+def iter_jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, object)`` for each non-blank line of a JSONL file, ``where`` being ``file:line``.
+
+    Undecodable bytes, invalid JSON and non-object lines are DataErrors naming the file and line.
+    """
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             line = _decode(raw, path, line_no)
@@ -123,7 +127,12 @@ def _read_jsonl(path: Path, mode: str, fields: Fields) -> Iterator[Record]:
                 ) from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object per line, found {type(obj).__name__}")
-            yield _make_record(obj, where, mode, fields, available=f"keys {sorted(obj)}")
+            yield where, obj
+
+
+def _read_jsonl(path: Path, mode: str, fields: Fields) -> Iterator[Record]:
+    for where, obj in iter_jsonl_objects(path):
+        yield _make_record(obj, where, mode, fields, available=f"keys {sorted(obj)}")
 
 
 def _read_parquet(path: Path, mode: str, fields: Fields) -> Iterator[Record]:
