@@ -63,6 +63,7 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
         if tokenizer.eos_token_id is not None:
             fields["eos_token_id"] = tokenizer.eos_token_id
         model = LLaDAModel.from_config(LLaDAConfig.from_dict(fields, source=source), seed=cfg.model.init_seed)
+    assert model.config.embedding_size is not None  # filled in by LLaDAConfig.__post_init__
     if len(tokenizer) > model.config.embedding_size:
         raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {model.config.embedding_size} "

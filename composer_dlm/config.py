@@ -266,7 +266,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build(hint, {} if value is None else value, path)
     if origin is list:
         if not isinstance(value, list):
@@ -309,9 +309,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key.sub=value; got {', '.join(bad)}")
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        data = OmegaConf.to_container(cfg, resolve=True)
+        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))) if overrides else cfg
+        data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err}") from None
     return build(TrainConfig, data)

@@ -68,6 +68,7 @@ def make_grid(description: str | Path, *, out: str | Path | None = None) -> list
                 dotted |= _dataset_overrides(data_name, data_spec)
                 dotted |= mode_over or {}
                 cfg = OmegaConf.create(OmegaConf.to_container(base))
+                assert cfg is not None  # create() gives None only for None, and base is a loaded YAML config
                 for key, value in dotted.items():
                     OmegaConf.update(cfg, key, value, merge=False)
                 data = OmegaConf.to_container(cfg, resolve=True)

@@ -12,11 +12,13 @@ Writes the table as markdown and JSON (PATH with .md and .json suffixes) when --
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +129,7 @@ def _measure(fn: LossFn, h, w, t, rw, ref, reps: int, warmup: int) -> dict[str, 
         times.append(start.elapsed_time(end))
     h.grad = None
     w.grad = None
-    loss = None
+    del loss
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -151,6 +153,7 @@ def _reference(h, w, t, rw) -> dict[str, torch.Tensor]:
     h32 = h.detach().float().requires_grad_()
     w32 = w.detach().float().requires_grad_()
     loss = masked_linear_cross_entropy_reference(h32, w32, t, rw, chunk_rows=2048)
+    assert isinstance(loss, torch.Tensor)  # the loss alone, without return_stats
     loss.backward()
     out = {"loss": loss.detach(), "dh": h32.grad, "dw": w32.grad}
     del h32, w32
@@ -197,7 +200,7 @@ def _config(spec: str) -> KernelConfig:
     """'default' or 'key=value+key=value' over KernelConfig's integer/boolean fields."""
     if spec == "default":
         return KernelConfig()
-    fields = {}
+    fields: dict[str, Any] = {}  # keyword arguments named at run time, int or bool by field: no static type fits
     for item in spec.split("+"):
         key, value = item.split("=")
         fields[key] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
@@ -307,7 +310,7 @@ def main(argv: list[str]) -> None:
             cfg = _config(spec)
             chunk = masked_ce._chunk_rows(num_w, args.vocab, 2, cfg)
             label = "" if spec == "default" else f", {spec}"
-            methods.append((f"ours_{spec}", f"ours (C={chunk}{label})", lambda c=cfg: _ours(c), "weighted"))
+            methods.append((f"ours_{spec}", f"ours (C={chunk}{label})", functools.partial(_ours, cfg), "weighted"))
         methods += [
             ("ours_fp32acc", "ours, float32 dW accumulator", lambda: _ours(KernelConfig(fp32_weight_grad=True)),
              "weighted"),

@@ -181,8 +181,9 @@ def _has_out_dtype(device_type: str) -> bool:
         b = torch.randn(32, 48, device="cuda", dtype=torch.bfloat16)
         exact = a.float() @ b.float()
         acc = torch.ones(64, 48, device="cuda")
+        # The pinned torch's stubs lack out_dtype (torch >= 2.8 has it): hence the ignores here and below.
         prod = torch.mm(a, b, out_dtype=torch.float32)  # type: ignore[call-arg]
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # type: ignore[call-arg]
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # type: ignore[call-overload]
         batched = torch.bmm(a[None], b[None], out_dtype=torch.float32)[0]  # type: ignore[call-arg]
         ok = prod.dtype == torch.float32 and torch.allclose(prod, exact, rtol=1e-5, atol=1e-4)
         ok = ok and batched.dtype == torch.float32 and torch.allclose(batched, exact, rtol=1e-5, atol=1e-4)
@@ -208,7 +209,7 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool
         else:
             acc.addmm_(a, b)
     elif _has_out_dtype(a.device.type):
-        torch.addmm(acc, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=acc)  # type: ignore[call-arg]
+        torch.addmm(acc, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=acc)  # type: ignore[call-overload]
     else:  # older torch: float32 sum of low-precision partial products, in row slices to bound memory
         step = max(1, (64 << 20) // max(1, b.shape[1] * a.element_size()))
         for s in range(0, a.shape[0], step):
@@ -350,7 +351,7 @@ def _scale_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 class _MaskedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: torch.autograd.function.FunctionCtx,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -364,13 +365,14 @@ class _MaskedLinearCE(torch.autograd.Function):
             loss, ce, correct, d_hidden, d_weight = _forward(
                 hidden, weight, targets, row_weight, compute_dtype, need_dh, need_dw, cfg
             )
-        ctx.save_for_backward(d_hidden, d_weight)
+        # save_for_backward accepts None (documented), though torch annotates its arguments as Tensor.
+        ctx.save_for_backward(d_hidden, d_weight)  # type: ignore[arg-type]
         ctx.mark_non_differentiable(ce, correct)
         ctx.used = False  # type: ignore[attr-defined]
         return loss, ce, correct
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor, *_: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         if ctx.used:  # type: ignore[attr-defined]

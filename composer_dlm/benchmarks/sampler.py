@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,16 @@ from torch import nn
 from composer_dlm.generate import generate
 from composer_dlm.models.llada import LLaDAConfig, LLaDAModel
 
-SHAPES: dict[str, dict[str, int]] = {
+
+class _Shape(TypedDict):
+    d_model: int
+    n_layers: int
+    n_heads: int
+    mlp_hidden_size: int
+    vocab_size: int
+
+
+SHAPES: dict[str, _Shape] = {
     "8b": dict(d_model=4096, n_layers=32, n_heads=32, mlp_hidden_size=12288, vocab_size=126464),
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, vocab_size=128),
 }
@@ -42,6 +52,11 @@ MASK_ID = {"8b": 126336, "tiny": 127}
 ANCHORS = {(1, 256): 29.2, (1, 64): 154.5, (16, 256): 81.9, (16, 64): 327.4}
 
 Sampler = Callable[[int], torch.Tensor]  # steps -> tokens
+
+
+def _sampler(fn: functools.partial[torch.Tensor], **options: object) -> Sampler:
+    """steps -> fn(steps=steps, **options)."""
+    return lambda s: fn(steps=s, **options)
 
 
 # --- the baseline -------------------------------------------------------------------------------------------------
@@ -227,14 +242,14 @@ def main(argv: list[str]) -> None:
         ours = functools.partial(generate, model, prompts, mask_token_id=mask_id, **common)
         reference = functools.partial(reference_generate, model, prompts, mask_id=mask_id, **common)
         samplers: dict[str, Sampler] = {
-            "reference": lambda s, reference=reference: reference(steps=s),
-            "ours": lambda s, ours=ours: ours(steps=s),
+            "reference": _sampler(reference),
+            "ours": _sampler(ours),
         }
         extras: dict[str, Sampler] = {}
         if device.type == "cuda" and batch == 1:
-            extras["ours, no CUDA graph"] = lambda s, ours=ours: ours(steps=s, cuda_graph=False)
+            extras["ours, no CUDA graph"] = _sampler(ours, cuda_graph=False)
         if not exact:
-            extras["ours, all rows projected"] = lambda s, ours=ours: ours(steps=s, head_rows="all")
+            extras["ours, all rows projected"] = _sampler(ours, head_rows="all")
         warm_steps = args.gen_length // args.block_length  # one step per block
         for fn in [*samplers.values(), *extras.values()]:  # kernels, cuBLAS handles, allocator
             fn(warm_steps)

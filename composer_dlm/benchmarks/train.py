@@ -16,9 +16,12 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
+from composer.core import Callback, State
+from composer.loggers import Logger
 
 PEAK_BF16_FLOPS = 989e12
 CUDA = torch.cuda.is_available()
@@ -52,31 +55,26 @@ def _model_config(args: argparse.Namespace) -> dict:
     }
 
 
-class _StepTimer:
+class _StepTimer(Callback):
     """Composer callback: wall time between the end of batch ``warmup`` and the last batch (GPU synchronised)."""
 
-    def __new__(cls, warmup: int):  # built lazily so importing this module does not need composer
-        from composer.core import Callback
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: float | None = None
+        self.end: float | None = None
+        self.batches = 0
 
-        class StepTimer(Callback):
-            def __init__(self) -> None:
-                self.start: float | None = None
-                self.end: float | None = None
-                self.batches = 0
-
-            def batch_end(self, state, logger) -> None:
-                batch = int(state.timestamp.batch)
-                if batch < warmup:
-                    return
-                _sync()
-                now = time.perf_counter()
-                if batch == warmup:
-                    _reset_peak()
-                    self.start = now
-                else:
-                    self.end, self.batches = now, batch - warmup
-
-        return StepTimer()
+    def batch_end(self, state: State, logger: Logger) -> None:
+        batch = int(state.timestamp.batch)
+        if batch < self.warmup:
+            return
+        _sync()
+        now = time.perf_counter()
+        if batch == self.warmup:
+            _reset_peak()
+            self.start = now
+        else:
+            self.end, self.batches = now, batch - self.warmup
 
 
 def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
@@ -84,6 +82,7 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
 
     from composer_dlm.builders import build_trainer
     from composer_dlm.config import TrainConfig, build
+    from composer_dlm.models.composer_llada import ComposerLLaDA
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     raw = {
@@ -105,8 +104,9 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     timer = _StepTimer(args.warmup)
     trainer = build_trainer(cfg, extra_callbacks=[timer])
     trainer.fit()
-    model = trainer.state.model
+    model = cast(ComposerLLaDA, trainer.state.model)  # build_trainer's model
     tokens_per_batch = args.micro_batch * args.grad_accum * args.seq_len  # per GPU
+    assert timer.start is not None and timer.end is not None, "nothing timed: needs --warmup >= 1 and --steps > --warmup"
     dt = timer.end - timer.start
     tps = timer.batches * tokens_per_batch / dt
     flops_per_token = model.flops_per_batch({"input_ids": torch.empty(1, args.seq_len)}) / args.seq_len

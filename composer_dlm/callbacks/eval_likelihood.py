@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from composer_dlm.data import DataError, mask_token_id
 from composer_dlm.data.sources import iter_jsonl_objects
 from composer_dlm.likelihood import score_choices
+from composer_dlm.models.composer_llada import child_model
 from composer_dlm.models.llada import eager_blocks
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class LikelihoodEval(Callback):
     @torch.no_grad()
     def evaluate(self, state: State, logger: Logger) -> float:
         """Scores every question, logs and returns the accuracy."""
-        model = state.model.model
+        model = child_model(state)
         was_training = state.model.training
         state.model.eval()
         correct = 0

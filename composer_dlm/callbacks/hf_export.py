@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import torch
 from composer.core import Callback, State, Time, TimeUnit
@@ -25,7 +26,8 @@ def unwrap_llada(state: State):  # -> LLaDAModel, typed loosely to keep FSDP wra
 def full_llada_state_dict(state: State) -> dict[str, torch.Tensor]:
     """The full (unsharded) LLaDA state dict on CPU, under LLaDA's tensor names. Collective under FSDP."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = get_model_state_dict(state.model, options=options)
+    # torch annotates the result with its generic state-dict ValueType; a model's state dict holds tensors.
+    full = cast(dict[str, torch.Tensor], get_model_state_dict(state.model, options=options))
     prefix = "model."
     return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
 

@@ -12,6 +12,7 @@ from composer.utils import dist
 from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.generate import generate
+from composer_dlm.models.composer_llada import child_model
 from composer_dlm.models.llada import eager_blocks
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class SampleText(Callback):
 
     @torch.no_grad()
     def sample(self, state: State, logger: Logger) -> list[str]:
-        model = state.model.model
+        model = child_model(state)
         was_training = model.training
         model.eval()
         device = next(state.model.parameters()).device

@@ -74,7 +74,8 @@ class PretrainDataset(_TokenDataset):
 
     mode = "pretrain"
 
-    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+    # By int only: streaming's Array.__getitem__ is typed for slices and index arrays too (fancy indexing).
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
         tokens, _ = self._tokens(idx)
         if len(tokens) != self.seq_len:
             raise DataError(
@@ -88,7 +89,8 @@ class SFTDataset(_TokenDataset):
 
     mode = "sft"
 
-    def __getitem__(self, idx: int) -> dict[str, Any]:
+    # By int only: streaming's Array.__getitem__ is typed for slices and index arrays too (fancy indexing).
+    def __getitem__(self, idx: int) -> dict[str, Any]:  # type: ignore[override]
         tokens, sample = self._tokens(idx)
         return {
             "input_ids": torch.from_numpy(tokens.astype(np.int64)),

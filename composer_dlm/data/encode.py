@@ -59,7 +59,7 @@ class Encoder:
 
     def _encode_documents(self, records: Sequence[Record]) -> list[TokenArray | None]:
         texts = [r.text for r in records if r.text]
-        encoded = iter(self._ids(texts))  # type: ignore[arg-type]
+        encoded = iter(self._ids(texts))
         out: list[TokenArray | None] = []
         for record in records:
             if not record.text:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from composer.core import State
 from composer.models import ComposerModel
 from composer.utils import dist
 from torch import nn
@@ -50,6 +51,8 @@ class _SumRatio(Metric):
     """sum(numerator) / sum(denominator) over batches and ranks."""
 
     full_state_update = False
+    num: torch.Tensor  # states registered by add_state
+    den: torch.Tensor
 
     def __init__(self, numerator: str, denominator: str) -> None:
         super().__init__()
@@ -110,6 +113,11 @@ def _is_block(module: nn.Module) -> bool:
     return isinstance(module, LLaDABlock)
 
 
+def child_model(state: State) -> nn.Module:
+    """``state.model.model``, typed: the trainer's LLaDAModel (under FSDP1, its wrapper) inside ComposerLLaDA."""
+    return state.model.get_submodule("model")
+
+
 class ComposerLLaDA(ComposerModel):
     """Masked-diffusion objective around a :class:`LLaDAModel` (kept as the single child ``self.model``)."""
 
@@ -136,8 +144,8 @@ class ComposerLLaDA(ComposerModel):
         self.noise_step = 0
         self.noise_microbatch = 0
         # FSDP wraps and activation-checkpoints each transformer block (Composer reads these off the child).
-        model.fsdp_wrap_fn = _is_block  # type: ignore[attr-defined]
-        model.activation_checkpointing_fn = _is_block  # type: ignore[attr-defined]
+        model.fsdp_wrap_fn = _is_block
+        model.activation_checkpointing_fn = _is_block
 
     # --- noise ----------------------------------------------------------------------------------------------
     def set_noise_step(self, step: int) -> None:

@@ -170,11 +170,13 @@ class LLaDAConfig:
     def num_params(self, *, include_embedding: bool = True) -> int:
         """Parameter count from the shapes alone; ``include_embedding=False`` leaves out the input embedding
         (but keeps the output projection, tied or not, since it does matrix work on every token)."""
-        h, kv = self.d_model, self.n_kv_heads * self.head_dim
-        per_block = 2 * h + h * h + 2 * h * kv + h * h + 3 * h * self.mlp_hidden_size
-        total = self.n_layers * per_block + h + self.embedding_size * h  # blocks, ln_f, output projection
+        n_kv_heads, mlp_hidden_size, embedding_size = self.n_kv_heads, self.mlp_hidden_size, self.embedding_size
+        assert n_kv_heads is not None and mlp_hidden_size is not None and embedding_size is not None  # __post_init__
+        h, kv = self.d_model, n_kv_heads * self.head_dim
+        per_block = 2 * h + h * h + 2 * h * kv + h * h + 3 * h * mlp_hidden_size
+        total = self.n_layers * per_block + h + embedding_size * h  # blocks, ln_f, output projection
         if include_embedding and not self.weight_tying:
-            total += self.embedding_size * h  # the input embedding, a lookup with no matrix work
+            total += embedding_size * h  # the input embedding, a lookup with no matrix work
         return total
 
 
@@ -226,17 +228,19 @@ class LLaDABlock(nn.Module):
 
     def __init__(self, cfg: LLaDAConfig) -> None:
         super().__init__()
-        h, kv_dim = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        n_kv_heads, mlp_hidden_size = cfg.n_kv_heads, cfg.mlp_hidden_size
+        assert n_kv_heads is not None and mlp_hidden_size is not None  # filled in by LLaDAConfig.__post_init__
+        h, kv_dim = cfg.d_model, n_kv_heads * cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, n_kv_heads, cfg.head_dim
         self.attn_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.ff_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.q_proj = nn.Linear(h, h, bias=False)
         self.k_proj = nn.Linear(h, kv_dim, bias=False)
         self.v_proj = nn.Linear(h, kv_dim, bias=False)
         self.attn_out = nn.Linear(h, h, bias=False)
-        self.ff_proj = nn.Linear(h, cfg.mlp_hidden_size, bias=False)
-        self.up_proj = nn.Linear(h, cfg.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(cfg.mlp_hidden_size, h, bias=False)
+        self.ff_proj = nn.Linear(h, mlp_hidden_size, bias=False)
+        self.up_proj = nn.Linear(h, mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(mlp_hidden_size, h, bias=False)
 
     def attention(
         self, h_BLH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask_B11L: torch.Tensor | None
@@ -264,11 +268,13 @@ class LLaDABlock(nn.Module):
 class _Transformer(nn.Module):
     def __init__(self, cfg: LLaDAConfig) -> None:
         super().__init__()
-        self.wte = nn.Embedding(cfg.embedding_size, cfg.d_model)
+        embedding_size = cfg.embedding_size
+        assert embedding_size is not None  # filled in by LLaDAConfig.__post_init__
+        self.wte = nn.Embedding(embedding_size, cfg.d_model)
         self.blocks = nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers))
         self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         if not cfg.weight_tying:
-            self.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+            self.ff_out = nn.Linear(cfg.d_model, embedding_size, bias=False)
 
 
 class _Model(nn.Module):
@@ -283,6 +289,10 @@ class LLaDAModel(nn.Module):
     ``model(input_ids, head=fn)`` instead returns ``fn(hidden_BLH, output_weight_VH)``: the loss is then computed
     inside ``forward``, where FSDP has the output projection gathered, and without materialising logits.
     """
+
+    # Composer's FSDP / activation-checkpointing hooks; ComposerLLaDA sets them, plain models leave them unset.
+    fsdp_wrap_fn: Callable[[nn.Module], bool]
+    activation_checkpointing_fn: Callable[[nn.Module], bool]
 
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__()
