@@ -143,3 +143,29 @@ def test_untrusted_load_path_is_refused(tmp_path, capsys):
     outside.write_bytes(b"")
     code, err = run_main(tmp_path, capsys, f"checkpoint.load_path={outside}")
     assert code == 2 and "trusted_load_paths" in err
+
+
+def test_sft_run_on_the_embedded_sft_corpus(tmp_path):
+    """SFT end to end: the embedded SFT shards give prompt lengths in every batch; it trains and evaluates."""
+    seen: list[tuple[int, int]] = []
+
+    class PromptCheck:
+        def __new__(cls):
+            from composer.core import Callback
+
+            class Check(Callback):
+                def after_forward(self, state, logger) -> None:
+                    b = state.batch
+                    seen.append((int(b["prompt_lengths"].min()), int(b["input_ids"].shape[1])))
+
+            return Check()
+
+    cfg = load_config(ROOT / "yamls" / "quickstart.yaml", tiny_overrides(
+        tmp_path, **{"diffusion.mode": "sft", "max_seq_len": "256", "callbacks.samples": "null",
+                     "callbacks.hf_export": "null", "max_duration": "3ba"}))
+    trainer = builders.build_trainer(cfg, extra_callbacks=[PromptCheck()])
+    trainer.fit()
+    assert len(seen) == 6  # 3 batches x 2 microbatches
+    assert all(0 < p < length <= 256 for p, length in seen)
+    elbo = trainer.state.eval_metrics["eval"]["ELBO"].compute().item()
+    assert 0 < elbo < 20
