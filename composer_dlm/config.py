@@ -149,10 +149,15 @@ class NaNGuardConfig:
 
 @dataclasses.dataclass
 class LikelihoodEvalConfig:
-    data: str = ""
+    """Multiple-choice accuracy by Monte-Carlo likelihood; ``data`` is a JSONL of {prompt, choices, answer}."""
+
+    data: str
     interval: str = "500ba"
     num_samples: int = 32
     max_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_duration(self.interval, "callbacks.likelihood_eval.interval")
 
 
 @dataclasses.dataclass
