@@ -109,7 +109,7 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     assert timer.start is not None and timer.end is not None, "nothing timed: needs --warmup >= 1 and --steps > --warmup"
     dt = timer.end - timer.start
     tps = timer.batches * tokens_per_batch / dt
-    flops_per_token = model.flops_per_batch({"input_ids": torch.empty(1, args.seq_len)}) / args.seq_len
+    flops_per_token = model.model.config.training_flops(1, args.seq_len) / args.seq_len
     result = {
         "path": f"ours ({args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, ac={args.ac}, world={world})",
         "micro_batch": args.micro_batch, "tokens_per_s_per_gpu": tps, "mfu": tps * flops_per_token / PEAK_BF16_FLOPS,
@@ -168,7 +168,7 @@ def run_reference(args: argparse.Namespace, micro_batch: int) -> dict:
     from composer_dlm.models.llada import LLaDAConfig
 
     cfg = LLaDAConfig.from_dict(_model_config(args) | {"mask_token_id": args.vocab - 128})
-    flops_per_token = 6 * cfg.num_params(include_embedding=False) + 12 * cfg.n_layers * cfg.d_model * args.seq_len
+    flops_per_token = cfg.training_flops(1, args.seq_len) / args.seq_len
     result = {
         "path": "reference (full logits + F.cross_entropy, eager)", "micro_batch": micro_batch,
         "tokens_per_s_per_gpu": tps, "mfu": tps * flops_per_token / PEAK_BF16_FLOPS,

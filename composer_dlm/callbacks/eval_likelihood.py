@@ -16,8 +16,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import torch
-from composer.core import Callback, State, Time, TimeUnit, get_precision_context
+from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 from transformers import PreTrainedTokenizerBase
@@ -25,8 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from composer_dlm.data import DataError, mask_token_id
 from composer_dlm.data.sources import iter_jsonl_objects
 from composer_dlm.likelihood import score_choices
-from composer_dlm.models.composer_llada import child_model
-from composer_dlm.models.llada import eager_blocks
+from composer_dlm.models.composer_llada import inference
 
 log = logging.getLogger(__name__)
 
@@ -138,28 +136,21 @@ class LikelihoodEval(Callback):
         if self.last_batch != int(state.timestamp.batch):
             self.evaluate(state, logger)
 
-    @torch.no_grad()
     def evaluate(self, state: State, logger: Logger) -> float:
         """Scores every question, logs and returns the accuracy."""
-        model = child_model(state)
-        was_training = state.model.training
-        state.model.eval()
         correct = 0
-        try:
-            with get_precision_context(state.precision), eager_blocks():
-                for index, q in enumerate(self.questions):
-                    scores = score_choices(
-                        model,
-                        q.prompt_ids,
-                        q.choice_ids,
-                        mask_token_id=self.mask_token_id,
-                        num_samples=self.num_samples,
-                        batch_size=min(self.batch_size, self.num_samples),
-                        seed=self.seed + index,
-                    )
-                    correct += int(max(range(len(scores)), key=scores.__getitem__) == q.answer)
-        finally:
-            state.model.train(was_training)
+        with inference(state) as model:
+            for index, q in enumerate(self.questions):
+                scores = score_choices(
+                    model,
+                    q.prompt_ids,
+                    q.choice_ids,
+                    mask_token_id=self.mask_token_id,
+                    num_samples=self.num_samples,
+                    batch_size=min(self.batch_size, self.num_samples),
+                    seed=self.seed + index,
+                )
+                correct += int(max(range(len(scores)), key=scores.__getitem__) == q.answer)
         accuracy = correct / len(self.questions)
         self.last_batch = int(state.timestamp.batch)
         if dist.get_global_rank() == 0:

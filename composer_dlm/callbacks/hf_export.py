@@ -12,6 +12,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from composer_dlm.models.composer_llada import child_model
 from composer_dlm.models.llada import write_pretrained
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def unwrap_llada(state: State):  # -> LLaDAModel, typed loosely to keep FSDP wrappers out of the signature
     """The LLaDAModel inside the trainer's ComposerModel (FSDP2 keeps the module class; FSDP1 wraps it)."""
-    inner = state.model.model
+    inner = child_model(state)
     return getattr(inner, "module", inner)
 
 

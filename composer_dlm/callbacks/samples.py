@@ -6,14 +6,13 @@ import logging
 from pathlib import Path
 
 import torch
-from composer.core import Callback, State, Time, TimeUnit, get_precision_context
+from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.generate import generate
-from composer_dlm.models.composer_llada import child_model
-from composer_dlm.models.llada import eager_blocks
+from composer_dlm.models.composer_llada import inference
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +54,22 @@ class SampleText(Callback):
         if int(state.timestamp.batch) % self.interval.value != 0:  # not sampled at this batch already
             self.sample(state, logger)
 
-    @torch.no_grad()
     def sample(self, state: State, logger: Logger) -> list[str]:
-        model = child_model(state)
-        was_training = model.training
-        model.eval()
         device = next(state.model.parameters()).device
         texts = []
-        try:
+        with inference(state) as model:
             for prompt in self.prompts:
                 ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
-                with get_precision_context(state.precision), eager_blocks():
-                    out = generate(
-                        model,
-                        prompt_ids,
-                        steps=self.steps,
-                        gen_length=self.gen_length,
-                        block_length=self.block_length,
-                        mask_token_id=self.mask_token_id,
-                    )
+                out = generate(
+                    model,
+                    prompt_ids,
+                    steps=self.steps,
+                    gen_length=self.gen_length,
+                    block_length=self.block_length,
+                    mask_token_id=self.mask_token_id,
+                )
                 texts.append(self.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
-        finally:
-            model.train(was_training)
         if dist.get_global_rank() == 0:
             step = int(state.timestamp.batch)
             lines = [f"[sample @ batch {step}] {p!r} -> {t!r}" for p, t in zip(self.prompts, texts, strict=True)]

@@ -12,12 +12,14 @@ noise is the same for the same data in every run and at every checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from composer.core import State
+from composer.core import State, get_precision_context
 from composer.models import ComposerModel
 from composer.utils import dist
 from torch import nn
@@ -116,6 +118,20 @@ def _is_block(module: nn.Module) -> bool:
 def child_model(state: State) -> nn.Module:
     """``state.model.model``, typed: the trainer's LLaDAModel (under FSDP1, its wrapper) inside ComposerLLaDA."""
     return state.model.get_submodule("model")
+
+
+@contextlib.contextmanager
+def inference(state: State) -> Iterator[nn.Module]:
+    """For callbacks that run the model mid-training (samples, likelihood eval): yields the LLaDA child in eval
+    mode, under no_grad, the run's precision and eager blocks (see ``eager_blocks``); restores the mode after.
+    Under FSDP every rank must enter it, since each forward is collective."""
+    was_training = state.model.training
+    state.model.eval()
+    try:
+        with torch.no_grad(), get_precision_context(state.precision), eager_blocks():
+            yield child_model(state)
+    finally:
+        state.model.train(was_training)
 
 
 class ComposerLLaDA(ComposerModel):
@@ -242,13 +258,6 @@ class ComposerLLaDA(ComposerModel):
 
     # --- throughput -----------------------------------------------------------------------------------------
     def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> float:
-        """Training FLOPs by the standard formula: 3 * (2 * params * tokens + 4 * n_layers * d_model * L^2 * B).
-
-        ``params`` excludes the input embedding (a lookup) and includes the output projection; the attention
-        term counts the full L x L score and value products (attention here is bidirectional).
-        """
-        cfg = self.model.config
+        """Training FLOPs of a batch for Composer's SpeedMonitor (MFU); see ``LLaDAConfig.training_flops``."""
         b, length = batch["input_ids"].shape
-        params = cfg.num_params(include_embedding=False)
-        forward = 2 * params * b * length + 4 * cfg.n_layers * cfg.d_model * length * length * b
-        return float(3 * forward)
+        return self.model.config.training_flops(b, length)

@@ -179,6 +179,18 @@ class LLaDAConfig:
             total += embedding_size * h  # the input embedding, a lookup with no matrix work
         return total
 
+    def training_flops(self, batch_size: int, seq_len: int) -> float:
+        """FLOPs of one training step (forward + backward) by the standard formula:
+        3 * (2 * params * tokens + 4 * n_layers * d_model * L^2 * B).
+
+        ``params`` excludes the input embedding (a lookup) and includes the output projection; the attention
+        term counts the full L x L score and value products (attention here is bidirectional).
+        """
+        tokens = batch_size * seq_len
+        forward = 2 * self.num_params(include_embedding=False) * tokens
+        forward += 4 * self.n_layers * self.d_model * seq_len * tokens
+        return float(3 * forward)
+
 
 class RMSNorm(nn.Module):
     """y = (x * rsqrt(mean(x^2) + eps)) * weight, normalised in fp32 and cast back before the weight."""
