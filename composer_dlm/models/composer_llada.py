@@ -50,13 +50,13 @@ class DiffusionOutputs:
 
 
 class _SumRatio(Metric):
-    """sum(numerator) / sum(denominator) over batches and ranks."""
+    """sum(numerator) / sum(denominator) over batches and ranks; without a denominator, the mean per batch."""
 
     full_state_update = False
     num: torch.Tensor  # states registered by add_state
     den: torch.Tensor
 
-    def __init__(self, numerator: str, denominator: str) -> None:
+    def __init__(self, numerator: str, denominator: str | None) -> None:
         super().__init__()
         self.numerator, self.denominator = numerator, denominator
         self.add_state("num", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -64,7 +64,7 @@ class _SumRatio(Metric):
 
     def update(self, outputs: DiffusionOutputs) -> None:
         self.num += getattr(outputs, self.numerator).detach().to(torch.float64)
-        self.den += getattr(outputs, self.denominator).detach().to(torch.float64)
+        self.den += 1.0 if self.denominator is None else getattr(outputs, self.denominator).detach().to(torch.float64)
 
     def compute(self) -> torch.Tensor:
         return (self.num / self.den.clamp_min(1.0)).float()
@@ -74,11 +74,7 @@ class DiffusionLoss(_SumRatio):
     """Mean training objective over batches."""
 
     def __init__(self) -> None:
-        super().__init__("loss", "one")
-
-    def update(self, outputs: DiffusionOutputs) -> None:
-        self.num += outputs.loss.detach().to(torch.float64)
-        self.den += 1.0
+        super().__init__("loss", None)
 
 
 class MaskedCrossEntropy(_SumRatio):
