@@ -43,6 +43,7 @@ from composer_dlm.data.manifest import (
 )
 from composer_dlm.data.sources import Fields, Record, list_input_files, read_records
 from composer_dlm.data.tokenizer import load_tokenizer
+from composer_dlm.fsutil import replace_folder
 
 MODES = ("pretrain", "sft")
 OVERLONG = ("drop", "truncate")
@@ -255,17 +256,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`, replacing what is there."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
-
-
 def _write_splits(cfg: ConvertConfig, files: list[Path], tokenizer: Any, tmp: Path) -> dict[str, SplitCounts]:
     """Read, encode and write every record into `tmp/<split>`; return the counts per split."""
     from tqdm import tqdm
@@ -337,7 +327,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
             )
             write_manifest(tmp / split, manifest)
         _check_out(out, cfg.overwrite)
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
