@@ -26,11 +26,12 @@ What differs is how the work is done, not the result: for a :class:`LLaDAModel` 
 through the output projection and the float64 softmax (the reference does every position's full vocabulary),
 the commit is a batched selection on the device with a static ``k`` (no host synchronisation per step, no
 Python loop over the batch; exact ties in confidence go to the leftmost position, which LLaDA's ``topk`` leaves
-unspecified), and on CUDA at temperature 0 each step is replayed from a captured CUDA graph, which removes the
-gaps between kernel launches. Measured on one H200 with an 8B-shaped bf16 model (``python scripts/benchmark.py
-sampler``; prompt 128, gen 256, block 32), outputs identical to a transcription of LLaDA's sampler on the same
-model: 1.36x (256 steps) and 1.50x (64 steps) its speed at batch 1, 1.21x at batch 16. At batch 1 the forward
-pass itself is most of a step (the graphs save about 13%), and it is shared with the reference.
+unspecified), on CUDA the model runs its fused forward (elementwise kernels that reproduce the eager ops bit for
+bit, see :mod:`kernels.inference`), and at temperature 0 each step is replayed from a captured CUDA graph, which
+removes the gaps between kernel launches. Measured on one H200 with an 8B-shaped bf16 model (``python
+scripts/benchmark.py sampler``; prompt 128, gen 256, block 32), outputs identical to a transcription of LLaDA's
+sampler on the same model: 2.49x (256 steps) and 2.99x (64 steps) its speed at batch 1, 1.56-1.58x at
+batch 16.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_dlm.models.llada import LLaDAModel
+from composer_dlm.models.llada import FusedInference, LLaDAModel
 
 Remasking = Literal["low_confidence", "random"]
 HeadRows = Literal["candidates", "all"]
@@ -145,6 +146,7 @@ class _Denoiser:
     min_new_tokens: int
     generator: torch.Generator | None
     head_rows: HeadRows
+    fused: FusedInference | bool
 
     def logits(self, cols: torch.Tensor) -> torch.Tensor:
         """Logits (B, R, V) at the columns ``cols`` (R,), guidance and EOS suppression applied."""
@@ -171,7 +173,7 @@ class _Denoiser:
             def head(hidden_BLH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
                 return F.linear(hidden_BLH.index_select(1, cols), weight_VH)
 
-            return self.model(x, attention_mask=mask, head=head)
+            return self.model(x, attention_mask=mask, head=head, fused=self.fused)
         out = self.model(x) if mask is None else self.model(x, attention_mask=mask)
         out = getattr(out, "logits", out)
         return out.index_select(1, cols)
@@ -273,6 +275,7 @@ def generate(
     on_step: StepCallback | None = None,
     cuda_graph: bool | None = None,
     head_rows: HeadRows = "candidates",
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Samples ``gen_length`` tokens after each prompt; returns the prompt followed by them, (B, P + gen_length).
 
@@ -298,6 +301,10 @@ def generate(
             "low_confidence"`` (the deterministic case).
         head_rows: ``"candidates"`` projects only the positions that can be committed; ``"all"`` projects every
             position as the reference does (slower; for checking).
+        fused: run the model's elementwise work in fused kernels, and q/k/v as one product where that gives the
+            same bits and memory allows (:meth:`LLaDAModel.fused_inference`; 3.2 GB more for LLaDA-8B); the logits
+            are bitwise the eager forward's (:mod:`kernels.inference`). Default: on for a plain
+            :class:`LLaDAModel` on CUDA (as for ``cuda_graph``); ``False`` for checking.
 
     Steps that commit nothing (more steps per block than block_length) are skipped: they would change nothing.
     """
@@ -325,9 +332,11 @@ def generate(
             "cuda_graph=True needs a model on CUDA, temperature=0 and remasking='low_confidence'; "
             "pass cuda_graph=None to choose automatically"
         )
-    use_graph = (
-        (deterministic and device.type == "cuda" and _graph_safe(model)) if cuda_graph is None else cuda_graph
-    )
+    plain_cuda = device.type == "cuda" and _graph_safe(model)
+    use_graph = (deterministic and plain_cuda) if cuda_graph is None else cuda_graph
+    if fused and not plain_cuda:
+        raise ValueError("fused=True needs a plain LLaDAModel on CUDA (not FSDP-sharded, no autocast)")
+    use_fused = plain_cuda if fused is None else fused
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device}, the model on {device}")
 
@@ -339,9 +348,13 @@ def generate(
         answer = torch.ones((batch, gen_length), dtype=attention_mask.dtype, device=device)
         full_mask = torch.cat([attention_mask.to(device), answer], dim=1)
 
+    fused_options: FusedInference | bool = False
+    if use_fused:
+        assert isinstance(model, LLaDAModel)
+        fused_options = model.fused_inference(torch.cat([x, x]) if cfg_scale > 0 else x)
     denoiser = _Denoiser(
         model, x, full_mask, prompt_length, mask_token_id, temperature, cfg_scale, remasking,
-        eos_token_id, min_new_tokens, generator, head_rows,
+        eos_token_id, min_new_tokens, generator, head_rows, fused_options,
     )  # fmt: skip
     graphs = _GraphSteps(denoiser, plan.block_length, device) if use_graph else None
     counts = plan.commits_per_step

@@ -366,6 +366,8 @@ def test_bad_prompts():
         generate(TINY, torch.tensor([[1, 2, 0]]), attention_mask=torch.tensor([[1, 1]]), **kw)
     with pytest.raises(ValueError, match="integer tensor"):
         generate(TINY, torch.tensor([[1.0, 2.0]]), **kw)
+    with pytest.raises(ValueError, match="fused=True needs a plain LLaDAModel on CUDA"):
+        generate(TINY, torch.tensor([[1, 2]]), fused=True, **kw)
 
 
 # --- GPU: bf16, graph replay, candidate-row projection, all against the reference ----------------------------------
@@ -378,6 +380,8 @@ def test_cuda_bf16_graph_steps_equal_eager_and_reference(cfg_scale):
     graph = generate(model, prompts, mask_token_id=MASK, cuda_graph=True, **kw)
     eager = generate(model, prompts, mask_token_id=MASK, cuda_graph=False, **kw)
     assert torch.equal(graph, eager)  # the same kernels, launched from a graph
+    unfused = generate(model, prompts, mask_token_id=MASK, cuda_graph=False, fused=False, **kw)
+    assert torch.equal(unfused, eager)  # fused elementwise kernels and stacked q/k/v: bitwise the eager forward
     ref = reference_generate(model, prompts, mask_id=MASK, **kw)
     everything = generate(model, prompts, mask_token_id=MASK, cuda_graph=False, head_rows="all", **kw)
     assert torch.equal(everything, ref)  # same matmul shapes as the reference

@@ -11,8 +11,9 @@ sampler's CUDA-graph capture happens inside the timed call and is included. Outp
 token. Needs only torch (no Composer), so it runs on a bare GPU box.
 
 One H200, torch 2.11, 8B shape, identical outputs throughout (tok/s; LLaDA's own code in brackets):
-batch 1, 256 steps: reference 50.7, ours 68.8 (29.2); batch 1, 64 steps: 179.8, 269.5 (154.5);
-batch 16, 256 steps: 72.0, 87.3 (81.9); batch 16, 64 steps: 288.8, 348.5 (327.4).
+batch 1, 256 steps: reference 36.7, ours 91.6 (29.2); batch 1, 64 steps: 117.8, 352.0 (154.5);
+batch 16, 256 steps: 69.6, 109.8 (81.9); batch 16, 64 steps: 279.2, 436.6 (327.4). At batch 1 the reference is
+launch-bound, so its speed (and the ratio) depends on the host CPU.
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ def main(argv: list[str]) -> None:
         extras: dict[str, Sampler] = {}
         if device.type == "cuda" and batch == 1:
             extras["ours, no CUDA graph"] = _sampler(ours, cuda_graph=False)
+            extras["ours, unfused"] = _sampler(ours, fused=False)
         if not exact:
             extras["ours, all rows projected"] = _sampler(ours, head_rows="all")
         warm_steps = args.gen_length // args.block_length  # one step per block

@@ -11,6 +11,9 @@ RMSNorm is computed in fp32 (x * rsqrt(mean(x^2) + eps)), cast back, then scaled
 uses the rotate-half convention (dimension i pairs with i + head_dim/2, inverse frequency
 theta^(-2i/head_dim)) and is applied to q and k in fp32.
 
+Under ``torch.no_grad()`` on CUDA, ``model(..., fused=True)`` computes the same forward with the elementwise work
+in fused Triton kernels (:mod:`kernels.inference`), bitwise equal to the eager ops; the sampler uses it.
+
 Parameter names equal the tensor names in LLaDA's safetensors files (``model.transformer.blocks.0.q_proj.weight``
 ...), so loading and saving need no renaming map.
 """
@@ -26,7 +29,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from composer_dlm.fsutil import replace_folder
+from kernels import inference as fused_ops
 
 T = TypeVar("T")
 
@@ -263,13 +267,20 @@ class LLaDABlock(nn.Module):
         q = self.q_proj(h_BLH).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h_BLH).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h_BLH).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.attn_out(self._attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, key_mask_B11L))
+
+    def _attend(
+        self, q_BHLD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor, key_mask_B11L: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Bidirectional attention over (B, heads, L, head_dim) q and (B, kv_heads, L, head_dim) k, v, returned
+        as (B, L, d_model) for the output projection."""
+        b, _, length, _ = q_BHLD.shape
         if self.n_kv_heads != self.n_heads:
             groups = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask_B11L, is_causal=False)
-        return self.attn_out(out.transpose(1, 2).reshape(b, length, -1))
+            k_BKLD = k_BKLD.repeat_interleave(groups, dim=1)
+            v_BKLD = v_BKLD.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q_BHLD, k_BKLD, v_BKLD, attn_mask=key_mask_B11L, is_causal=False)
+        return out.transpose(1, 2).reshape(b, length, -1)
 
     def forward(
         self, x_BLH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask_B11L: torch.Tensor | None = None
@@ -277,6 +288,38 @@ class LLaDABlock(nn.Module):
         x_BLH = x_BLH + self.attention(self.attn_norm(x_BLH), cos, sin, key_mask_B11L)
         h = self.ff_norm(x_BLH)
         return x_BLH + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+    def qkv_weight(self) -> torch.Tensor:
+        """The q, k and v projection weights stacked (one product instead of three); a new tensor."""
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
+    def forward_fused(
+        self, x_BLH: torch.Tensor, sq_BLH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        key_mask_B11L: torch.Tensor | None = None, qkv_weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """:meth:`forward` (no grad, CUDA) with its elementwise work fused, bit for bit equal to it.
+
+        Takes and returns the residual stream with its fp32 squares (``x.float() ** 2``, the next RMSNorm's input).
+        ``qkv_weight`` (:meth:`qkv_weight`) computes q, k and v in one product.
+        """
+        b, length, _ = x_BLH.shape
+        h = _fused_norm(self.attn_norm, x_BLH, sq_BLH)
+        if qkv_weight is not None:
+            kv_dim = self.n_kv_heads * self.head_dim
+            q_lin, k_lin, v_lin = F.linear(h, qkv_weight).split([self.n_heads * self.head_dim, kv_dim, kv_dim], -1)
+        else:
+            q_lin, k_lin, v_lin = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = fused_ops.rope(q_lin.view(b, length, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = fused_ops.rope(k_lin.view(b, length, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = v_lin.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        x_BLH, sq_BLH = fused_ops.add_square(x_BLH, self.attn_out(self._attend(q, k, v, key_mask_B11L)))
+        h = _fused_norm(self.ff_norm, x_BLH, sq_BLH)
+        return fused_ops.add_square(x_BLH, self.ff_out(fused_ops.silu_mul(self.ff_proj(h), self.up_proj(h))))
+
+
+def _fused_norm(norm: RMSNorm, x: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` given ``sq = x.float() ** 2``; the row mean is PyTorch's own reduction, as in :class:`RMSNorm`."""
+    return fused_ops.rms_apply(x, sq.mean(-1, keepdim=True), norm.weight, norm.eps)
 
 
 class _Transformer(nn.Module):
@@ -295,6 +338,14 @@ class _Model(nn.Module):
     def __init__(self, cfg: LLaDAConfig) -> None:
         super().__init__()
         self.transformer = _Transformer(cfg)
+
+
+@dataclasses.dataclass
+class FusedInference:
+    """Options of the fused no-grad forward (``model(..., fused=FusedInference(...))``), made by
+    :meth:`LLaDAModel.fused_inference`. ``qkv_weights``: per block, the stacked q/k/v weight."""
+
+    qkv_weights: list[torch.Tensor] | None = None
 
 
 class LLaDAModel(nn.Module):
@@ -357,10 +408,18 @@ class LLaDAModel(nn.Module):
         t = self.model.transformer
         return t.wte.weight if self.config.weight_tying else t.ff_out.weight
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        fused: bool | FusedInference = False,
+    ) -> torch.Tensor:
         """Final hidden states (B, L, d_model), after ``ln_f``, before the output projection.
 
         ``attention_mask`` (B, L), true/1 for real tokens: padded keys are excluded from every query's attention.
+        ``fused=True`` (no grad, CUDA) runs the blocks' elementwise work in fused kernels (:mod:`kernels.inference`),
+        with bitwise the same result; a :class:`FusedInference` from :meth:`fused_inference` also stacks q/k/v.
         """
         t = self.model.transformer
         _, length = input_ids.shape
@@ -369,6 +428,14 @@ class LLaDAModel(nn.Module):
         key_mask = None
         if attention_mask is not None:
             key_mask = attention_mask.to(torch.bool)[:, None, None, :]
+        if fused:
+            if torch.is_grad_enabled() or (x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+                raise ValueError("fused=True is an inference path: it needs torch.no_grad() and a CUDA model")
+            qkv = fused.qkv_weights if isinstance(fused, FusedInference) else None
+            x, sq = fused_ops.add_square(x)
+            for i, block in enumerate(t.blocks):
+                x, sq = block.forward_fused(x, sq, cos, sin, key_mask, qkv[i] if qkv is not None else None)
+            return _fused_norm(t.ln_f, x, sq)
         for block in t.blocks:
             x = block(x, cos, sin, key_mask)
         return t.ln_f(x)
@@ -378,11 +445,35 @@ class LLaDAModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         head: Callable[[torch.Tensor, torch.Tensor], T] | None = None,
+        *,
+        fused: bool | FusedInference = False,
     ) -> torch.Tensor | T:
-        hidden = self.hidden_states(input_ids, attention_mask)
+        hidden = self.hidden_states(input_ids, attention_mask, fused=fused)
         if head is not None:
             return head(hidden, self.output_weight)
         return F.linear(hidden, self.output_weight)
+
+    @torch.no_grad()
+    def fused_inference(self, example_ids: torch.Tensor, *, headroom_bytes: int = 2 << 30) -> FusedInference:
+        """Options for the fused forward on inputs shaped like ``example_ids`` (B, L).
+
+        Stacks each block's q/k/v weights, which costs their memory a second time (3.2 GB for LLaDA-8B), only if
+        that much plus ``headroom_bytes`` is free and one product with the stacked weight equals the three
+        separate products bit for bit at this shape on this device: cuBLAS picks its kernel by shape, and a
+        split-K kernel would round differently. Checked on the first block.
+        """
+        blocks = cast(list[LLaDABlock], list(self.blocks))
+        first = blocks[0]
+        need = sum(b.q_proj.weight.nbytes + b.k_proj.weight.nbytes + b.v_proj.weight.nbytes for b in blocks)
+        device = first.q_proj.weight.device
+        if device.type != "cuda" or torch.cuda.mem_get_info(device)[0] < need + headroom_bytes:
+            return FusedInference()
+        h = first.attn_norm(self.model.transformer.wte(example_ids.to(device)))
+        stacked = first.qkv_weight()
+        separate = torch.cat([first.q_proj(h), first.k_proj(h), first.v_proj(h)], dim=-1)
+        if not torch.equal(F.linear(h, stacked), separate):
+            return FusedInference()
+        return FusedInference(qkv_weights=[stacked] + [b.qkv_weight() for b in blocks[1:]])
 
     # --- Hugging Face format --------------------------------------------------------------------------------
     @classmethod
