@@ -72,7 +72,9 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
     if cfg.model.compile_blocks:
         for block in model.blocks:
             block.compile()
-    return ComposerLLaDA(model, cfg.diffusion, mask_token_id=mask_id, loss_impl=cfg.model.loss_impl, seed=cfg.seed)
+    return ComposerLLaDA(
+        model, cfg.diffusion, mask_token_id=mask_id, loss_impl=cfg.model.loss_impl, seed=cfg.seed
+    )
 
 
 def device_batch_size(cfg: TrainConfig) -> int:
@@ -106,7 +108,9 @@ def build_scheduler(cfg: SchedulerConfig):
         return LinearWithWarmupScheduler(t_warmup=cfg.t_warmup, alpha_f=cfg.alpha_f)
     if cfg.name == "constant":
         return ConstantWithWarmupScheduler(t_warmup=cfg.t_warmup)
-    return WarmupStableDecayScheduler(t_warmup=cfg.t_warmup, decay_fraction=cfg.decay_fraction, alpha_f=cfg.alpha_f)
+    return WarmupStableDecayScheduler(
+        t_warmup=cfg.t_warmup, decay_fraction=cfg.decay_fraction, alpha_f=cfg.alpha_f
+    )
 
 
 def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> list[Callback]:
@@ -142,7 +146,11 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
         e = c.likelihood_eval
         callbacks.append(
             LikelihoodEval(
-                e.data, tokenizer=tokenizer, interval=e.interval, num_samples=e.num_samples, max_examples=e.max_examples
+                e.data,
+                tokenizer=tokenizer,
+                interval=e.interval,
+                num_samples=e.num_samples,
+                max_examples=e.max_examples,
             )
         )
     return callbacks
@@ -221,13 +229,19 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     model = build_model(cfg, tokenizer)
     batch_size = device_batch_size(cfg)
     train_loader = build_dataloader(
-        cfg.train_loader, tokenizer=tokenizer, mode=cfg.diffusion.mode, max_seq_len=cfg.max_seq_len,
+        cfg.train_loader,
+        tokenizer=tokenizer,
+        mode=cfg.diffusion.mode,
+        max_seq_len=cfg.max_seq_len,
         device_batch_size=batch_size,
     )
     evaluators = None
     if cfg.eval_loader is not None:
         eval_loader = build_dataloader(
-            cfg.eval_loader, tokenizer=tokenizer, mode=cfg.diffusion.mode, max_seq_len=cfg.max_seq_len,
+            cfg.eval_loader,
+            tokenizer=tokenizer,
+            mode=cfg.diffusion.mode,
+            max_seq_len=cfg.max_seq_len,
             device_batch_size=cfg.device_eval_batch_size,
         )
         evaluators = [Evaluator(label="eval", dataloader=eval_loader, metric_names=list(model.val_metrics))]

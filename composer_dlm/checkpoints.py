@@ -32,7 +32,9 @@ class RepairReport:
             return None
         parts = []
         if self.quarantined:
-            parts.append("incomplete checkpoint(s) moved aside: " + ", ".join(p.name for p in self.quarantined))
+            parts.append(
+                "incomplete checkpoint(s) moved aside: " + ", ".join(p.name for p in self.quarantined)
+            )
         if self.latest is not None:
             parts.append(f"resuming from the last complete checkpoint {self.latest.name}")
         else:

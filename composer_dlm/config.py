@@ -33,7 +33,9 @@ def _check_duration(value: str | None, key: str) -> None:
     try:
         Time.from_timestring(value)
     except ValueError:
-        raise ConfigError(f"{key}: {value!r} is not a duration; write e.g. '100ba' (batches), '1ep', '2e6tok'") from None
+        raise ConfigError(
+            f"{key}: {value!r} is not a duration; write e.g. '100ba' (batches), '1ep', '2e6tok'"
+        ) from None
 
 
 @dataclasses.dataclass
@@ -242,8 +244,11 @@ def build(cls: type, data: Any, path: str = "") -> Any:
             raise ConfigError(f"unknown key '{full}'{hint}")
         kwargs[key] = _coerce(hints[key], value, full)
     missing = [
-        name for name, f in fields.items()
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")

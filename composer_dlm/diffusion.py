@@ -75,14 +75,18 @@ def answer_lengths(prompt_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     return (seq_len - prompt_lengths).clamp_min(1)
 
 
-def loss_weights(masked: torch.Tensor, p_mask: torch.Tensor, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+def loss_weights(
+    masked: torch.Tensor, p_mask: torch.Tensor, prompt_lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token weights w (B, L), fp32, with loss = sum w * CE; zero at unmasked positions."""
     b, length = masked.shape
     if prompt_lengths is None:
         denom = p_mask * (b * length)
     else:
         denom = p_mask * answer_lengths(prompt_lengths, length).to(p_mask)[:, None] * b
-    return torch.where(masked, 1.0 / denom.float(), torch.zeros((), dtype=torch.float32, device=masked.device))
+    return torch.where(
+        masked, 1.0 / denom.float(), torch.zeros((), dtype=torch.float32, device=masked.device)
+    )
 
 
 def elbo_denominator(masked: torch.Tensor, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,7 +30,9 @@ def _dataset_overrides(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     known = {"train", "eval", "subset_size", "eval_subset_size"}
     unknown = set(spec) - known
     if unknown:
-        raise ConfigError(f"datasets.{name}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"datasets.{name}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}"
+        )
     if "train" not in spec:
         raise ConfigError(f"datasets.{name}: needs 'train' (a shard folder or remote path)")
     out: dict[str, Any] = {"train_loader.local": spec["train"]}

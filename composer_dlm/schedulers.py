@@ -29,7 +29,9 @@ class WarmupStableDecayScheduler:
         unit = state.max_duration.unit
         warmup_unit = self.t_warmup.unit
         if warmup_unit != unit and self.t_warmup.value != 0:
-            raise ValueError(f"scheduler.t_warmup ({self.t_warmup}) must use the unit of max_duration ({state.max_duration})")
+            raise ValueError(
+                f"scheduler.t_warmup ({self.t_warmup}) must use the unit of max_duration ({state.max_duration})"
+            )
         return wsd_multiplier(
             float(state.timestamp.get(unit).value),
             warmup=float(self.t_warmup.value),

@@ -67,8 +67,9 @@ def _liger() -> LossFn:
 
     def fn(h, w, t, rw):
         rows = rw.nonzero().squeeze(1)
-        out = LigerFusedLinearCrossEntropyFunction.apply(h.index_select(0, rows), w, t[rows], None, None, -100,
-                                                         0.0, 0.0, "sum")
+        out = LigerFusedLinearCrossEntropyFunction.apply(
+            h.index_select(0, rows), w, t[rows], None, None, -100, 0.0, 0.0, "sum"
+        )
         return out[0] if isinstance(out, tuple) else out
 
     return fn
@@ -184,11 +185,24 @@ def _profile(h, w, t, rw, cfg: KernelConfig) -> dict[str, float]:
 
     def rows_kernel(block_v: int, warps: int) -> Callable[[], object]:
         return lambda: masked_ce._softmax_grad_rows_kernel[(chunk,)](
-            buf, buf.stride(0), tc, wc, aux[0], aux[1], aux[2], vocab, WRITE_GRAD=True, BLOCK_V=block_v,
-            num_warps=warps)
+            buf,
+            buf.stride(0),
+            tc,
+            wc,
+            aux[0],
+            aux[1],
+            aux[2],
+            vocab,
+            WRITE_GRAD=True,
+            BLOCK_V=block_v,
+            num_warps=warps,
+        )
 
     k = num_w / chunk
-    out = {"chunk_rows": float(chunk), "logits_gemm": k * time_ms(lambda: torch.mm(hc, w.detach().t(), out=buf))}
+    out = {
+        "chunk_rows": float(chunk),
+        "logits_gemm": k * time_ms(lambda: torch.mm(hc, w.detach().t(), out=buf)),
+    }
     for bv, nw in ((4096, 8), (2048, 8), (8192, 16), (4096, 16)):
         out[f"rows_kernel_v{bv}_w{nw}"] = k * time_ms(rows_kernel(bv, nw))
     out["dh_gemm"] = k * time_ms(lambda: masked_ce._mm_f32(buf, w.detach()))
@@ -200,7 +214,9 @@ def _config(spec: str) -> KernelConfig:
     """'default' or 'key=value+key=value' over KernelConfig's integer/boolean fields."""
     if spec == "default":
         return KernelConfig()
-    fields: dict[str, Any] = {}  # keyword arguments named at run time, int or bool by field: no static type fits
+    fields: dict[
+        str, Any
+    ] = {}  # keyword arguments named at run time, int or bool by field: no static type fits
     for item in spec.split("+"):
         key, value = item.split("=")
         fields[key] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
@@ -235,8 +251,10 @@ def _trace(fn: LossFn, h, w, t, rw) -> None:
         start = min(e.time_range.start for e in kernels)
         end = max(e.time_range.end for e in kernels)
         busy = sum(e.time_range.elapsed_us() for e in kernels)
-        print(f"trace: {len(kernels)} kernels, span {(end - start) / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms",
-              flush=True)
+        print(
+            f"trace: {len(kernels)} kernels, span {(end - start) / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms",
+            flush=True,
+        )
 
 
 def _peaked_accuracy(dim: int, vocab: int, n: int, frac: float) -> dict[str, list[float]]:
@@ -255,8 +273,11 @@ def _peaked_accuracy(dim: int, vocab: int, n: int, frac: float) -> dict[str, lis
     rw = torch.where(torch.rand(n, device="cuda", generator=g) < frac, 1.0, 0.0) / n
     ref = _reference(h, w, t, rw)
     out = {}
-    for name, fn in (("ours", _ours(KernelConfig())), ("ours_fp32acc", _ours(KernelConfig(fp32_weight_grad=True))),
-                     ("full_logits", _full_logits)):
+    for name, fn in (
+        ("ours", _ours(KernelConfig())),
+        ("ours_fp32acc", _ours(KernelConfig(fp32_weight_grad=True))),
+        ("full_logits", _full_logits),
+    ):
         h.grad = None
         w.grad = None
         loss = fn(h, w, t, rw)
@@ -276,9 +297,15 @@ def main(argv: list[str]) -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-chunk", type=int, default=1024)
-    p.add_argument("--variants", type=str, default="default",
-                   help="comma-separated KernelConfig variants of ours, each 'default' or key=value[+key=value]")
-    p.add_argument("--trace", action="store_true", help="print the CUDA kernels of one step of ours (profiler)")
+    p.add_argument(
+        "--variants",
+        type=str,
+        default="default",
+        help="comma-separated KernelConfig variants of ours, each 'default' or key=value[+key=value]",
+    )
+    p.add_argument(
+        "--trace", action="store_true", help="print the CUDA kernels of one step of ours (profiler)"
+    )
     p.add_argument("--methods", type=str, default="all", help="comma-separated subset of method keys")
     p.add_argument("--profile", action="store_true", help="also time the stages of our kernel")
     p.add_argument("--peaked", action="store_true", help="also check accuracy on peaked logits, Zipf targets")
@@ -310,16 +337,30 @@ def main(argv: list[str]) -> None:
             cfg = _config(spec)
             chunk = masked_ce._chunk_rows(num_w, args.vocab, 2, cfg)
             label = "" if spec == "default" else f", {spec}"
-            methods.append((f"ours_{spec}", f"ours (C={chunk}{label})", functools.partial(_ours, cfg), "weighted"))
+            methods.append(
+                (f"ours_{spec}", f"ours (C={chunk}{label})", functools.partial(_ours, cfg), "weighted")
+            )
         methods += [
-            ("ours_fp32acc", "ours, float32 dW accumulator", lambda: _ours(KernelConfig(fp32_weight_grad=True)),
-             "weighted"),
-            ("ours_master", "ours, fp32 master weight under autocast", lambda: _ours_master(KernelConfig()),
-             "weighted"),
+            (
+                "ours_fp32acc",
+                "ours, float32 dW accumulator",
+                lambda: _ours(KernelConfig(fp32_weight_grad=True)),
+                "weighted",
+            ),
+            (
+                "ours_master",
+                "ours, fp32 master weight under autocast",
+                lambda: _ours_master(KernelConfig()),
+                "weighted",
+            ),
             ("full", "full logits + F.cross_entropy", lambda: _full_logits, "weighted"),
             ("eager", "masked rows only, eager", lambda: _masked_eager, "weighted"),
-            ("compile", f"torch.compile, chunked over masked rows ({args.compile_chunk})",
-             lambda: _compiled_chunked(args.compile_chunk), "weighted"),
+            (
+                "compile",
+                f"torch.compile, chunked over masked rows ({args.compile_chunk})",
+                lambda: _compiled_chunked(args.compile_chunk),
+                "weighted",
+            ),
             ("liger", "Liger-Kernel fused linear CE (masked rows)", _liger, "unit"),
             ("cce", "Cut Cross-Entropy (masked rows)", _cce, "unit"),
         ]
@@ -333,8 +374,18 @@ def main(argv: list[str]) -> None:
                 w_in = w
                 if key == "ours_master":
                     w_in = w.detach().float().requires_grad_()
-                row.update(_measure(fn, h, w_in, t, rw if weighting == "weighted" else unit, refs[weighting],
-                                    args.reps, args.warmup))
+                row.update(
+                    _measure(
+                        fn,
+                        h,
+                        w_in,
+                        t,
+                        rw if weighting == "weighted" else unit,
+                        refs[weighting],
+                        args.reps,
+                        args.warmup,
+                    )
+                )
                 del w_in
             except ImportError as e:
                 row["note"] = f"skipped: {e}"
@@ -351,38 +402,51 @@ def main(argv: list[str]) -> None:
             _trace(_ours(KernelConfig()), h, w, t, rw)
         if args.profile:
             profiles[str(dim)] = _profile(h, w, t, rw, KernelConfig())
-            print(f"profile H={dim}: " + ", ".join(f"{k}={v:.2f}" for k, v in profiles[str(dim)].items()), flush=True)
+            print(
+                f"profile H={dim}: " + ", ".join(f"{k}={v:.2f}" for k, v in profiles[str(dim)].items()),
+                flush=True,
+            )
         del h, w, t, rw, unit, refs
         gc.collect()
         torch.cuda.empty_cache()
 
-    header = (f"B*L={n}, V={args.vocab}, {args.frac:.0%} rows weighted, bf16, {torch.cuda.get_device_name()}, "
-              f"torch {torch.__version__}")
+    header = (
+        f"B*L={n}, V={args.vocab}, {args.frac:.0%} rows weighted, bf16, {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}"
+    )
     table = _markdown(results)
     print("\n" + header + "\n" + table)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
-        out.with_suffix(".json").write_text(json.dumps({"header": header, "results": results, "profiles": profiles,
-                                                        "peaked": peaked},
-                                                       indent=1))
+        out.with_suffix(".json").write_text(
+            json.dumps(
+                {"header": header, "results": results, "profiles": profiles, "peaked": peaked}, indent=1
+            )
+        )
 
 
 def _format_row(row: dict[str, object]) -> str:
     if "ms" not in row:
         return f"H={row['hidden']} {row['method']}: {row.get('note')}"
-    return (f"H={row['hidden']} {row['method']}: {row['ms']:.2f} ms, {row['transient_gib']:.3f} GiB, "
-            f"err loss {row['err_loss']:.1e} dh {row['err_dh']:.1e} dw {row['err_dw']:.1e}")
+    return (
+        f"H={row['hidden']} {row['method']}: {row['ms']:.2f} ms, {row['transient_gib']:.3f} GiB, "
+        f"err loss {row['err_loss']:.1e} dh {row['err_dh']:.1e} dw {row['err_dw']:.1e}"
+    )
 
 
 def _markdown(results: list[dict[str, object]]) -> str:
-    lines = ["| H | method | ms | transient GiB | rel err loss | rel err dh | rel err dW | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| H | method | ms | transient GiB | rel err loss | rel err dh | rel err dW | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "ms" in r:
-            lines.append(f"| {r['hidden']} | {r['method']} | {r['ms']:.2f} | {r['transient_gib']:.3f} | "
-                         f"{r['err_loss']:.1e} | {r['err_dh']:.1e} | {r['err_dw']:.1e} | |")
+            lines.append(
+                f"| {r['hidden']} | {r['method']} | {r['ms']:.2f} | {r['transient_gib']:.3f} | "
+                f"{r['err_loss']:.1e} | {r['err_dh']:.1e} | {r['err_dw']:.1e} | |"
+            )
         else:
             lines.append(f"| {r['hidden']} | {r['method']} | | | | | | {r.get('note', '')} |")
     return "\n".join(lines)

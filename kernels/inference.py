@@ -52,7 +52,9 @@ def _add_square_kernel(a_ptr, b_ptr, sum_ptr, sq_ptr, n, HAS_B: tl.constexpr, BL
 
 
 @triton.jit
-def _rms_apply_kernel(x_ptr, mean_sq_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
+def _rms_apply_kernel(
+    x_ptr, mean_sq_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -120,7 +122,17 @@ def rms_apply(x: torch.Tensor, mean_sq: torch.Tensor, weight: torch.Tensor, eps:
     h = x.shape[-1]
     out = torch.empty_like(x)
     grid = (x.numel() // h,)
-    _rms_apply_kernel[grid](x, mean_sq.contiguous(), weight, out, h, eps, BLOCK=triton.next_power_of_2(h), LIBDEVICE=_libdevice(), **_EXACT)
+    _rms_apply_kernel[grid](
+        x,
+        mean_sq.contiguous(),
+        weight,
+        out,
+        h,
+        eps,
+        BLOCK=triton.next_power_of_2(h),
+        LIBDEVICE=_libdevice(),
+        **_EXACT,
+    )
     return out
 
 

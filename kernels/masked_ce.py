@@ -411,7 +411,9 @@ def masked_linear_cross_entropy(
     weight is 0.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"need hidden (N, H) and weight (V, H); got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"need hidden (N, H) and weight (V, H); got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
     if targets.shape != (hidden.shape[0],) or row_weight.shape != (hidden.shape[0],):
         raise ValueError(
             f"targets and row_weight must be ({hidden.shape[0]},); got {tuple(targets.shape)}, {tuple(row_weight.shape)}"
@@ -424,7 +426,9 @@ def masked_linear_cross_entropy(
     else:
         raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype} (outside autocast)")
     if not _use_triton(hidden):
-        return masked_linear_cross_entropy_reference(hidden, weight, targets, row_weight, return_stats=return_stats)
+        return masked_linear_cross_entropy_reference(
+            hidden, weight, targets, row_weight, return_stats=return_stats
+        )
     loss, ce, correct = _MaskedLinearCE.apply(
         hidden, weight, targets, row_weight, compute_dtype, config or DEFAULT_CONFIG
     )

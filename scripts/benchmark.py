@@ -19,7 +19,9 @@ SUBCOMMANDS = {
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in SUBCOMMANDS:
         names = ", ".join(SUBCOMMANDS)
-        sys.exit(f"usage: python scripts/benchmark.py {{{names}}} [options]  (--help after a name for its options)")
+        sys.exit(
+            f"usage: python scripts/benchmark.py {{{names}}} [options]  (--help after a name for its options)"
+        )
     module = importlib.import_module(SUBCOMMANDS[argv[0]])
     module.main(argv[1:])
 

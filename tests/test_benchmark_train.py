@@ -10,11 +10,36 @@ from composer_dlm.benchmarks import train as bench
 def test_train_benchmark_runs_and_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CDLM_BENCH_DATA", str(tmp_path / "data"))
     out = tmp_path / "result.json"
-    bench.main([
-        "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--mlp", "64", "--vocab", "4096",
-        "--seq-len", "32", "--micro-batches", "2,4", "--steps", "4", "--warmup", "2", "--fsdp", "none",
-        "--no-compile", "--loss-impl", "plain", "--reference", "--out", str(out),
-    ])
+    bench.main(
+        [
+            "--d-model",
+            "32",
+            "--n-layers",
+            "2",
+            "--n-heads",
+            "2",
+            "--mlp",
+            "64",
+            "--vocab",
+            "4096",
+            "--seq-len",
+            "32",
+            "--micro-batches",
+            "2,4",
+            "--steps",
+            "4",
+            "--warmup",
+            "2",
+            "--fsdp",
+            "none",
+            "--no-compile",
+            "--loss-impl",
+            "plain",
+            "--reference",
+            "--out",
+            str(out),
+        ]
+    )
     results = json.loads(out.read_text())
     assert [r["micro_batch"] for r in results] == [2, 4, 4, 8]
     assert all(r["tokens_per_s_per_gpu"] > 0 and not r.get("oom") for r in results)

@@ -40,7 +40,9 @@ def test_forward_loss_is_the_objective_on_the_models_logits(mode):
     model.set_noise_step(11)
     gen = model._train_generator(b["input_ids"].device)
     pl = b.get("prompt_lengths")
-    noisy, masked, p_mask = forward_process(b["input_ids"], mask_token_id=MASK, prompt_lengths=pl, generator=gen)
+    noisy, masked, p_mask = forward_process(
+        b["input_ids"], mask_token_id=MASK, prompt_lengths=pl, generator=gen
+    )
     expected = diffusion_loss(model.model(noisy), b["input_ids"], masked, p_mask, pl)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert out.num_masked.item() == masked.sum().item()

@@ -25,12 +25,20 @@ def test_shipped_yamls_validate(path):
 def test_llada_1b_shape_is_the_issues():
     cfg = load_config(ROOT / "yamls" / "llada_1b.yaml")
     m = cfg.model.config
-    assert (m["d_model"], m["n_layers"], m["n_heads"], m["mlp_hidden_size"], m["vocab_size"]) == (2048, 22, 32, 5632, 126464)
+    assert (m["d_model"], m["n_layers"], m["n_heads"], m["mlp_hidden_size"], m["vocab_size"]) == (
+        2048,
+        22,
+        32,
+        5632,
+        126464,
+    )
     assert cfg.max_seq_len == 4096
 
 
 def test_overrides_merge_and_are_typed():
-    cfg = load_config(ROOT / "yamls" / "quickstart.yaml", ["optimizer.lr=0.5", "train_loader.shuffle=false", "run_name=x"])
+    cfg = load_config(
+        ROOT / "yamls" / "quickstart.yaml", ["optimizer.lr=0.5", "train_loader.shuffle=false", "run_name=x"]
+    )
     assert cfg.optimizer.lr == 0.5 and cfg.train_loader.shuffle is False and cfg.run_name == "x"
 
 
@@ -39,7 +47,10 @@ def test_overrides_merge_and_are_typed():
     [
         ("train_loader.shufle=false", r"unknown key 'train_loader.shufle'; did you mean 'shuffle'\?"),
         ("optimizer.lrr=1", r"unknown key 'optimizer.lrr'; did you mean 'lr'\?"),
-        ("callbacks.samples.gen_lenght=3", r"unknown key 'callbacks.samples.gen_lenght'; did you mean 'gen_length'\?"),
+        (
+            "callbacks.samples.gen_lenght=3",
+            r"unknown key 'callbacks.samples.gen_lenght'; did you mean 'gen_length'\?",
+        ),
         ("max_seq_lenn=4", r"unknown key 'max_seq_lenn'; did you mean 'max_seq_len'\?"),
         ("optimizer.lr=fast", r"optimizer.lr: expected float, got str 'fast'"),
         ("precision=amp_int3", r"precision: 'amp_int3' is not one of"),
@@ -90,8 +101,15 @@ def test_make_grid_writes_valid_configs(tmp_path):
 
 def test_make_grid_rejects_bad_description(tmp_path):
     desc = tmp_path / "grid.yaml"
-    desc.write_text(yaml.safe_dump({"base": str(ROOT / "yamls" / "quickstart.yaml"), "models": {"a": {"optimizer.lrr": 1}},
-                                    "datasets": {"d": {"train": "x"}}}))
+    desc.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(ROOT / "yamls" / "quickstart.yaml"),
+                "models": {"a": {"optimizer.lrr": 1}},
+                "datasets": {"d": {"train": "x"}},
+            }
+        )
+    )
     with pytest.raises(ConfigError, match="a_d_pretrain: unknown key 'optimizer.lrr'"):
         make_grid(desc, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()

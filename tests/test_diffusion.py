@@ -54,7 +54,9 @@ def test_pretrain_loss_matches_recipe(seed):
 def test_sft_loss_matches_recipe_with_ragged_prompts_and_eos_padding(seed):
     ids, logits, g = random_case(seed, b=4, length=9)
     prompt_lengths = torch.tensor([1, 3, 8, 5])
-    ids[2, 8:] = 30  # row 2: a one-token answer; row 1 ends in EOS padding (id 30) that is scored like any token
+    ids[2, 8:] = (
+        30  # row 2: a one-token answer; row 1 ends in EOS padding (id 30) that is scored like any token
+    )
     ids[1, 6:] = 30
     _, masked, p_mask = forward_process(ids, mask_token_id=MASK, prompt_lengths=prompt_lengths, generator=g)
     ours = diffusion_loss(logits, ids, masked, p_mask, prompt_lengths).item()
@@ -83,7 +85,9 @@ def test_loss_weights_express_the_same_loss():
     for pl in (None, prompt_lengths):
         w = loss_weights(masked, p_mask, pl)
         assert torch.all(w[~masked] == 0) and torch.all(w[masked] > 0)
-        assert (w.reshape(-1) * ce).sum().item() == pytest.approx(diffusion_loss(logits, ids, masked, p_mask, pl).item(), rel=1e-6)
+        assert (w.reshape(-1) * ce).sum().item() == pytest.approx(
+            diffusion_loss(logits, ids, masked, p_mask, pl).item(), rel=1e-6
+        )
 
 
 def test_masking_statistics_over_many_draws():

@@ -21,19 +21,41 @@ STEPS = 12
 
 def overrides(base: Path) -> list[str]:
     return [
-        f"base_path={base}", "run_name=crash", "model.config.d_model=32", "model.config.n_layers=2",
-        "model.config.n_heads=2", "model.config.mlp_hidden_size=64", "model.loss_impl=plain", "max_seq_len=32",
-        "global_train_batch_size=8", "device_train_microbatch_size=8", f"max_duration={STEPS}ba",
-        "eval_interval=1000ba", "checkpoint.save_interval=2ba", "checkpoint.save_num_checkpoints_to_keep=3",
-        "callbacks.samples=null", "callbacks.hf_export=null", "train_loader.num_workers=0",
-        "diffusion.random_length_prob=0.2", "logging.console_interval=1ba",
+        f"base_path={base}",
+        "run_name=crash",
+        "model.config.d_model=32",
+        "model.config.n_layers=2",
+        "model.config.n_heads=2",
+        "model.config.mlp_hidden_size=64",
+        "model.loss_impl=plain",
+        "max_seq_len=32",
+        "global_train_batch_size=8",
+        "device_train_microbatch_size=8",
+        f"max_duration={STEPS}ba",
+        "eval_interval=1000ba",
+        "checkpoint.save_interval=2ba",
+        "checkpoint.save_num_checkpoints_to_keep=3",
+        "callbacks.samples=null",
+        "callbacks.hf_export=null",
+        "train_loader.num_workers=0",
+        "diffusion.random_length_prob=0.2",
+        "logging.console_interval=1ba",
     ]
 
 
 def launch(base: Path, mode: str = "none", n: int = 0) -> subprocess.Popen:
-    cmd = [sys.executable, str(FAULTS), mode, str(n), str(ROOT / "yamls" / "quickstart.yaml"), *overrides(base)]
+    cmd = [
+        sys.executable,
+        str(FAULTS),
+        mode,
+        str(n),
+        str(ROOT / "yamls" / "quickstart.yaml"),
+        *overrides(base),
+    ]
     env = os.environ | {"PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+    )
 
 
 def kill_after_batches(p: subprocess.Popen, k: int) -> str:
@@ -60,7 +82,9 @@ def loss_curve(base: Path) -> dict[int, str]:
     """batch -> logged loss, the last attempt's value winning (all attempts' log files are kept)."""
     curve: dict[int, str] = {}
     for log in sorted((base / "crash" / "logs").glob("rank0-*.txt"), key=lambda p: p.stat().st_mtime):
-        for batch, value in re.findall(r"\[metric\]\[batch=(\d+)\]: loss/train/total: (\S+)", log.read_text()):
+        for batch, value in re.findall(
+            r"\[metric\]\[batch=(\d+)\]: loss/train/total: (\S+)", log.read_text()
+        ):
             curve[int(batch)] = value
     return curve
 
@@ -87,7 +111,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     rng = random.Random(1234)
     for attempt in range(8):
         p = launch(faulty)
-        outputs.append(kill_after_batches(p, rng.randint(1, 3)) if attempt < 2 else p.communicate(timeout=600)[0])
+        outputs.append(
+            kill_after_batches(p, rng.randint(1, 3)) if attempt < 2 else p.communicate(timeout=600)[0]
+        )
         if p.returncode == 0:
             break
     assert p.returncode == 0, outputs[-1]

@@ -381,7 +381,8 @@ def test_cuda_bf16_graph_steps_equal_eager_and_reference(cfg_scale):
     eager = generate(model, prompts, mask_token_id=MASK, cuda_graph=False, **kw)
     assert torch.equal(graph, eager)  # the same kernels, launched from a graph
     unfused = generate(model, prompts, mask_token_id=MASK, cuda_graph=False, fused=False, **kw)
-    assert torch.equal(unfused, eager)  # fused elementwise kernels and stacked q/k/v: bitwise the eager forward
+    # Fused elementwise kernels and stacked q/k/v: bitwise the eager forward.
+    assert torch.equal(unfused, eager)
     ref = reference_generate(model, prompts, mask_id=MASK, **kw)
     everything = generate(model, prompts, mask_token_id=MASK, cuda_graph=False, head_rows="all", **kw)
     assert torch.equal(everything, ref)  # same matmul shapes as the reference

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.gpu
 
 def test_fused_and_plain_losses_agree_in_bf16():
     base = LLaDAModel.from_config(
-        dict(d_model=256, n_layers=2, n_heads=4, vocab_size=50000, mlp_hidden_size=512, mask_token_id=49999), seed=0
+        dict(d_model=256, n_layers=2, n_heads=4, vocab_size=50000, mlp_hidden_size=512, mask_token_id=49999),
+        seed=0,
     ).cuda()
     cfg = DiffusionConfig(random_length_prob=0.0)
     plain = ComposerLLaDA(copy.deepcopy(base), cfg, loss_impl="plain")
@@ -40,9 +41,16 @@ def test_fused_and_plain_losses_agree_in_bf16():
 def test_gpu_run_with_fused_loss_and_compiled_blocks(tmp_path):
     _, trainer, losses = fit(
         tmp_path,
-        **{"precision": "amp_bf16", "model.loss_impl": "fused", "model.compile_blocks": "true",
-           "model.config.d_model": "128", "model.config.n_heads": "4", "max_duration": "12ba",
-           "optimizer.lr": "3e-3", "scheduler.t_warmup": "0ba"},
+        **{
+            "precision": "amp_bf16",
+            "model.loss_impl": "fused",
+            "model.compile_blocks": "true",
+            "model.config.d_model": "128",
+            "model.config.n_heads": "4",
+            "max_duration": "12ba",
+            "optimizer.lr": "3e-3",
+            "scheduler.t_warmup": "0ba",
+        },
     )
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3

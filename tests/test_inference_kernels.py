@@ -21,10 +21,14 @@ from kernels import inference as fused
 interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need Triton's interpreter"
 )
-CONFIG = dict(d_model=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=300, mlp_hidden_size=192, mask_token_id=299)
+CONFIG = dict(
+    d_model=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=300, mlp_hidden_size=192, mask_token_id=299
+)
 
 
-def _rand(*shape: int, scale: float = 1.0, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
+def _rand(
+    *shape: int, scale: float = 1.0, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
 
@@ -35,7 +39,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _check_kernels(device: str, dtype: torch.dtype, exact_transcendentals: bool) -> None:
     """Each kernel against its eager ops; ``exact_transcendentals`` also demands bitwise RMSNorm and SiLU."""
-    a, b = _rand(3, 37, 96, dtype=dtype, device=device), _rand(3, 37, 96, scale=0.3, dtype=dtype, device=device, seed=1)
+    a, b = (
+        _rand(3, 37, 96, dtype=dtype, device=device),
+        _rand(3, 37, 96, scale=0.3, dtype=dtype, device=device, seed=1),
+    )
     total, sq = fused.add_square(a, b)
     assert torch.equal(total, a + b)
     assert torch.equal(sq, (a + b).float().pow(2))

@@ -53,8 +53,16 @@ def _oracle(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, rw: torch.Tensor)
     }
 
 
-def _inputs(n: int, dim: int, vocab: int, frac: float, dtype: torch.dtype, seed: int, device: str = "cpu",
-            num_targets: int | None = None):
+def _inputs(
+    n: int,
+    dim: int,
+    vocab: int,
+    frac: float,
+    dtype: torch.dtype,
+    seed: int,
+    device: str = "cpu",
+    num_targets: int | None = None,
+):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, dim, generator=g).to(device, dtype)
     w = (torch.randn(vocab, dim, generator=g) / dim**0.5 * 2).to(device, dtype)
@@ -95,7 +103,9 @@ CASES = [  # n, dim, vocab, weighted fraction, number of distinct targets (None:
 
 @pytest.mark.parametrize(("n", "dim", "vocab", "frac", "num_targets"), CASES)
 @pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_fp32_matches_float64(impl: str, n: int, dim: int, vocab: int, frac: float, num_targets: int | None) -> None:
+def test_fp32_matches_float64(
+    impl: str, n: int, dim: int, vocab: int, frac: float, num_targets: int | None
+) -> None:
     h, w, t, rw = _inputs(n, dim, vocab, frac, torch.float32, seed=n + vocab, num_targets=num_targets)
     ref = _oracle(h, w, t, rw)
     if impl == "triton":
@@ -177,8 +187,10 @@ def test_under_torch_compile_and_checkpoint() -> None:
     rw = torch.rand(9) * (torch.rand(9) < 0.6)
     eager = _grads(model, model(x, t, rw))
     compiled = torch.compile(model, backend="aot_eager")
-    for got in (_grads(model, compiled(x, t, rw)),
-                _grads(model, checkpoint(model, x, t, rw, use_reentrant=False))):
+    for got in (
+        _grads(model, compiled(x, t, rw)),
+        _grads(model, checkpoint(model, x, t, rw, use_reentrant=False)),
+    ):
         for a, b in zip(got, eager, strict=True):
             assert _rel(a, b) <= 1e-6
 
@@ -219,7 +231,9 @@ def _fp32_reference(h, w, t, rw):
     return {"loss": loss.detach(), "dh": h32.grad, "dw": w32.grad, "ce": ce, "correct": correct}
 
 
-def _gpu_check(n: int, dim: int, vocab: int, weight_dtype: torch.dtype, max_transient_gib: float | None = None):
+def _gpu_check(
+    n: int, dim: int, vocab: int, weight_dtype: torch.dtype, max_transient_gib: float | None = None
+):
     torch.backends.cuda.matmul.allow_tf32 = False
     h, w, t, rw = _inputs(n, dim, vocab, 0.5, torch.bfloat16, seed=11, device="cuda")
     w = w.detach().to(weight_dtype).requires_grad_()

@@ -52,9 +52,15 @@ def release_tensors(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     for i in range(cfg["n_layers"]):
         p = f"model.transformer.blocks.{i}."
         shapes |= {
-            p + "attn_norm.weight": (h,), p + "ff_norm.weight": (h,), p + "q_proj.weight": (h, h),
-            p + "k_proj.weight": (kv, h), p + "v_proj.weight": (kv, h), p + "attn_out.weight": (h, h),
-            p + "ff_proj.weight": (f, h), p + "up_proj.weight": (f, h), p + "ff_out.weight": (h, f),
+            p + "attn_norm.weight": (h,),
+            p + "ff_norm.weight": (h,),
+            p + "q_proj.weight": (h, h),
+            p + "k_proj.weight": (kv, h),
+            p + "v_proj.weight": (kv, h),
+            p + "attn_out.weight": (h, h),
+            p + "ff_proj.weight": (f, h),
+            p + "up_proj.weight": (f, h),
+            p + "ff_out.weight": (h, f),
         }
     out = {}
     for name, shape in shapes.items():
@@ -63,7 +69,9 @@ def release_tensors(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_logits(cfg: dict, w: dict[str, torch.Tensor], ids: torch.Tensor, key_mask: torch.Tensor | None = None):
+def reference_logits(
+    cfg: dict, w: dict[str, torch.Tensor], ids: torch.Tensor, key_mask: torch.Tensor | None = None
+):
     """A second implementation in float64: explicit per-head loops, complex-number RoPE, explicit softmax."""
     w = {k: t.double() for k, t in w.items()}
     h, nh, nkv = cfg["d_model"], cfg["n_heads"], cfg["n_kv_heads"]
@@ -90,9 +98,9 @@ def reference_logits(cfg: dict, w: dict[str, torch.Tensor], ids: torch.Tensor, k
             per_head = []
             for hi in range(nh):
                 kvi = hi // (nh // nkv)
-                qh = rope(q[bi, :, hi * hd:(hi + 1) * hd])
-                kh = rope(k[bi, :, kvi * hd:(kvi + 1) * hd])
-                vh = v[bi, :, kvi * hd:(kvi + 1) * hd]
+                qh = rope(q[bi, :, hi * hd : (hi + 1) * hd])
+                kh = rope(k[bi, :, kvi * hd : (kvi + 1) * hd])
+                vh = v[bi, :, kvi * hd : (kvi + 1) * hd]
                 scores = qh @ kh.T / math.sqrt(hd)
                 if key_mask is not None:
                     scores = scores.masked_fill(~key_mask[bi][None, :], float("-inf"))

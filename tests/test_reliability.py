@@ -32,12 +32,20 @@ class PoisonLoss(Callback):
 
     def batch_end(self, state, logger) -> None:
         after = state.model.state_dict()
-        self.changed[int(state.timestamp.batch)] = any(not torch.equal(self.before[k], after[k]) for k in after)
+        self.changed[int(state.timestamp.batch)] = any(
+            not torch.equal(self.before[k], after[k]) for k in after
+        )
 
 
 def build(tmp_path, poison: PoisonLoss, **extra: str):
-    over = {"callbacks.samples": "null", "callbacks.hf_export": "null", "eval_interval": "100ba",
-            "checkpoint.save_interval": "2ba", "device_train_microbatch_size": "8", "scheduler.t_warmup": "0ba"} | extra
+    over = {
+        "callbacks.samples": "null",
+        "callbacks.hf_export": "null",
+        "eval_interval": "100ba",
+        "checkpoint.save_interval": "2ba",
+        "device_train_microbatch_size": "8",
+        "scheduler.t_warmup": "0ba",
+    } | extra
     cfg = load_config(ROOT / "yamls" / "quickstart.yaml", tiny_overrides(tmp_path, **over))
     return cfg, builders.build_trainer(cfg, extra_callbacks=[poison])
 
@@ -53,7 +61,9 @@ def test_nan_steps_are_skipped_and_training_continues(tmp_path):
 def test_consecutive_nans_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     poison = PoisonLoss({3, 4, 5})
     cfg, trainer = build(tmp_path, poison, **{"callbacks.nan_guard.max_consecutive": "2"})
-    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite losses/gradients, the last at batch 3"):
+    with pytest.raises(
+        NonFiniteLossError, match="2 consecutive non-finite losses/gradients, the last at batch 3"
+    ):
         trainer.fit()
     folder = cfg.run_folder / "checkpoints"
     assert os.readlink(folder / "latest-rank0.pt") == "ep0-ba2-rank0.pt"
@@ -62,9 +72,13 @@ def test_consecutive_nans_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pat
 
 
 def test_global_batch_must_divide_by_world_size(tmp_path, monkeypatch):
-    cfg = load_config(ROOT / "yamls" / "quickstart.yaml", tiny_overrides(tmp_path, global_train_batch_size="10"))
+    cfg = load_config(
+        ROOT / "yamls" / "quickstart.yaml", tiny_overrides(tmp_path, global_train_batch_size="10")
+    )
     monkeypatch.setattr(builders.dist, "get_world_size", lambda: 4)
-    with pytest.raises(ConfigError, match=r"global_train_batch_size \(10\) is not divisible by the number of processes \(4\)"):
+    with pytest.raises(
+        ConfigError, match=r"global_train_batch_size \(10\) is not divisible by the number of processes \(4\)"
+    ):
         builders.device_batch_size(cfg)
 
 

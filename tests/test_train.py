@@ -101,7 +101,9 @@ def test_golden_loss_trace(tmp_path):
 
     Regenerate deliberately with UPDATE_GOLDEN=1 (and say why in the commit).
     """
-    _, _, losses = fit(tmp_path, **{"callbacks.samples": "null", "callbacks.hf_export": "null", "eval_interval": "100ba"})
+    _, _, losses = fit(
+        tmp_path, **{"callbacks.samples": "null", "callbacks.hf_export": "null", "eval_interval": "100ba"}
+    )
     import os
 
     if os.environ.get("UPDATE_GOLDEN") == "1":
@@ -160,9 +162,19 @@ def test_sft_run_on_the_embedded_sft_corpus(tmp_path):
 
             return Check()
 
-    cfg = load_config(ROOT / "yamls" / "quickstart.yaml", tiny_overrides(
-        tmp_path, **{"diffusion.mode": "sft", "max_seq_len": "256", "callbacks.samples": "null",
-                     "callbacks.hf_export": "null", "max_duration": "3ba"}))
+    cfg = load_config(
+        ROOT / "yamls" / "quickstart.yaml",
+        tiny_overrides(
+            tmp_path,
+            **{
+                "diffusion.mode": "sft",
+                "max_seq_len": "256",
+                "callbacks.samples": "null",
+                "callbacks.hf_export": "null",
+                "max_duration": "3ba",
+            },
+        ),
+    )
     trainer = builders.build_trainer(cfg, extra_callbacks=[PromptCheck()])
     trainer.fit()
     assert len(seen) == 6  # 3 batches x 2 microbatches

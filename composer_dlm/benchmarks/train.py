@@ -49,8 +49,12 @@ def _free() -> None:
 
 def _model_config(args: argparse.Namespace) -> dict:
     return {
-        "d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads,
-        "mlp_hidden_size": args.mlp, "vocab_size": args.vocab, "max_sequence_length": args.seq_len,
+        "d_model": args.d_model,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "mlp_hidden_size": args.mlp,
+        "vocab_size": args.vocab,
+        "max_sequence_length": args.seq_len,
         "rope_theta": 500000.0,
     }
 
@@ -86,34 +90,55 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     raw = {
-        "run_name": "bench", "base_path": str(out_root), "model": {"config": _model_config(args),
-        "loss_impl": args.loss_impl, "compile_blocks": args.compile},
-        "train_loader": {"local": str(data_root / "pretrain"), "split": "train", "num_workers": 4, "shuffle": False},
-        "max_duration": f"{args.steps}ba", "max_seq_len": args.seq_len,
+        "run_name": "bench",
+        "base_path": str(out_root),
+        "model": {"config": _model_config(args), "loss_impl": args.loss_impl, "compile_blocks": args.compile},
+        "train_loader": {
+            "local": str(data_root / "pretrain"),
+            "split": "train",
+            "num_workers": 4,
+            "shuffle": False,
+        },
+        "max_duration": f"{args.steps}ba",
+        "max_seq_len": args.seq_len,
         "global_train_batch_size": args.micro_batch * world * args.grad_accum,
-        "device_train_microbatch_size": args.micro_batch, "precision": "amp_bf16",
+        "device_train_microbatch_size": args.micro_batch,
+        "precision": "amp_bf16",
         "diffusion": {"random_length_prob": 0.0},
         "checkpoint": {"save": False, "autoresume": False},
-        "callbacks": {"hf_export": None, "samples": None, "speed_window": max(1, args.steps - args.warmup - 1)},
+        "callbacks": {
+            "hf_export": None,
+            "samples": None,
+            "speed_window": max(1, args.steps - args.warmup - 1),
+        },
         "logging": {"console_interval": f"{args.steps}ba", "log_file": False},
         "eval_interval": f"{10 * args.steps}ba",
     }
     if args.fsdp != "none":
-        raw["fsdp"] = {"sharding_strategy": args.fsdp, "activation_checkpointing": args.ac, "mixed_precision": "PURE"}
+        raw["fsdp"] = {
+            "sharding_strategy": args.fsdp,
+            "activation_checkpointing": args.ac,
+            "mixed_precision": "PURE",
+        }
     cfg = build(TrainConfig, raw)
     timer = _StepTimer(args.warmup)
     trainer = build_trainer(cfg, extra_callbacks=[timer])
     trainer.fit()
     model = cast(ComposerLLaDA, trainer.state.model)  # build_trainer's model
     tokens_per_batch = args.micro_batch * args.grad_accum * args.seq_len  # per GPU
-    assert timer.start is not None and timer.end is not None, "nothing timed: needs --warmup >= 1 and --steps > --warmup"
+    assert timer.start is not None and timer.end is not None, (
+        "nothing timed: needs --warmup >= 1 and --steps > --warmup"
+    )
     dt = timer.end - timer.start
     tps = timer.batches * tokens_per_batch / dt
     flops_per_token = model.model.config.training_flops(1, args.seq_len) / args.seq_len
     result = {
         "path": f"ours ({args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, ac={args.ac}, world={world})",
-        "micro_batch": args.micro_batch, "tokens_per_s_per_gpu": tps, "mfu": tps * flops_per_token / PEAK_BF16_FLOPS,
-        "peak_gib": _peak_gib(), "step_s": dt / timer.batches,
+        "micro_batch": args.micro_batch,
+        "tokens_per_s_per_gpu": tps,
+        "mfu": tps * flops_per_token / PEAK_BF16_FLOPS,
+        "peak_gib": _peak_gib(),
+        "step_s": dt / timer.batches,
     }
     trainer.close()
     del trainer, model
@@ -163,16 +188,23 @@ def run_reference(args: argparse.Namespace, micro_batch: int) -> dict:
     opt.state.clear()
     _free()
     if oom:
-        return {"path": "reference (full logits + F.cross_entropy, eager)", "micro_batch": micro_batch, "oom": True}
+        return {
+            "path": "reference (full logits + F.cross_entropy, eager)",
+            "micro_batch": micro_batch,
+            "oom": True,
+        }
     tps = (args.steps - args.warmup) * micro_batch * args.seq_len / dt
     from composer_dlm.models.llada import LLaDAConfig
 
     cfg = LLaDAConfig.from_dict(_model_config(args) | {"mask_token_id": args.vocab - 128})
     flops_per_token = cfg.training_flops(1, args.seq_len) / args.seq_len
     result = {
-        "path": "reference (full logits + F.cross_entropy, eager)", "micro_batch": micro_batch,
-        "tokens_per_s_per_gpu": tps, "mfu": tps * flops_per_token / PEAK_BF16_FLOPS,
-        "peak_gib": peak, "step_s": dt / (args.steps - args.warmup),
+        "path": "reference (full logits + F.cross_entropy, eager)",
+        "micro_batch": micro_batch,
+        "tokens_per_s_per_gpu": tps,
+        "mfu": tps * flops_per_token / PEAK_BF16_FLOPS,
+        "peak_gib": peak,
+        "step_s": dt / (args.steps - args.warmup),
     }
     return result
 
@@ -186,15 +218,23 @@ def main(argv: list[str]) -> None:
     p.add_argument("--vocab", type=int, default=126464)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--micro-batches", type=str, default="", help="comma list: run ours at each (largest that fits)")
+    p.add_argument(
+        "--micro-batches", type=str, default="", help="comma list: run ours at each (largest that fits)"
+    )
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--fsdp", default="FULL_SHARD", choices=["none", "FULL_SHARD", "HYBRID_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
+    p.add_argument(
+        "--fsdp",
+        default="FULL_SHARD",
+        choices=["none", "FULL_SHARD", "HYBRID_SHARD", "SHARD_GRAD_OP", "NO_SHARD"],
+    )
     p.add_argument("--ac", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--loss-impl", default="fused", choices=["fused", "plain"])
-    p.add_argument("--reference", action="store_true", help="also time the reference step (rank 0 only, 1 GPU)")
+    p.add_argument(
+        "--reference", action="store_true", help="also time the reference step (rank 0 only, 1 GPU)"
+    )
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     args = p.parse_args(argv)
     if not CUDA:
@@ -206,11 +246,23 @@ def main(argv: list[str]) -> None:
         from composer_dlm.data.benchmark import write_synthetic
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        samples = (args.steps + 2) * max([args.micro_batch, *[int(m) for m in args.micro_batches.split(",") if m]]) * world * args.grad_accum
-        data_root = Path(os.environ.get("CDLM_BENCH_DATA", "/tmp/cdlm-bench-data")) / f"seq{args.seq_len}-n{samples}"
+        samples = (
+            (args.steps + 2)
+            * max([args.micro_batch, *[int(m) for m in args.micro_batches.split(",") if m]])
+            * world
+            * args.grad_accum
+        )
+        data_root = (
+            Path(os.environ.get("CDLM_BENCH_DATA", "/tmp/cdlm-bench-data")) / f"seq{args.seq_len}-n{samples}"
+        )
         if rank == 0 and not (data_root / "pretrain" / "train" / "manifest.json").exists():
-            write_synthetic(data_root, mode="pretrain", seq_len=args.seq_len, num_samples=samples,
-                            tokenizer=load_tokenizer("embedded"))
+            write_synthetic(
+                data_root,
+                mode="pretrain",
+                seq_len=args.seq_len,
+                num_samples=samples,
+                tokenizer=load_tokenizer("embedded"),
+            )
         if world > 1:
             from composer.utils import dist
 
@@ -236,6 +288,8 @@ def main(argv: list[str]) -> None:
         if r.get("oom"):
             print(f"| {r['path']:<70} | {r['micro_batch']:>2} | OOM | | |")
         else:
-            print(f"| {r['path']:<70} | {r['micro_batch']:>2} | {r['tokens_per_s_per_gpu']:>12,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+            print(
+                f"| {r['path']:<70} | {r['micro_batch']:>2} | {r['tokens_per_s_per_gpu']:>12,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |"
+            )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

@@ -30,7 +30,7 @@ def full_llada_state_dict(state: State) -> dict[str, torch.Tensor]:
     # torch annotates the result with its generic state-dict ValueType; a model's state dict holds tensors.
     full = cast(dict[str, torch.Tensor], get_model_state_dict(state.model, options=options))
     prefix = "model."
-    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
 
 
 class HuggingFaceExport(Callback):
@@ -40,11 +40,15 @@ class HuggingFaceExport(Callback):
     rename), and is loadable with ``LLaDAModel.from_pretrained``.
     """
 
-    def __init__(self, folder: str | Path, interval: str | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self, folder: str | Path, interval: str | None = None, dtype: torch.dtype = torch.bfloat16
+    ) -> None:
         self.folder = Path(folder)
         self.interval = Time.from_timestring(interval) if interval else None
         if self.interval is not None and self.interval.unit != TimeUnit.BATCH:
-            raise ValueError(f"callbacks.hf_export.interval must be in batches (e.g. '500ba'), got {interval!r}")
+            raise ValueError(
+                f"callbacks.hf_export.interval must be in batches (e.g. '500ba'), got {interval!r}"
+            )
         self.dtype = dtype
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:

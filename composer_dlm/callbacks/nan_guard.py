@@ -50,7 +50,9 @@ class NaNGuard(Callback):
         for p in state.model.parameters():
             p.grad = None
         logger.log_metrics({"nan_guard/skipped_steps": self.skipped_total})
-        log.warning("Non-finite loss or gradient at batch %d: update skipped (%d in a row)", step, self.consecutive)
+        log.warning(
+            "Non-finite loss or gradient at batch %d: update skipped (%d in a row)", step, self.consecutive
+        )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"{self.consecutive} consecutive non-finite losses/gradients, the last at batch {step}. Training "

@@ -40,7 +40,9 @@ class SampleText(Callback):
         self.prompts = prompts
         self.interval = Time.from_timestring(interval)
         if self.interval.unit != TimeUnit.BATCH:
-            raise ValueError(f"callbacks.samples.interval must be in batches (e.g. '100ba'), got {interval!r}")
+            raise ValueError(
+                f"callbacks.samples.interval must be in batches (e.g. '100ba'), got {interval!r}"
+            )
         self.gen_length, self.steps = gen_length, steps
         self.block_length = block_length or gen_length
         self.mask_token_id = mask_token_id
@@ -69,10 +71,12 @@ class SampleText(Callback):
                     block_length=self.block_length,
                     mask_token_id=self.mask_token_id,
                 )
-                texts.append(self.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
+                texts.append(self.tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True))
         if dist.get_global_rank() == 0:
             step = int(state.timestamp.batch)
-            lines = [f"[sample @ batch {step}] {p!r} -> {t!r}" for p, t in zip(self.prompts, texts, strict=True)]
+            lines = [
+                f"[sample @ batch {step}] {p!r} -> {t!r}" for p, t in zip(self.prompts, texts, strict=True)
+            ]
             for line in lines:
                 print(line, flush=True)
             if self.out_file is not None:

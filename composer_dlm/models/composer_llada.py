@@ -64,7 +64,9 @@ class _SumRatio(Metric):
 
     def update(self, outputs: DiffusionOutputs) -> None:
         self.num += getattr(outputs, self.numerator).detach().to(torch.float64)
-        self.den += 1.0 if self.denominator is None else getattr(outputs, self.denominator).detach().to(torch.float64)
+        self.den += (
+            1.0 if self.denominator is None else getattr(outputs, self.denominator).detach().to(torch.float64)
+        )
 
     def compute(self) -> torch.Tensor:
         return (self.num / self.den.clamp_min(1.0)).float()
@@ -221,7 +223,9 @@ class ComposerLLaDA(ComposerModel):
             if self.loss_impl == "fused":
                 from kernels import masked_linear_cross_entropy
 
-                return masked_linear_cross_entropy(hidden_NH, weight_VH, targets_N, weights_N, return_stats=True)
+                return masked_linear_cross_entropy(
+                    hidden_NH, weight_VH, targets_N, weights_N, return_stats=True
+                )
             logits_NV = F.linear(hidden_NH, weight_VH).float()
             ce_N = F.cross_entropy(logits_NV, targets_N, reduction="none")
             correct_N = logits_NV.argmax(-1) == targets_N

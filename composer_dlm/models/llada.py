@@ -110,13 +110,21 @@ class LLaDAConfig:
             if self.d_model % self.n_heads:
                 problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
             elif (self.d_model // self.n_heads) % 2:
-                problems.append(f"head_dim = d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE")
+                problems.append(
+                    f"head_dim = d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE"
+                )
             if self.n_heads % self.n_kv_heads:
-                problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+                problems.append(
+                    f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+                )
             if self.embedding_size < self.vocab_size:
-                problems.append(f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})")
+                problems.append(
+                    f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})"
+                )
             if not 0 <= self.mask_token_id < self.embedding_size:
-                problems.append(f"mask_token_id ({self.mask_token_id}) is outside the embedding (size {self.embedding_size})")
+                problems.append(
+                    f"mask_token_id ({self.mask_token_id}) is outside the embedding (size {self.embedding_size})"
+                )
         if self.include_bias:
             problems.append("include_bias=true is not supported: LLaDA's blocks have no biases")
         if problems:
@@ -176,8 +184,13 @@ class LLaDAConfig:
     def num_params(self, *, include_embedding: bool = True) -> int:
         """Parameter count from the shapes alone; ``include_embedding=False`` leaves out the input embedding
         (but keeps the output projection, tied or not, since it does matrix work on every token)."""
-        n_kv_heads, mlp_hidden_size, embedding_size = self.n_kv_heads, self.mlp_hidden_size, self.embedding_size
-        assert n_kv_heads is not None and mlp_hidden_size is not None and embedding_size is not None  # __post_init__
+        n_kv_heads, mlp_hidden_size, embedding_size = (
+            self.n_kv_heads,
+            self.mlp_hidden_size,
+            self.embedding_size,
+        )
+        # All three are filled in by __post_init__.
+        assert n_kv_heads is not None and mlp_hidden_size is not None and embedding_size is not None
         h, kv = self.d_model, n_kv_heads * self.head_dim
         per_block = 2 * h + h * h + 2 * h * kv + h * h + 3 * h * mlp_hidden_size
         total = self.n_layers * per_block + h + embedding_size * h  # blocks, ln_f, output projection
@@ -212,7 +225,9 @@ class RMSNorm(nn.Module):
         return normed * self.weight.to(x.dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables (seq_len, head_dim) in fp32; angle(p, i) = p * theta^(-2i/head_dim), i < head_dim/2,
     repeated for the second half so that position i and i + head_dim/2 share a frequency."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
@@ -247,7 +262,8 @@ class LLaDABlock(nn.Module):
     def __init__(self, cfg: LLaDAConfig) -> None:
         super().__init__()
         n_kv_heads, mlp_hidden_size = cfg.n_kv_heads, cfg.mlp_hidden_size
-        assert n_kv_heads is not None and mlp_hidden_size is not None  # filled in by LLaDAConfig.__post_init__
+        # Both are filled in by LLaDAConfig.__post_init__.
+        assert n_kv_heads is not None and mlp_hidden_size is not None
         h, kv_dim = cfg.d_model, n_kv_heads * cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, n_kv_heads, cfg.head_dim
         self.attn_norm = RMSNorm(h, cfg.rms_norm_eps)
@@ -270,7 +286,11 @@ class LLaDABlock(nn.Module):
         return self.attn_out(self._attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, key_mask_B11L))
 
     def _attend(
-        self, q_BHLD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor, key_mask_B11L: torch.Tensor | None
+        self,
+        q_BHLD: torch.Tensor,
+        k_BKLD: torch.Tensor,
+        v_BKLD: torch.Tensor,
+        key_mask_B11L: torch.Tensor | None,
     ) -> torch.Tensor:
         """Bidirectional attention over (B, heads, L, head_dim) q and (B, kv_heads, L, head_dim) k, v, returned
         as (B, L, d_model) for the output projection."""
@@ -283,7 +303,11 @@ class LLaDABlock(nn.Module):
         return out.transpose(1, 2).reshape(b, length, -1)
 
     def forward(
-        self, x_BLH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask_B11L: torch.Tensor | None = None
+        self,
+        x_BLH: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_mask_B11L: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x_BLH = x_BLH + self.attention(self.attn_norm(x_BLH), cos, sin, key_mask_B11L)
         h = self.ff_norm(x_BLH)
@@ -306,7 +330,9 @@ class LLaDABlock(nn.Module):
         h = _fused_norm(self.attn_norm, x_BLH, sq_BLH)
         if qkv_weight is not None:
             kv_dim = self.n_kv_heads * self.head_dim
-            q_lin, k_lin, v_lin = F.linear(h, qkv_weight).split([self.n_heads * self.head_dim, kv_dim, kv_dim], -1)
+            q_lin, k_lin, v_lin = F.linear(h, qkv_weight).split(
+                [self.n_heads * self.head_dim, kv_dim, kv_dim], -1
+            )
         else:
             q_lin, k_lin, v_lin = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         q = fused_ops.rope(q_lin.view(b, length, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
@@ -366,7 +392,9 @@ class LLaDAModel(nn.Module):
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: LLaDAConfig | Mapping[str, Any] | str | os.PathLike[str], *, seed: int | None = None) -> LLaDAModel:
+    def from_config(
+        cls, config: LLaDAConfig | Mapping[str, Any] | str | os.PathLike[str], *, seed: int | None = None
+    ) -> LLaDAModel:
         """A freshly initialised model for pretraining from scratch.
 
         Initialisation: every linear and embedding weight ~ N(0, init_std); the two projections that write
@@ -391,7 +419,9 @@ class LLaDAModel(nn.Module):
             if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
                 param.fill_(1.0)
                 continue
-            is_residual_out = ".blocks." in name and (name.endswith("attn_out.weight") or name.endswith("ff_out.weight"))
+            is_residual_out = ".blocks." in name and (
+                name.endswith("attn_out.weight") or name.endswith("ff_out.weight")
+            )
             sample = torch.empty(param.shape, dtype=torch.float32).normal_(
                 0.0, residual_std if is_residual_out else std, generator=generator
             )
@@ -429,7 +459,9 @@ class LLaDAModel(nn.Module):
         if attention_mask is not None:
             key_mask = attention_mask.to(torch.bool)[:, None, None, :]
         if fused:
-            if torch.is_grad_enabled() or (x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+            if torch.is_grad_enabled() or (
+                x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            ):
                 raise ValueError("fused=True is an inference path: it needs torch.no_grad() and a CUDA model")
             qkv = fused.qkv_weights if isinstance(fused, FusedInference) else None
             x, sq = fused_ops.add_square(x)
@@ -530,7 +562,9 @@ class LLaDAModel(nn.Module):
         missing = sorted(set(expected) - loaded)
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise CheckpointError(f"{folder}: {len(missing)} parameter(s) missing from the safetensors: {shown}")
+            raise CheckpointError(
+                f"{folder}: {len(missing)} parameter(s) missing from the safetensors: {shown}"
+            )
         return model
 
     def save_pretrained(
