@@ -66,7 +66,7 @@ def forward_process(
     masked = torch.rand((b, length), device=device, generator=generator) < p_mask
     if prompt_lengths is not None:
         masked &= torch.arange(length, device=device)[None, :] >= prompt_lengths.to(device)[:, None]
-    noisy_ids = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    noisy_ids = input_ids.masked_fill(masked, mask_token_id)
     return noisy_ids, masked, p_mask
 
 

@@ -1,10 +1,12 @@
-"""Filesystem helpers shared by the writers of whole folders (HF exports, MDS conversions)."""
+"""Filesystem helpers shared by the writers of whole folders (HF exports, MDS conversions, the embedded cache)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -18,3 +20,18 @@ def replace_folder(new: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """Yields a fresh hidden sibling of ``target`` (``.NAME.tmp-PID-RAND``, not yet created) to write the new
+    folder into. A normal exit moves it to ``target`` with :func:`replace_folder`; any exception (interrupts
+    included) removes it, so ``target`` is never half-written. A hard kill leaves only the hidden folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        replace_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -129,6 +129,57 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def guided_logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cols: torch.Tensor,
+    *,
+    prompt_length: int,
+    mask_token_id: int,
+    cfg_scale: float,
+    head_rows: HeadRows = "candidates",
+    fused: FusedInference | bool = False,
+) -> torch.Tensor:
+    """Logits (B, R, V) of ``model`` on ``x`` (B, L) at the columns ``cols`` (R,), with LLaDA's unsupervised
+    classifier-free guidance when ``cfg_scale = s > 0``: ``l_uncond + (s + 1) * (l_cond - l_uncond)``, the
+    unconditional pass seeing the first ``prompt_length`` columns replaced by ``mask_token_id`` (both passes run
+    as one batch). Shared by the sampler and :func:`composer_dlm.likelihood.mc_log_likelihood`.
+
+    ``head_rows="candidates"`` sends only the rows at ``cols`` of a :class:`LLaDAModel` through the output
+    projection; ``fused`` is passed to its forward. Other modules return full logits, which are then indexed.
+    """
+    if cfg_scale > 0:
+        uncond = x.clone()
+        uncond[:, :prompt_length] = mask_token_id
+        x = torch.cat([x, uncond])
+        attention_mask = torch.cat([attention_mask, attention_mask]) if attention_mask is not None else None
+    logits_BRV = _column_logits(model, x, attention_mask, cols, head_rows, fused)
+    if cfg_scale > 0:
+        cond, uncond_logits = logits_BRV.chunk(2)
+        logits_BRV = uncond_logits + (cfg_scale + 1) * (cond - uncond_logits)
+    return logits_BRV
+
+
+def _column_logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cols: torch.Tensor,
+    head_rows: HeadRows,
+    fused: FusedInference | bool,
+) -> torch.Tensor:
+    if isinstance(model, LLaDAModel) and head_rows == "candidates":
+        # Project only the candidate rows: the trunk is unchanged, and F.linear on a subset of rows computes
+        # each of those rows as the full projection does.
+        def head(hidden_BLH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
+            return F.linear(hidden_BLH.index_select(1, cols), weight_VH)
+
+        return model(x, attention_mask=attention_mask, head=head, fused=fused)
+    out = model(x) if attention_mask is None else model(x, attention_mask=attention_mask)
+    return getattr(out, "logits", out).index_select(1, cols)
+
+
 @dataclasses.dataclass
 class _Denoiser:
     """One denoising step, written so that it can run eagerly or be captured into a CUDA graph: static
@@ -150,43 +201,28 @@ class _Denoiser:
 
     def logits(self, cols: torch.Tensor) -> torch.Tensor:
         """Logits (B, R, V) at the columns ``cols`` (R,), guidance and EOS suppression applied."""
-        x, mask = self.x, self.attention_mask
-        if self.cfg_scale > 0:
-            uncond = x.clone()
-            uncond[:, : self.prompt_length] = self.mask_token_id
-            x = torch.cat([x, uncond])
-            mask = torch.cat([mask, mask]) if mask is not None else None
-        logits_BRV = self._forward(x, mask, cols)
-        if self.cfg_scale > 0:
-            cond, uncond_logits = logits_BRV.chunk(2)
-            logits_BRV = uncond_logits + (self.cfg_scale + 1) * (cond - uncond_logits)
+        logits_BRV = guided_logits(
+            self.model, self.x, self.attention_mask, cols, prompt_length=self.prompt_length,
+            mask_token_id=self.mask_token_id, cfg_scale=self.cfg_scale, head_rows=self.head_rows,
+            fused=self.fused,
+        )  # fmt: skip
         if self.min_new_tokens > 0:
             assert self.eos_token_id is not None
             early = (cols - self.prompt_length) < self.min_new_tokens  # (R,)
             logits_BRV[:, :, self.eos_token_id].masked_fill_(early, float("-inf"))
         return logits_BRV
 
-    def _forward(self, x: torch.Tensor, mask: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.model, LLaDAModel) and self.head_rows == "candidates":
-            # Project only the candidate rows: the trunk is unchanged, and F.linear on a subset of rows computes
-            # each of those rows as the full projection does.
-            def head(hidden_BLH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
-                return F.linear(hidden_BLH.index_select(1, cols), weight_VH)
-
-            return self.model(x, attention_mask=mask, head=head, fused=self.fused)
-        out = self.model(x) if mask is None else self.model(x, attention_mask=mask)
-        out = getattr(out, "logits", out)
-        return out.index_select(1, cols)
-
     def step(self, cols: torch.Tensor, k: int) -> None:
         """Predict at ``cols`` and commit the ``k`` most confident still-masked positions in each row."""
         logits_BRV = self.logits(cols)
         if self.temperature > 0:
-            # Gumbel-max in float64: argmax exp(l) / (-log u)^T samples softmax(l / T).
+            # Gumbel-max in float64: argmax exp(l) / (-log u)^T samples softmax(l / T). The float64 logits are kept
+            # for the confidence below, whose conversion is then a no-op.
+            logits_BRV = logits_BRV.to(torch.float64)
             u = torch.rand(
                 logits_BRV.shape, dtype=torch.float64, device=logits_BRV.device, generator=self.generator
             )
-            x0_BR = (logits_BRV.to(torch.float64).exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
+            x0_BR = (logits_BRV.exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
         else:
             x0_BR = logits_BRV.argmax(-1)
         if self.remasking == "low_confidence":
@@ -325,7 +361,7 @@ def generate(
         gen_length=gen_length,
         head_rows=head_rows,
     )
-    device = _model_device(model, prompt_ids.device)
+    device = model_device(model, prompt_ids.device)
     deterministic = temperature == 0 and remasking == "low_confidence"
     if cuda_graph and (device.type != "cuda" or not deterministic):
         raise ValueError(
@@ -439,6 +475,7 @@ def _graph_safe(model: nn.Module) -> bool:
     return True
 
 
-def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    """The device of ``model``'s first parameter; ``fallback`` for a module without parameters."""
     param = next(model.parameters(), None)
     return param.device if param is not None else fallback

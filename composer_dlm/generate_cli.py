@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from composer_dlm.generate import generate, left_pad
+from composer_dlm.models.composer_llada import llada_weights
 from composer_dlm.models.llada import CONFIG_NAME, CheckpointError, LLaDAConfig, LLaDAModel
 
 MASK_GLYPH = "░"
-# Prefixes that FSDP and activation checkpointing put inside parameter names of wrapped modules.
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def load_model(
@@ -83,25 +82,15 @@ def load_composer_checkpoint(
     weights = state.get("model") if isinstance(state, Mapping) else None
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"{path}: not a Composer checkpoint (no state['state']['model'])")
-    model = LLaDAModel(llada_config)
-    result = model.load_state_dict(llada_weights(weights), strict=False)
+    # Built on the meta device and given the checkpoint's tensors: no random initialisation to overwrite.
+    with torch.device("meta"):
+        model = LLaDAModel(llada_config)
+    result = model.load_state_dict(llada_weights(weights), strict=False, assign=True)
     problems = [f"missing {', '.join(result.missing_keys[:3])}"] if result.missing_keys else []
     problems += [f"unexpected {', '.join(result.unexpected_keys[:3])}"] if result.unexpected_keys else []
     if problems:
         raise CheckpointError(f"{path} does not fit {config_path}: " + "; ".join(problems))
     return model.to(device=device, dtype=dtype).eval()
-
-
-def llada_weights(composer_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LLaDA parameter names from a ComposerLLaDA state dict: its keys are ``model.`` + the LLaDAModel's own
-    (``model.model.transformer.wte.weight``); FSDP and activation-checkpoint wrapper segments are dropped."""
-    out = {}
-    for key, tensor in composer_state.items():
-        for segment in _WRAPPER_SEGMENTS:
-            key = key.replace(segment, "")
-        if key.startswith("model."):
-            out[key.removeprefix("model.")] = tensor
-    return out
 
 
 def find_run_config(checkpoint: Path) -> Path | None:

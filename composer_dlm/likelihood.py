@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_dlm.models.llada import LLaDAModel
+from composer_dlm.generate import guided_logits, model_device
 
 
 def mask_counts(answer_length: int, num_rows: int, offset: int) -> torch.Tensor:
@@ -51,29 +51,6 @@ def _as_ids(ids: torch.Tensor | Sequence[int], name: str) -> torch.Tensor:
     if ids.dim() != 1:
         raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {tuple(ids.shape)}")
     return ids
-
-
-def _answer_logits(
-    model: nn.Module, x_NL: torch.Tensor, prompt_length: int, cfg_scale: float, mask_token_id: int
-) -> torch.Tensor:
-    """Logits (N, A, V) at the answer columns, with unsupervised guidance when ``cfg_scale > 0``."""
-    if cfg_scale > 0:
-        uncond = x_NL.clone()
-        uncond[:, :prompt_length] = mask_token_id
-        x_NL = torch.cat([x_NL, uncond])
-    if isinstance(model, LLaDAModel):
-
-        def head(hidden_NLH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
-            return F.linear(hidden_NLH[:, prompt_length:], weight_VH)
-
-        logits = model(x_NL, head=head)
-    else:
-        out = model(x_NL)
-        logits = getattr(out, "logits", out)[:, prompt_length:]
-    if cfg_scale > 0:
-        cond, uncond_logits = logits.chunk(2)
-        logits = uncond_logits + (cfg_scale + 1) * (cond - uncond_logits)
-    return logits
 
 
 @torch.no_grad()
@@ -114,12 +91,12 @@ def mc_log_likelihood(
         raise ValueError(
             f"generator must be a CPU generator (the masks are drawn on the CPU), got {generator.device}"
         )
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else prompt.device
+    device = model_device(model, prompt.device)
 
     prompt_length, answer_length = prompt.numel(), answer.numel()
     seq = torch.cat([prompt, answer]).to(device)
     answer_dev = answer.to(device)
+    answer_cols = torch.arange(prompt_length, prompt_length + answer_length, device=device)
     full, rest = divmod(num_samples, batch_size)
     total = 0.0
     for rows in [batch_size] * full + ([rest] if rest else []):
@@ -131,7 +108,10 @@ def mc_log_likelihood(
         masked_NA = (perm < counts[:, None]).to(device)
         x_NL = seq.expand(rows, -1).clone()
         x_NL[:, prompt_length:][masked_NA] = mask_token_id
-        logits_NAV = _answer_logits(model, x_NL, prompt_length, cfg_scale, mask_token_id)
+        logits_NAV = guided_logits(
+            model, x_NL, None, answer_cols, prompt_length=prompt_length, mask_token_id=mask_token_id,
+            cfg_scale=cfg_scale,
+        )  # fmt: skip
         nll_NA = F.cross_entropy(
             logits_NAV.float().flatten(0, 1), answer_dev.expand(rows, -1).flatten(), reduction="none"
         ).view(rows, answer_length)

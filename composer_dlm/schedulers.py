@@ -17,6 +17,15 @@ def wsd_multiplier(t: float, *, warmup: float, total: float, decay_fraction: flo
     return 1.0 + frac * (alpha_f - 1.0)
 
 
+def check_warmup_unit(t_warmup: Time, max_duration: Time) -> None:
+    """WSD counts warmup and total in one unit, so a nonzero ``t_warmup`` must use ``max_duration``'s.
+    Checked by the config when it is loaded and by the scheduler when it runs."""
+    if t_warmup.unit != max_duration.unit and t_warmup.value != 0:
+        raise ValueError(
+            f"scheduler.t_warmup ({t_warmup}) must use the unit of max_duration ({max_duration})"
+        )
+
+
 class WarmupStableDecayScheduler:
     """Composer scheduler protocol: called with the trainer state, returns the LR multiplier."""
 
@@ -26,12 +35,8 @@ class WarmupStableDecayScheduler:
 
     def __call__(self, state: State, ssr: float = 1.0) -> float:
         assert state.max_duration is not None, "max_duration is set before schedulers run"
+        check_warmup_unit(self.t_warmup, state.max_duration)
         unit = state.max_duration.unit
-        warmup_unit = self.t_warmup.unit
-        if warmup_unit != unit and self.t_warmup.value != 0:
-            raise ValueError(
-                f"scheduler.t_warmup ({self.t_warmup}) must use the unit of max_duration ({state.max_duration})"
-            )
         return wsd_multiplier(
             float(state.timestamp.get(unit).value),
             warmup=float(self.t_warmup.value),

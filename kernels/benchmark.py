@@ -107,35 +107,40 @@ def _nbytes(*xs: torch.Tensor | None) -> int:
     return sum(x.numel() * x.element_size() for x in xs if x is not None)
 
 
-def _measure(fn: LossFn, h, w, t, rw, ref, reps: int, warmup: int) -> dict[str, float]:
-    def step() -> torch.Tensor:
-        h.grad = None
-        w.grad = None
-        loss = fn(h, w, t, rw)
-        loss.backward()
-        return loss
-
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        h.grad = None
-        w.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = fn(h, w, t, rw)
-        loss.backward()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+def _step(fn: LossFn, h, w, t, rw) -> torch.Tensor:
+    """One forward + backward from cleared gradients; returns the loss."""
     h.grad = None
     w.grad = None
-    del loss
+    loss = fn(h, w, t, rw)
+    loss.backward()
+    return loss
+
+
+def _cuda_ms(f: Callable[[], object]) -> float:
+    """Milliseconds of the GPU work `f` enqueues, between two CUDA events (synchronises)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    f()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def _measure(fn: LossFn, h, w, t, rw, ref, reps: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        _step(fn, h, w, t, rw)
+    times = []
+    for _ in range(reps):
+        h.grad = None  # cleared outside the timed region
+        w.grad = None
+        times.append(_cuda_ms(lambda: fn(h, w, t, rw).backward()))
+    h.grad = None
+    w.grad = None
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss = step()
+    loss = _step(fn, h, w, t, rw)
     torch.cuda.synchronize()
     transient = torch.cuda.max_memory_allocated() - base - _nbytes(loss, h.grad, w.grad)
     out = {
@@ -175,13 +180,7 @@ def _profile(h, w, t, rw, cfg: KernelConfig) -> dict[str, float]:
 
     def time_ms(f: Callable[[], object]) -> float:
         f()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(3):
-            f()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 3
+        return _cuda_ms(lambda: [f() for _ in range(3)]) / 3
 
     def rows_kernel(block_v: int, warps: int) -> Callable[[], object]:
         return lambda: masked_ce._softmax_grad_rows_kernel[(chunk,)](
@@ -228,14 +227,10 @@ def _trace(fn: LossFn, h, w, t, rw) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
-        h.grad = None
-        w.grad = None
-        fn(h, w, t, rw).backward()
+        _step(fn, h, w, t, rw)
     torch.cuda.synchronize()
-    h.grad = None
-    w.grad = None
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn(h, w, t, rw).backward()
+        _step(fn, h, w, t, rw)
         torch.cuda.synchronize()
     h.grad = None
     w.grad = None
@@ -278,10 +273,7 @@ def _peaked_accuracy(dim: int, vocab: int, n: int, frac: float) -> dict[str, lis
         ("ours_fp32acc", _ours(KernelConfig(fp32_weight_grad=True))),
         ("full_logits", _full_logits),
     ):
-        h.grad = None
-        w.grad = None
-        loss = fn(h, w, t, rw)
-        loss.backward()
+        loss = _step(fn, h, w, t, rw)
         out[name] = [_rel(loss.detach(), ref["loss"]), _rel(h.grad, ref["dh"]), _rel(w.grad, ref["dw"])]
     out["mean_ce"] = [ref["loss"].item() / rw.sum().item()]
     return out

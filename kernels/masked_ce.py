@@ -271,17 +271,15 @@ def _forward(
     ce_N = torch.zeros(num_rows, dtype=torch.float32, device=device)
     correct_N = torch.zeros(num_rows, dtype=torch.bool, device=device)
     d_hidden = torch.zeros(num_rows, dim, dtype=hidden.dtype, device=device) if need_dh else None
+    if num_w == 0:
+        d_weight = torch.zeros(vocab, dim, dtype=weight.dtype, device=device) if need_dw else None
+        return torch.zeros((), dtype=torch.float32, device=device), ce_N, correct_N, d_hidden, d_weight
     d_weight = None
     if need_dw:
         # Accumulate in the weight's own dtype when it is float32 or the compute dtype, else in float32.
         own = weight.dtype in (compute_dtype, torch.float32) and not cfg.fp32_weight_grad
         acc_dtype = weight.dtype if own else torch.float32
         d_weight = torch.empty(vocab, dim, dtype=acc_dtype, device=device)
-        if num_w == 0:
-            d_weight.zero_()
-    if num_w == 0:
-        d_weight = None if d_weight is None else d_weight.to(weight.dtype)
-        return torch.zeros((), dtype=torch.float32, device=device), ce_N, correct_N, d_hidden, d_weight
 
     need_grad = need_dh or need_dw
     targets_M = targets.index_select(0, rows_M)
@@ -318,16 +316,18 @@ def _forward(
             _accumulate(d_weight, z_CV.t(), hidden_CH, first=start == 0)
     del buf
     if d_weight is not None:
-        order = torch.argsort(targets_M, stable=True)
+        # The sort returns the sorted targets with their order (no separate gather); indexing a 1-D
+        # tensor yields new contiguous ones.
+        sorted_t, order = torch.sort(targets_M, stable=True)
         grid = (num_w, triton.cdiv(dim, cfg.block_h))
         _add_target_terms_kernel[grid](
             d_weight,
             d_weight.stride(0),
             hidden_c,
             hidden_c.stride(0),
-            targets_M[order].contiguous(),
-            rows_M[order].contiguous(),
-            gt_M[order].contiguous(),
+            sorted_t,
+            rows_M[order],
+            gt_M[order],
             num_w,
             dim,
             BLOCK_H=cfg.block_h,
@@ -335,7 +335,7 @@ def _forward(
         )
         d_weight = d_weight.to(weight.dtype)
     ce_N.index_copy_(0, rows_M, ce_M)
-    correct_N.index_copy_(0, rows_M, correct_M.bool())
+    correct_N.index_copy_(0, rows_M, correct_M.view(torch.bool))  # 0 / 1 bytes: a view, not a copy
     loss = torch.dot(weights_M, ce_M)
     return loss, ce_N, correct_N, d_hidden, d_weight
 

@@ -19,9 +19,13 @@ SUBCOMMANDS = {
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in SUBCOMMANDS:
         names = ", ".join(SUBCOMMANDS)
-        sys.exit(
+        usage = (
             f"usage: python scripts/benchmark.py {{{names}}} [options]  (--help after a name for its options)"
         )
+        if argv[:1] in (["-h"], ["--help"]):
+            print(usage)
+            return
+        sys.exit(usage)
     module = importlib.import_module(SUBCOMMANDS[argv[0]])
     module.main(argv[1:])
 

@@ -44,6 +44,19 @@ def test_llada_shaped_vocabulary_gives_126336(tmp_path: Path) -> None:
     assert tok.mask_token == MASK_TOKEN and tok.mask_token_id == 126336
 
 
+def test_an_unknown_token_is_not_taken_for_the_mask() -> None:
+    """Without <|mdm_mask|> in the vocabulary, looking it up gives the unknown token: not the mask."""
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "[MASK]": 2, "a": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", mask_token="[MASK]")
+    assert tok.convert_tokens_to_ids(MASK_TOKEN) == 0  # what a bare lookup says
+    assert mask_token_id(tok) == 2
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    with pytest.raises(DataError, match="has no mask token"):
+        mask_token_id(tok)
+
+
 def test_tokenizer_without_mask_token_is_a_clear_error(tmp_path: Path) -> None:
     train_bpe_tokenizer(TEXTS, vocab_size=300, mask=False).save_pretrained(str(tmp_path / "nomask"))
     with pytest.raises(DataError, match=r"nomask.*has no mask token.*add_special_tokens"):

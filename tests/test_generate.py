@@ -321,6 +321,17 @@ def test_gumbel_sampling_follows_the_tempered_softmax():
     assert torch.equal(again, same)
 
 
+def test_sampling_with_low_confidence_remasking_commits_most_confident_first():
+    # At a temperature this low the Gumbel noise cannot overturn HAND's margins: the samples are the argmax
+    # tokens, committed in the order of their float64 softmax confidence, as at temperature 0.
+    greedy, greedy_seen = run_recording(FixedLogits(HAND), steps=4, gen_length=4, block_length=4)
+    g = torch.Generator().manual_seed(0)
+    sampled, seen = run_recording(
+        FixedLogits(HAND), steps=4, gen_length=4, block_length=4, temperature=1e-3, generator=g
+    )
+    assert torch.equal(sampled, greedy) and seen == greedy_seen
+
+
 def test_random_remasking_picks_positions_uniformly():
     n = 3000
     first: list[int] = []

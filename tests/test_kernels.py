@@ -81,6 +81,7 @@ def _run(fn, h, w, t, rw, **kw):
 def _check(out, ref, tol: float) -> None:
     loss, ce, correct, dh, dw = out
     assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert ce.dtype == torch.float32 and correct.dtype == torch.bool
     assert _rel(loss, ref["loss"]) <= tol
     assert dh is not None and dw is not None
     assert _rel(dh, ref["dh"]) <= tol and _rel(dw, ref["dw"]) <= tol
@@ -129,6 +130,22 @@ def test_fp16_matches_float64(fp32_weight_grad: bool) -> None:
     out = _run(masked_linear_cross_entropy, h, w, t, rw, config=cfg)
     assert out[3].dtype == torch.float16 and out[4].dtype == torch.float16
     _check(out, _oracle(h, w, t, rw), 2e-3)
+
+
+@pytest.mark.parametrize("fp32_weight_grad", [False, True])
+def test_no_weighted_rows_give_zero_gradients_in_input_dtypes(fp32_weight_grad: bool) -> None:
+    cfg = dataclasses.replace(TINY, fp32_weight_grad=fp32_weight_grad)
+    h, w, t, rw = _inputs(6, 8, 19, 0.0, torch.float16, seed=12)
+    out = _run(masked_linear_cross_entropy, h, w, t, rw, config=cfg)
+    assert out[3].dtype == torch.float16 and out[4].dtype == torch.float16
+    h, w, t, _ = _inputs(6, 8, 19, 0.0, torch.float32, seed=12)
+    h = h.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        master = _run(masked_linear_cross_entropy, h, w, t, rw, config=cfg)
+    assert master[3].dtype == torch.bfloat16 and master[4].dtype == torch.float32
+    for loss, ce, correct, dh, dw in (out, master):
+        assert loss.item() == 0 and not ce.any() and not correct.any()
+        assert dh.shape == (6, 8) and dw.shape == (19, 8) and not dh.any() and not dw.any()
 
 
 def test_autocast_bf16_with_fp32_master_weight() -> None:

@@ -134,6 +134,9 @@ def test_the_same_generator_seed_gives_the_same_estimate():
     a = mc_log_likelihood(model, [0], [1, 2, 3, 4, 0], generator=torch.Generator().manual_seed(7), **kw)
     b = mc_log_likelihood(model, [0], [1, 2, 3, 4, 0], generator=torch.Generator().manual_seed(7), **kw)
     assert a == b
+    # ... and the estimate does depend on the draws (another seed, other masks).
+    c = mc_log_likelihood(model, [0], [1, 2, 3, 4, 0], generator=torch.Generator().manual_seed(8), **kw)
+    assert c != a
 
 
 def test_trained_toy_model_ranks_the_correct_answer_first():

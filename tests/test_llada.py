@@ -268,6 +268,7 @@ def test_dtype_and_device_arguments(tmp_path):
         ({"d_model": None}, "missing required field"),
         ({"n_heads": 5}, "divisible by n_heads"),
         ({"include_bias": True}, "include_bias"),
+        ({"multi_query_attention": True}, "multi_query_attention=True is not supported"),
     ],
 )
 def test_bad_config_errors(tmp_path, change, message):

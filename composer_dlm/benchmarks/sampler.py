@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer_dlm.benchmarks import int_list
 from composer_dlm.generate import generate
 from composer_dlm.models.llada import LLaDAConfig, LLaDAModel
 
@@ -121,8 +122,8 @@ def reference_generate(
 
 # --- setup ----------------------------------------------------------------------------------------------------------
 def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> LLaDAModel:
-    """Random weights created in ``dtype`` directly on ``device`` (N(0, 0.02); residual outputs scaled by
-    1/sqrt(2 n_layers); norms 1), without a host copy: an 8B model is 16 GB in bf16."""
+    """Random weights by the model's own initialisation rule (:meth:`LLaDAModel.init_std`), drawn in ``dtype``
+    directly on ``device`` without a host copy: an 8B model is 16 GB in bf16."""
     config = LLaDAConfig(**SHAPES[shape], mask_token_id=MASK_ID[shape], eos_token_id=MASK_ID[shape] - 1)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -133,14 +134,13 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int)
         torch.set_default_dtype(previous)
     model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    residual_std = config.init_std / math.sqrt(2 * config.n_layers)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+            std = model.init_std(name)
+            if std is None:
                 param.fill_(1.0)
             else:
-                residual = ".blocks." in name and name.endswith(("attn_out.weight", "ff_out.weight"))
-                param.normal_(0.0, residual_std if residual else config.init_std, generator=generator)
+                param.normal_(0.0, std, generator=generator)
     return model.eval()
 
 
@@ -173,17 +173,13 @@ def head_rows_exact(
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="benchmark.py sampler", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 16])
-    p.add_argument("--steps", type=_ints, default=[64, 256])
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 16])
+    p.add_argument("--steps", type=int_list, default=[64, 256])
     p.add_argument("--prompt-length", type=int, default=128)
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)

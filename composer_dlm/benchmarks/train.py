@@ -23,7 +23,11 @@ import torch.nn.functional as F
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-PEAK_BF16_FLOPS = 989e12
+from composer_dlm.benchmarks import int_list
+from composer_dlm.data.benchmark import H200_PEAK_FLOPS as PEAK_BF16_FLOPS
+from composer_dlm.data.benchmark import write_synthetic
+from composer_dlm.models.llada import LLaDAConfig
+
 CUDA = torch.cuda.is_available()
 
 
@@ -45,6 +49,11 @@ def _free() -> None:
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
+
+
+def _mfu(config: LLaDAConfig, seq_len: int, tokens_per_s: float) -> float:
+    """Model FLOPs utilisation: ``LLaDAConfig.training_flops`` per token at ``seq_len``, against the bf16 peak."""
+    return tokens_per_s * (config.training_flops(1, seq_len) / seq_len) / PEAK_BF16_FLOPS
 
 
 def _model_config(args: argparse.Namespace) -> dict:
@@ -131,12 +140,11 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     )
     dt = timer.end - timer.start
     tps = timer.batches * tokens_per_batch / dt
-    flops_per_token = model.model.config.training_flops(1, args.seq_len) / args.seq_len
     result = {
         "path": f"ours ({args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, ac={args.ac}, world={world})",
         "micro_batch": args.micro_batch,
         "tokens_per_s_per_gpu": tps,
-        "mfu": tps * flops_per_token / PEAK_BF16_FLOPS,
+        "mfu": _mfu(model.model.config, args.seq_len, tps),
         "peak_gib": _peak_gib(),
         "step_s": dt / timer.batches,
     }
@@ -187,26 +195,16 @@ def run_reference(args: argparse.Namespace, micro_batch: int) -> dict:
     model.cpu()
     opt.state.clear()
     _free()
+    result: dict = {"path": "reference (full logits + F.cross_entropy, eager)", "micro_batch": micro_batch}
     if oom:
-        return {
-            "path": "reference (full logits + F.cross_entropy, eager)",
-            "micro_batch": micro_batch,
-            "oom": True,
-        }
+        return result | {"oom": True}
     tps = (args.steps - args.warmup) * micro_batch * args.seq_len / dt
-    from composer_dlm.models.llada import LLaDAConfig
-
-    cfg = LLaDAConfig.from_dict(_model_config(args) | {"mask_token_id": args.vocab - 128})
-    flops_per_token = cfg.training_flops(1, args.seq_len) / args.seq_len
-    result = {
-        "path": "reference (full logits + F.cross_entropy, eager)",
-        "micro_batch": micro_batch,
+    return result | {
         "tokens_per_s_per_gpu": tps,
-        "mfu": tps * flops_per_token / PEAK_BF16_FLOPS,
+        "mfu": _mfu(model.config, args.seq_len, tps),
         "peak_gib": peak,
         "step_s": dt / (args.steps - args.warmup),
     }
-    return result
 
 
 def main(argv: list[str]) -> None:
@@ -219,7 +217,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument(
-        "--micro-batches", type=str, default="", help="comma list: run ours at each (largest that fits)"
+        "--micro-batches", type=int_list, default=[], help="comma list: run ours at each (largest that fits)"
     )
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=12)
@@ -243,15 +241,9 @@ def main(argv: list[str]) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix=f"cdlm-bench-{rank}-") as tmp:
         from composer_dlm.data import load_tokenizer
-        from composer_dlm.data.benchmark import write_synthetic
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        samples = (
-            (args.steps + 2)
-            * max([args.micro_batch, *[int(m) for m in args.micro_batches.split(",") if m]])
-            * world
-            * args.grad_accum
-        )
+        samples = (args.steps + 2) * max([args.micro_batch, *args.micro_batches]) * world * args.grad_accum
         data_root = (
             Path(os.environ.get("CDLM_BENCH_DATA", "/tmp/cdlm-bench-data")) / f"seq{args.seq_len}-n{samples}"
         )
@@ -268,7 +260,7 @@ def main(argv: list[str]) -> None:
 
             dist.initialize_dist("gpu")
             dist.barrier()
-        for mb in [int(m) for m in args.micro_batches.split(",") if m] or [args.micro_batch]:
+        for mb in args.micro_batches or [args.micro_batch]:
             args.micro_batch = mb
             try:
                 results.append(run_ours(args, data_root, Path(tmp) / f"run{mb}"))

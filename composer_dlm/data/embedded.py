@@ -31,6 +31,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from composer_dlm.fsutil import staged_folder
+
 CACHE_ENV = "COMPOSER_DLM_CACHE"
 RECIPE_VERSION = 3  # bump whenever the corpus, tokenizer or conversion recipe changes
 VOCAB_SIZE = 4096
@@ -133,12 +135,8 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> Path:
             return final
         for stale in final.parent.glob(f".*{final.name}.tmp-*"):  # left by a killed build (and its convert)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        try:
+        with staged_folder(final) as tmp:
             build(tmp)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -9,11 +9,10 @@ from torch.utils.data import DataLoader
 
 from composer_dlm.data.collate import SFTCollator, collate_pretrain
 from composer_dlm.data.config import LoaderConfig
+from composer_dlm.data.convert import MODES
 from composer_dlm.data.datasets import PretrainDataset, SFTDataset
 from composer_dlm.data.shm import clean_stale_shared_memory
 from composer_dlm.data.tokenizer import EMBEDDED
-
-MODES = ("pretrain", "sft")
 
 
 def build_dataloader(

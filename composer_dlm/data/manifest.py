@@ -151,12 +151,15 @@ def check_manifest(
             f"{max_seq_len}; reconvert with --seq-len {max_seq_len} or raise max_seq_len"
         )
     theirs = manifest["tokenizer"]
-    ours = tokenizer_info(tokenizer, getattr(tokenizer, "name_or_path", "?"))
-    if theirs["fingerprint"] != ours["fingerprint"]:
+    # Only the fingerprint, not all of tokenizer_info: each look at a large vocabulary (LLaDA's 126k) takes
+    # about half a second, and this runs for every loader.
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if theirs["fingerprint"] != fingerprint:
+        name = getattr(tokenizer, "name_or_path", "?")
         raise DataError(
             f"{where}: shards were tokenised with {theirs['name']!r} (vocab {theirs['vocab_size']}, fingerprint "
-            f"{theirs['fingerprint']}), the run uses {ours['name']!r} (vocab {ours['vocab_size']}, fingerprint "
-            f"{ours['fingerprint']}); reconvert with the run's tokenizer or set the run's tokenizer to theirs"
+            f"{theirs['fingerprint']}), the run uses {name!r} (vocab {len(tokenizer)}, fingerprint "
+            f"{fingerprint}); reconvert with the run's tokenizer or set the run's tokenizer to theirs"
         )
     if int(manifest["counts"]["samples"]) == 0:
         raise DataError(f"{where}: the shards hold no samples; convert more data")

@@ -68,11 +68,13 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def mask_token_id(tokenizer: PreTrainedTokenizerBase, *, name: str | None = None) -> int:
     """The id of the mask token: `<|mdm_mask|>` if the vocabulary has it, else `tokenizer.mask_token_id`.
 
-    For LLaDA's tokenizer this is 126336. Raises DataError if the tokenizer has neither.
+    For LLaDA's tokenizer this is 126336. Raises DataError if the tokenizer has neither. Looks the token up
+    rather than building the vocabulary (half a second for LLaDA's); an absent token gives the unknown token's
+    id or None, which the round trip tells apart.
     """
-    vocab_id = tokenizer.get_vocab().get(MASK_TOKEN)
-    if vocab_id is not None:
-        return int(vocab_id)
+    vocab_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if isinstance(vocab_id, int) and tokenizer.convert_ids_to_tokens(vocab_id) == MASK_TOKEN:
+        return vocab_id
     if tokenizer.mask_token_id is not None:
         return int(tokenizer.mask_token_id)
     label = name or getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -33,6 +33,7 @@ from composer_dlm.diffusion import (
     random_truncation_length,
 )
 from composer_dlm.models.llada import LLaDABlock, LLaDAModel, eager_blocks
+from kernels import masked_linear_cross_entropy
 
 LossImpl = Literal["fused", "plain"]
 
@@ -111,6 +112,22 @@ def _metrics() -> dict[str, Metric]:
 
 def _is_block(module: nn.Module) -> bool:
     return isinstance(module, LLaDABlock)
+
+
+# Segments that FSDP, activation checkpointing and torch.compile put inside parameter names of wrapped modules.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def llada_weights(composer_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LLaDA parameter names from a :class:`ComposerLLaDA` state dict, whose keys are ``model.`` + the
+    LLaDAModel's own (``model.model.transformer.wte.weight``); wrapper segments are dropped, other keys skipped."""
+    out = {}
+    for key, tensor in composer_state.items():
+        for segment in _WRAPPER_SEGMENTS:
+            key = key.replace(segment, "")
+        if key.startswith("model."):
+            out[key.removeprefix("model.")] = tensor
+    return out
 
 
 def child_model(state: State) -> nn.Module:
@@ -221,8 +238,6 @@ class ComposerLLaDA(ComposerModel):
         def head(hidden_BLH: torch.Tensor, weight_VH: torch.Tensor) -> tuple[torch.Tensor, ...]:
             hidden_NH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
             if self.loss_impl == "fused":
-                from kernels import masked_linear_cross_entropy
-
                 return masked_linear_cross_entropy(
                     hidden_NH, weight_VH, targets_N, weights_N, return_stats=True
                 )

@@ -25,8 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -37,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from composer_dlm.fsutil import replace_folder
+from composer_dlm.fsutil import staged_folder
 from kernels import inference as fused_ops
 
 T = TypeVar("T")
@@ -137,15 +135,12 @@ class LLaDAConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> LLaDAConfig:
         """Builds a config from a ``config.json`` mapping, refusing settings this implementation lacks."""
-        data = dict(data)
         for key, allowed in _UNSUPPORTED.items():
             if key in data and data[key] not in allowed:
                 raise CheckpointError(
                     f"{source}: {key}={data[key]!r} is not supported by composer-dlm's LLaDA implementation "
                     f"(supported: {', '.join(repr(a) for a in allowed if a is not None)})"
                 )
-        if data.get("multi_query_attention"):
-            data.setdefault("n_kv_heads", 1)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         required = ("d_model", "n_layers", "n_heads", "vocab_size")
         missing = [name for name in required if data.get(name) is None]
@@ -409,22 +404,26 @@ class LLaDAModel(nn.Module):
         model.reset_parameters(seed=seed)
         return model
 
+    def init_std(self, name: str) -> float | None:
+        """The initial standard deviation of parameter ``name`` (see :meth:`from_config`); None for the RMSNorm
+        weights, which start at 1."""
+        if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+            return None
+        std = self.config.init_std
+        if ".blocks." in name and name.endswith(("attn_out.weight", "ff_out.weight")):
+            return std / math.sqrt(2 * self.config.n_layers)
+        return std
+
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
         generator = torch.Generator(device="cpu")
         generator.manual_seed(0 if seed is None else seed)
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+            std = self.init_std(name)
+            if std is None:
                 param.fill_(1.0)
                 continue
-            is_residual_out = ".blocks." in name and (
-                name.endswith("attn_out.weight") or name.endswith("ff_out.weight")
-            )
-            sample = torch.empty(param.shape, dtype=torch.float32).normal_(
-                0.0, residual_std if is_residual_out else std, generator=generator
-            )
+            sample = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
             param.copy_(sample)
 
     # --- forward --------------------------------------------------------------------------------------------
@@ -597,8 +596,11 @@ def write_pretrained(
     for name, tensor in state_dict.items():
         if config.weight_tying and name.endswith("transformer.ff_out.weight"):
             continue
-        tensor = tensor.detach().to("cpu")
-        tensors[name] = (tensor.to(dtype) if dtype is not None else tensor).contiguous().clone()
+        # One copy: onto the host, in the target dtype, contiguous, in storage of its own (safetensors refuses
+        # shared storage, and the caller's tensors must not be aliased).
+        tensors[name] = tensor.detach().to(
+            device="cpu", dtype=dtype, copy=True, memory_format=torch.contiguous_format
+        )
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -609,9 +611,8 @@ def write_pretrained(
         shards[-1][name] = tensor
         size += nbytes
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with staged_folder(folder) as tmp:
+        tmp.mkdir()
         stored = dataclasses.replace(config, extra=dict(config.extra))
         first = next(iter(tensors.values()), None)
         if first is not None:
@@ -628,10 +629,6 @@ def write_pretrained(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
