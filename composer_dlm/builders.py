@@ -6,6 +6,7 @@ thin entry point around it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -175,38 +176,35 @@ def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
 
 
 def build_parallelism(cfg: TrainConfig) -> dict | None:
+    """Composer's ``parallelism_config``: FSDPConfig's fields are named as Composer's FSDP settings are."""
     if cfg.fsdp is None or not torch.cuda.is_available():
         return None
-    f = cfg.fsdp
-    return {
-        "fsdp": {
-            "sharding_strategy": f.sharding_strategy,
-            "mixed_precision": f.mixed_precision,
-            "activation_checkpointing": f.activation_checkpointing,
-            "activation_cpu_offload": f.activation_cpu_offload,
-            "state_dict_type": f.state_dict_type,
-            "limit_all_gathers": f.limit_all_gathers,
-            "use_orig_params": f.use_orig_params,
-        }
-    }
+    return {"fsdp": dataclasses.asdict(cfg.fsdp)}
 
 
 def resolve_load_path(cfg: TrainConfig) -> str | None:
-    """Composer unpickles checkpoints, so only the run's own folder or paths listed as trusted are loaded."""
+    """Composer unpickles checkpoints, so only the run's own folder or paths listed as trusted are loaded.
+
+    A local path must be a checkpoint file, or a checkpoint folder under ``fsdp.state_dict_type: sharded``
+    (Composer writes those as folders of shards). Remote paths (``s3://...``) are left to Composer."""
     path = cfg.checkpoint.load_path
-    if path is None:
-        return None
+    if path is None or "://" in path:
+        return path
     run = cfg.run_folder.resolve()
     trusted = [Path(p).resolve() for p in cfg.checkpoint.trusted_load_paths]
     resolved = Path(path).resolve()
-    if "://" not in path and not any(resolved.is_relative_to(t) for t in [run, *trusted]):
+    if not any(resolved.is_relative_to(t) for t in [run, *trusted]):
         raise ConfigError(
             f"checkpoint.load_path {path} is outside the run folder {run}. Composer checkpoints are pickles and "
             "loading one runs its code: add the folder to checkpoint.trusted_load_paths if you trust it, or "
             "import outside weights as a Hugging Face folder with model.pretrained (safetensors, no code)."
         )
-    if "://" not in path and not resolved.is_file():
+    if not resolved.exists():
         raise ConfigError(f"checkpoint.load_path {path} does not exist")
+    sharded = cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded"
+    if resolved.is_dir() != sharded:
+        kind = "folder (fsdp.state_dict_type is sharded)" if sharded else "file"
+        raise ConfigError(f"checkpoint.load_path {path} is not a checkpoint {kind}")
     return path
 
 
@@ -217,9 +215,10 @@ def prepare_checkpoint_folder(cfg: TrainConfig) -> None:
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu", timeout=cfg.dist_timeout)
     if dist.get_global_rank() == 0:
-        message = repair_checkpoint_folder(cfg.run_folder / "checkpoints").message()
-        if message:
-            print(f"composer-dlm: {message}", flush=True)
+        folder = cfg.checkpoint_folder
+        message = repair_checkpoint_folder(folder).message()
+        if message:  # printed: Python logging is not set up until the Trainer is built
+            print(f"composer-dlm: checkpoint folder {folder}: {message}", flush=True)
     dist.barrier()
 
 
@@ -269,7 +268,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         callbacks=build_callbacks(cfg, tokenizer) + list(extra_callbacks or []),
         loggers=build_loggers(cfg),
         parallelism_config=build_parallelism(cfg),
-        save_folder=str(cfg.run_folder / "checkpoints") if cfg.checkpoint.save else None,
+        save_folder=str(cfg.checkpoint_folder) if cfg.checkpoint.save else None,
         save_interval=cfg.checkpoint.save_interval,
         save_num_checkpoints_to_keep=cfg.checkpoint.save_num_checkpoints_to_keep,
         autoresume=cfg.checkpoint.autoresume and cfg.checkpoint.save,

@@ -5,18 +5,18 @@ creating a new one. A process killed during the write leaves a truncated file; o
 remove and the create leaves no ``latest`` at all, and autoresume would silently start from scratch.
 :func:`repair_checkpoint_folder` finds the newest complete checkpoint, moves incomplete ones aside
 (``*.incomplete``) and points ``latest`` at the complete one atomically (new symlink, then rename).
+
+Sharded checkpoints (FSDP ``state_dict_type: sharded``) are folders of ``.distcp`` shards, not zip archives; a
+``latest`` pointing at a folder is left as it is, since this module cannot judge those.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 _CKPT_NAME = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
 
@@ -53,10 +53,15 @@ def is_complete_checkpoint(path: Path) -> bool:
 
 
 def repair_checkpoint_folder(folder: str | os.PathLike[str], rank: int = 0) -> RepairReport:
-    """Makes ``{folder}/latest-rank{rank}.pt`` point at the newest complete checkpoint of that rank, if any."""
+    """Makes ``{folder}/latest-rank{rank}.pt`` point at the newest complete checkpoint of that rank, if any.
+
+    Returns what it did; the caller reports :meth:`RepairReport.message` (once, where its users will see it).
+    """
     folder = Path(folder)
     latest = folder / f"latest-rank{rank}.pt"
-    if not folder.is_dir():
+    if not folder.is_dir() or latest.is_dir():
+        # No checkpoints yet, or a sharded one: without this check a sharded run's `latest` would be deleted as
+        # "no complete checkpoint" (it has no single-file checkpoints) and every restart would start over.
         return RepairReport(None, [], False)
     candidates = []
     for path in folder.iterdir():
@@ -85,7 +90,4 @@ def repair_checkpoint_folder(folder: str | os.PathLike[str], rank: int = 0) -> R
     elif good is None and (latest.is_symlink() or latest.exists()):
         latest.unlink()
         relinked = True
-    report = RepairReport(good, quarantined, relinked)
-    if (msg := report.message()) is not None:
-        log.warning("Checkpoint folder %s: %s", folder, msg)
-    return report
+    return RepairReport(good, quarantined, relinked)

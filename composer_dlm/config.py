@@ -12,30 +12,46 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from composer_dlm.data import LoaderConfig
 from composer_dlm.diffusion import DiffusionConfig
+from composer_dlm.generate import BlockPlan
+
+if TYPE_CHECKING:
+    from composer.core import Time
 
 
 class ConfigError(ValueError):
     """A mistake in the YAML or the command-line overrides; the message names the key and the fix."""
 
 
-def _check_duration(value: str | None, key: str) -> None:
-    if value is None:
-        return
-    from composer.core import Time
+def parse_duration(value: str, key: str) -> Time:
+    """``value`` as a Composer :class:`Time`; a :class:`ConfigError` naming ``key`` when it is not a duration."""
+    from composer.core import Time  # here, not at the top: reading a config does not otherwise need Composer
 
     try:
-        Time.from_timestring(value)
+        return Time.from_timestring(value)
     except ValueError:
         raise ConfigError(
             f"{key}: {value!r} is not a duration; write e.g. '100ba' (batches), '1ep', '2e6tok'"
         ) from None
+
+
+def batch_interval(value: str, key: str) -> int:
+    """The number of batches in a callback's ``interval`` (``'500ba'``): callbacks fire when the batch count is
+    a multiple of it, so another unit, or zero batches, is a :class:`ConfigError` naming ``key``. Shared by the
+    config sections (so the CLI reports it before building anything) and the callbacks themselves."""
+    from composer.core import TimeUnit
+
+    interval = parse_duration(value, key)
+    if interval.unit != TimeUnit.BATCH or interval.value < 1:
+        raise ConfigError(f"{key} must be in batches and at least 1 (e.g. '500ba'), got {value!r}")
+    return int(interval.value)
 
 
 @dataclasses.dataclass
@@ -89,7 +105,7 @@ class SchedulerConfig:
     decay_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_duration(self.t_warmup, "scheduler.t_warmup")
+        parse_duration(self.t_warmup, "scheduler.t_warmup")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"scheduler.decay_fraction must be in (0, 1], got {self.decay_fraction}")
 
@@ -120,7 +136,7 @@ class CheckpointConfig:
     trusted_load_paths: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check_duration(self.save_interval, "checkpoint.save_interval")
+        parse_duration(self.save_interval, "checkpoint.save_interval")
 
 
 @dataclasses.dataclass
@@ -129,7 +145,8 @@ class HFExportConfig:
     folder: str = "hf"  # relative to the run folder
 
     def __post_init__(self) -> None:
-        _check_duration(self.interval, "callbacks.hf_export.interval")
+        if self.interval is not None:
+            batch_interval(self.interval, "callbacks.hf_export.interval")
 
 
 @dataclasses.dataclass
@@ -141,12 +158,19 @@ class SamplesConfig:
     block_length: int | None = None
 
     def __post_init__(self) -> None:
-        _check_duration(self.interval, "callbacks.samples.interval")
+        batch_interval(self.interval, "callbacks.samples.interval")
+        # The sampler's own check (gen_length, steps and block_length fit together), here rather than at the
+        # first sample, which may be thousands of batches into the run.
+        BlockPlan(0, self.gen_length, self.block_length or self.gen_length, self.steps)
 
 
 @dataclasses.dataclass
 class NaNGuardConfig:
     max_consecutive: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_consecutive < 1:
+            raise ConfigError(f"callbacks.nan_guard.max_consecutive must be >= 1, got {self.max_consecutive}")
 
 
 @dataclasses.dataclass
@@ -159,7 +183,13 @@ class LikelihoodEvalConfig:
     max_examples: int | None = None
 
     def __post_init__(self) -> None:
-        _check_duration(self.interval, "callbacks.likelihood_eval.interval")
+        batch_interval(self.interval, "callbacks.likelihood_eval.interval")
+        if self.num_samples < 1:
+            raise ConfigError(f"callbacks.likelihood_eval.num_samples must be >= 1, got {self.num_samples}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(
+                f"callbacks.likelihood_eval.max_examples must be >= 1 or null (all), got {self.max_examples}"
+            )
 
 
 @dataclasses.dataclass
@@ -172,6 +202,10 @@ class CallbacksConfig:
     samples: SamplesConfig | None = dataclasses.field(default_factory=SamplesConfig)
     nan_guard: NaNGuardConfig | None = dataclasses.field(default_factory=NaNGuardConfig)
     likelihood_eval: LikelihoodEvalConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.speed_window < 1:
+            raise ConfigError(f"callbacks.speed_window must be >= 1, got {self.speed_window}")
 
 
 @dataclasses.dataclass
@@ -213,8 +247,16 @@ class TrainConfig:
     dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        _check_duration(self.max_duration, "max_duration")
-        _check_duration(self.eval_interval, "eval_interval")
+        max_duration = parse_duration(self.max_duration, "max_duration")
+        parse_duration(self.eval_interval, "eval_interval")
+        if self.scheduler.name == "wsd":
+            from composer_dlm.schedulers import check_warmup_unit
+
+            warmup = parse_duration(self.scheduler.t_warmup, "scheduler.t_warmup")
+            try:
+                check_warmup_unit(warmup, max_duration)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if self.max_seq_len <= 0:
             raise ConfigError(f"max_seq_len must be positive, got {self.max_seq_len}")
         if self.global_train_batch_size <= 0:
@@ -223,6 +265,11 @@ class TrainConfig:
     @property
     def run_folder(self) -> Path:
         return Path(self.base_path) / self.run_name
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        """Where Composer saves checkpoints, and so where a restart repairs and autoresumes from."""
+        return self.run_folder / "checkpoints"
 
 
 # --- building dataclasses from plain data ------------------------------------------------------------------
@@ -312,15 +359,44 @@ def _name(hint: Any) -> str:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Reads a YAML file, applies ``key.sub=value`` overrides, and validates it into a :class:`TrainConfig`."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    cfg = read_yaml(path)
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key.sub=value; got {', '.join(bad)}")
     try:
-        cfg = OmegaConf.load(path)
-        bad = [o for o in overrides or [] if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key.sub=value; got {', '.join(bad)}")
-        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))) if overrides else cfg
+        merged = OmegaConf.merge(cfg, _parse_overrides(overrides)) if overrides else cfg
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{path}: {_one_line(err)}") from None
     return build(TrainConfig, data)
+
+
+def _parse_overrides(overrides: list[str]) -> Any:
+    """The overrides as one config; a ConfigError naming the one that is not valid YAML
+    (``optimizer.betas=[0.9``) rather than blaming the config file."""
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        error = err
+    for override in overrides:  # find the one at fault
+        try:
+            OmegaConf.from_dotlist([override])
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise ConfigError(f"override {override!r}: {_one_line(err)}") from None
+    raise ConfigError(f"overrides {' '.join(overrides)}: {_one_line(error)}")
+
+
+def _one_line(err: Exception) -> str:
+    """YAML and OmegaConf messages span several lines; errors here are one paragraph."""
+    return " ".join(str(err).split())
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """``OmegaConf.load(path)``, with a missing file or invalid YAML a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: {_one_line(err)}") from None

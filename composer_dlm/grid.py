@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from composer_dlm.config import ConfigError, TrainConfig, build
+from composer_dlm.config import ConfigError, TrainConfig, build, read_yaml
 
 
 def _dataset_overrides(name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def _dataset_overrides(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def make_grid(description: str | Path, *, out: str | Path | None = None) -> list[Path]:
     """Writes one YAML per (model, dataset, mode) and returns their paths."""
-    desc = OmegaConf.to_container(OmegaConf.load(description), resolve=True)
+    desc = OmegaConf.to_container(read_yaml(description, "grid description"), resolve=True)
     if not isinstance(desc, dict):
         raise ConfigError(f"{description}: expected a mapping")
     unknown = set(desc) - {"base", "out", "models", "datasets", "modes"}
@@ -56,18 +56,25 @@ def make_grid(description: str | Path, *, out: str | Path | None = None) -> list
     for key in ("base", "models", "datasets"):
         if key not in desc:
             raise ConfigError(f"{description}: missing '{key}'")
-    base = OmegaConf.load(desc["base"])
     modes = desc.get("modes") or ["pretrain"]
-    mode_overrides = modes if isinstance(modes, dict) else {m: {} for m in modes}
+    mode_overrides = {m: {} for m in modes} if isinstance(modes, list) else modes
+    for key, table in (("models", desc["models"]), ("datasets", desc["datasets"]), ("modes", mode_overrides)):
+        if not isinstance(table, dict) or not all(isinstance(v, dict | None) for v in table.values()):
+            raise ConfigError(
+                f"{description}: '{key}' must map each name to a mapping (modes may also be a list), got {table!r}"
+            )
+    base = read_yaml(desc["base"], "base config")
     out_dir = Path(out or desc.get("out") or "yamls/generated")
     rendered: dict[str, str] = {}
     for model_name, model_over in desc["models"].items():
         for data_name, data_spec in desc["datasets"].items():
             for mode, mode_over in mode_overrides.items():
                 run = f"{model_name}_{data_name}_{mode}"
+                if run in rendered:  # e.g. model a_b with dataset c, and model a with dataset b_c
+                    raise ConfigError(f"{description}: two grid entries are both named {run}; rename one")
                 dotted = {"run_name": run, "diffusion.mode": mode}
                 dotted |= model_over or {}
-                dotted |= _dataset_overrides(data_name, data_spec)
+                dotted |= _dataset_overrides(data_name, data_spec or {})
                 dotted |= mode_over or {}
                 cfg = OmegaConf.create(OmegaConf.to_container(base))
                 assert cfg is not None  # create() gives None only for None, and base is a loaded YAML config

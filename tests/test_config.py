@@ -58,6 +58,30 @@ def test_overrides_merge_and_are_typed():
         ("model.pretrained=/x", r"model: set exactly one of"),
         ("global_train_batch_size=0", r"global_train_batch_size must be positive"),
         ("diffusion.mode=ar", r"'ar' is not one of"),
+        # Callbacks count batches: another unit, or zero (a modulo by zero at the first batch), is refused here.
+        ("callbacks.samples.interval=1ep", r"callbacks.samples.interval must be in batches and at least 1"),
+        ("callbacks.samples.interval=0ba", r"callbacks.samples.interval must be in batches and at least 1"),
+        ("callbacks.hf_export.interval=2ep", r"callbacks.hf_export.interval must be in batches"),
+        ("callbacks.samples.interval=often", r"callbacks.samples.interval: 'often' is not a duration"),
+        # The sampler's geometry, checked before training rather than at the first sample.
+        (
+            "callbacks.samples.block_length=5",
+            r"callbacks.samples: gen_length \(24\) must be divisible by block_length \(5\)",
+        ),
+        ("callbacks.samples.steps=0", r"callbacks.samples: steps must be a positive integer, got 0"),
+        ("callbacks.nan_guard.max_consecutive=0", r"callbacks.nan_guard.max_consecutive must be >= 1, got 0"),
+        ("callbacks.speed_window=0", r"callbacks.speed_window must be >= 1, got 0"),
+        (
+            "callbacks.likelihood_eval={data: mc.jsonl, num_samples: 0}",
+            r"callbacks.likelihood_eval.num_samples must be >= 1, got 0",
+        ),
+        (
+            "callbacks.likelihood_eval={data: mc.jsonl, interval: 1ep}",
+            r"callbacks.likelihood_eval.interval must be in batches",
+        ),
+        # WSD counts warmup and duration in one unit (quickstart: wsd, max_duration 300ba).
+        ("scheduler.t_warmup=1ep", r"scheduler.t_warmup \(1ep\) must use the unit of max_duration \(300ba\)"),
+        ("optimizer.betas=[0.9", r"override 'optimizer.betas=\[0.9': .*did not find expected"),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -75,6 +99,19 @@ def test_missing_required_key_and_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(ROOT / "yamls" / "quickstart.yaml", ["lr"])
+    (tmp_path / "broken.yaml").write_text("run_name: [x\n")
+    with pytest.raises(
+        ConfigError, match=f"{tmp_path / 'broken.yaml'}: while parsing a flow sequence"
+    ) as err:
+        load_config(tmp_path / "broken.yaml")
+    assert "\n" not in str(err.value)  # one paragraph
+
+
+def test_wsd_warmup_of_zero_may_use_any_unit():
+    cfg = load_config(ROOT / "yamls" / "quickstart.yaml", ["scheduler.t_warmup=0ep"])
+    assert cfg.scheduler.t_warmup == "0ep"
+    cfg = load_config(ROOT / "yamls" / "quickstart.yaml", ["scheduler.name=cosine", "scheduler.t_warmup=1ep"])
+    assert cfg.scheduler.t_warmup == "1ep"  # Composer's own schedulers convert units
 
 
 def test_make_grid_writes_valid_configs(tmp_path):
@@ -113,6 +150,34 @@ def test_make_grid_rejects_bad_description(tmp_path):
     with pytest.raises(ConfigError, match="a_d_pretrain: unknown key 'optimizer.lrr'"):
         make_grid(desc, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"base": "/nowhere/base.yaml"}, r"base config /nowhere/base.yaml does not exist"),
+        ({"models": ["a", "b"]}, r"'models' must map each name to a mapping"),
+        ({"datasets": {"d": "/data/d"}}, r"'datasets' must map each name to a mapping"),
+        ({"modes": "sft"}, r"'modes' must map each name to a mapping \(modes may also be a list\)"),
+        (
+            {"models": {"a_b": {}, "a": {}}, "datasets": {"c": {"train": "x"}, "b_c": {"train": "y"}}},
+            r"two grid entries are both named a_b_c_pretrain",
+        ),
+    ],
+)
+def test_make_grid_names_what_is_wrong_with_the_description(tmp_path, change, message):
+    desc = tmp_path / "grid.yaml"
+    spec = {
+        "base": str(ROOT / "yamls" / "quickstart.yaml"),
+        "models": {"a": {}},
+        "datasets": {"d": {"train": "x"}},
+    }
+    desc.write_text(yaml.safe_dump(spec | change))
+    with pytest.raises(ConfigError, match=message):
+        make_grid(desc, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="grid description .*nope.yaml does not exist"):
+        make_grid(tmp_path / "nope.yaml", out=tmp_path / "out")
 
 
 def test_wsd_schedule_by_hand():

@@ -469,3 +469,14 @@ def test_cli_prints_summary_and_reports_errors(
     with pytest.raises(SystemExit):
         cli.main([*args, "--val-fraction", "1.5"])
     assert "val_fraction must be in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--overwrite", "--shard-size", "64 megabytes"])
+    assert "shard_size must be a size under 4gb such as 64mb" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shard_size", ["64 megabytes", "-1", "4gb"])
+def test_bad_shard_size_is_refused_before_any_work(tmp_path: Path, shard_size: str) -> None:
+    with pytest.raises(ValueError, match=rf"shard_size must be a size .*got '{shard_size}'"):
+        ConvertConfig(inputs=["x"], out=str(tmp_path / "out"), tokenizer="embedded", shard_size=shard_size)
+    for ok in ("64mb", "512kb", "1000"):
+        assert ConvertConfig(inputs=["x"], out="o", tokenizer="embedded", shard_size=ok).shard_size == ok

@@ -106,6 +106,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     outputs.append(p.communicate(timeout=600)[0])
     assert p.returncode == -9
     assert "incomplete checkpoint(s) moved aside: ep0-ba4-rank0.pt.incomplete" in outputs[-1]
+    assert outputs[-1].count("moved aside") == 1  # reported once, not also as a log warning
     assert not (faulty / "crash" / "checkpoints" / "latest-rank0.pt").exists()
     # 3..: killed after a random number of training batches, then run until it finishes.
     rng = random.Random(1234)
@@ -143,3 +144,16 @@ def test_repair_relinks_to_newest_complete_checkpoint(tmp_path):
     assert "resuming from the last complete checkpoint ep0-ba4-rank0.pt" in (report.message() or "")
     # a healthy folder is left alone
     assert repair_checkpoint_folder(folder).message() is None
+
+
+def test_repair_leaves_a_sharded_checkpoint_alone(tmp_path):
+    """FSDP sharded checkpoints are folders of .distcp shards with `latest` pointing at the folder: there is no
+    single-file checkpoint, which must not be read as "nothing complete" (deleting `latest`, restarting)."""
+    folder = tmp_path / "ckpt"
+    (folder / "ep0-ba4").mkdir(parents=True)
+    (folder / "ep0-ba4" / "__0_0.distcp").write_bytes(b"shard")
+    os.symlink("ep0-ba4", folder / "latest-rank0.pt")
+    report = repair_checkpoint_folder(folder)
+    assert report.message() is None and not report.quarantined
+    assert os.readlink(folder / "latest-rank0.pt") == "ep0-ba4"
+    assert (folder / "ep0-ba4" / "__0_0.distcp").read_bytes() == b"shard"

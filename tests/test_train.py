@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from composer.core import Callback
 
 from composer_dlm import builders, train
-from composer_dlm.config import load_config
+from composer_dlm.config import ConfigError, load_config
 from composer_dlm.models import LLaDAModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,20 +45,14 @@ def tiny_overrides(base: Path, **extra: str) -> list[str]:
     return [f"{k}={v}" for k, v in over.items()]
 
 
-class LossTrace:
+class LossTrace(Callback):
     """Records the training loss of every batch."""
 
-    def __new__(cls):
-        from composer.core import Callback
+    def __init__(self) -> None:
+        self.losses: list[float] = []
 
-        class Trace(Callback):
-            def __init__(self) -> None:
-                self.losses: list[float] = []
-
-            def batch_end(self, state, logger) -> None:
-                self.losses.append(float(state.loss))
-
-        return Trace()
+    def batch_end(self, state, logger) -> None:
+        self.losses.append(float(state.loss))
 
 
 def fit(tmp_path: Path, **extra: str):
@@ -147,20 +142,38 @@ def test_untrusted_load_path_is_refused(tmp_path, capsys):
     assert code == 2 and "trusted_load_paths" in err
 
 
+def test_load_path_must_be_a_checkpoint_file_or_a_sharded_folder(tmp_path):
+    """A full checkpoint is a file; a sharded one (fsdp.state_dict_type: sharded) is a folder of shards."""
+    folder = tmp_path / "tiny" / "checkpoints" / "ep0-ba2"
+    folder.mkdir(parents=True)
+    (folder / "__0_0.distcp").write_bytes(b"")
+    (folder.parent / "ep0-ba2-rank0.pt").write_bytes(b"")
+    full = load_config(ROOT / "yamls" / "quickstart.yaml", tiny_overrides(tmp_path))
+    sharded = load_config(
+        ROOT / "yamls" / "quickstart.yaml",
+        tiny_overrides(tmp_path, **{"fsdp": "{state_dict_type: sharded}"}),
+    )
+    full.checkpoint.load_path = sharded.checkpoint.load_path = str(folder)
+    assert builders.resolve_load_path(sharded) == str(folder)
+    with pytest.raises(ConfigError, match="is not a checkpoint file"):
+        builders.resolve_load_path(full)
+    full.checkpoint.load_path = sharded.checkpoint.load_path = str(folder.parent / "ep0-ba2-rank0.pt")
+    assert builders.resolve_load_path(full) == full.checkpoint.load_path
+    with pytest.raises(ConfigError, match="is not a checkpoint folder"):
+        builders.resolve_load_path(sharded)
+    full.checkpoint.load_path = str(folder.parent / "ep0-ba9-rank0.pt")
+    with pytest.raises(ConfigError, match="does not exist"):
+        builders.resolve_load_path(full)
+
+
 def test_sft_run_on_the_embedded_sft_corpus(tmp_path):
     """SFT end to end: the embedded SFT shards give prompt lengths in every batch; it trains and evaluates."""
     seen: list[tuple[int, int]] = []
 
-    class PromptCheck:
-        def __new__(cls):
-            from composer.core import Callback
-
-            class Check(Callback):
-                def after_forward(self, state, logger) -> None:
-                    b = state.batch
-                    seen.append((int(b["prompt_lengths"].min()), int(b["input_ids"].shape[1])))
-
-            return Check()
+    class PromptCheck(Callback):
+        def after_forward(self, state, logger) -> None:
+            b = state.batch
+            seen.append((int(b["prompt_lengths"].min()), int(b["input_ids"].shape[1])))
 
     cfg = load_config(
         ROOT / "yamls" / "quickstart.yaml",

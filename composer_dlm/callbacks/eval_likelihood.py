@@ -15,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
-from composer.core import Callback, State, Time, TimeUnit
+from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 from transformers import PreTrainedTokenizerBase
 
+from composer_dlm.config import batch_interval
 from composer_dlm.data import DataError, mask_token_id
 from composer_dlm.data.sources import iter_jsonl_objects
 from composer_dlm.likelihood import score_choices
@@ -61,11 +63,8 @@ def read_mc_jsonl(
     return questions
 
 
-def _question(row: object, tokenizer: PreTrainedTokenizerBase, where: str) -> MCQuestion:
-    if not isinstance(row, dict):
-        raise DataError(
-            f"{where}: expected a JSON object with prompt, choices and answer, got {type(row).__name__}"
-        )
+def _question(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, where: str) -> MCQuestion:
+    # iter_jsonl_objects has already rejected lines that are not JSON objects.
     missing = [key for key in ("prompt", "choices", "answer") if key not in row]
     if missing:
         raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -114,11 +113,7 @@ class LikelihoodEval(Callback):
         batch_size: int = 16,
         seed: int = 0,
     ) -> None:
-        self.interval = Time.from_timestring(interval)
-        if self.interval.unit != TimeUnit.BATCH:
-            raise ValueError(
-                f"callbacks.likelihood_eval.interval must be in batches (e.g. '500ba'), got {interval!r}"
-            )
+        self.interval = batch_interval(interval, "callbacks.likelihood_eval.interval")
         if num_samples <= 0 or batch_size <= 0:
             raise ValueError(f"num_samples ({num_samples}) and batch_size ({batch_size}) must be positive")
         if max_examples is not None and max_examples <= 0:
@@ -129,7 +124,7 @@ class LikelihoodEval(Callback):
         self.last_batch: int | None = None
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        if int(state.timestamp.batch) % self.interval.value == 0:
+        if int(state.timestamp.batch) % self.interval == 0:
             self.evaluate(state, logger)
 
     def fit_end(self, state: State, logger: Logger) -> None:

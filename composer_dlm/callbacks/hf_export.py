@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from composer.core import Callback, State, Time, TimeUnit
+from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from composer_dlm.models.composer_llada import child_model
+from composer_dlm.config import batch_interval
+from composer_dlm.models.composer_llada import child_model, llada_weights
 from composer_dlm.models.llada import write_pretrained
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,7 @@ def full_llada_state_dict(state: State) -> dict[str, torch.Tensor]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     # torch annotates the result with its generic state-dict ValueType; a model's state dict holds tensors.
     full = cast(dict[str, torch.Tensor], get_model_state_dict(state.model, options=options))
-    prefix = "model."
-    return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+    return llada_weights(full)
 
 
 class HuggingFaceExport(Callback):
@@ -44,15 +44,11 @@ class HuggingFaceExport(Callback):
         self, folder: str | Path, interval: str | None = None, dtype: torch.dtype = torch.bfloat16
     ) -> None:
         self.folder = Path(folder)
-        self.interval = Time.from_timestring(interval) if interval else None
-        if self.interval is not None and self.interval.unit != TimeUnit.BATCH:
-            raise ValueError(
-                f"callbacks.hf_export.interval must be in batches (e.g. '500ba'), got {interval!r}"
-            )
+        self.interval = batch_interval(interval, "callbacks.hf_export.interval") if interval else None
         self.dtype = dtype
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        if self.interval is not None and int(state.timestamp.batch) % self.interval.value == 0:
+        if self.interval is not None and int(state.timestamp.batch) % self.interval == 0:
             self.export(state, self.folder / f"ba{int(state.timestamp.batch)}")
 
     def fit_end(self, state: State, logger: Logger) -> None:

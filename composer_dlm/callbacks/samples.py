@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 
 import torch
-from composer.core import Callback, State, Time, TimeUnit
+from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 from transformers import PreTrainedTokenizerBase
 
+from composer_dlm.config import batch_interval
 from composer_dlm.generate import generate
 from composer_dlm.models.composer_llada import inference
 
@@ -38,30 +39,27 @@ class SampleText(Callback):
     ) -> None:
         self.tokenizer = tokenizer
         self.prompts = prompts
-        self.interval = Time.from_timestring(interval)
-        if self.interval.unit != TimeUnit.BATCH:
-            raise ValueError(
-                f"callbacks.samples.interval must be in batches (e.g. '100ba'), got {interval!r}"
-            )
+        # Tokenized once here rather than at every sample.
+        self.prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        self.interval = batch_interval(interval, "callbacks.samples.interval")
         self.gen_length, self.steps = gen_length, steps
         self.block_length = block_length or gen_length
         self.mask_token_id = mask_token_id
         self.out_file = Path(out_file) if out_file else None
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        if int(state.timestamp.batch) % self.interval.value == 0:
+        if int(state.timestamp.batch) % self.interval == 0:
             self.sample(state, logger)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        if int(state.timestamp.batch) % self.interval.value != 0:  # not sampled at this batch already
+        if int(state.timestamp.batch) % self.interval != 0:  # not sampled at this batch already
             self.sample(state, logger)
 
     def sample(self, state: State, logger: Logger) -> list[str]:
         device = next(state.model.parameters()).device
         texts = []
         with inference(state) as model:
-            for prompt in self.prompts:
-                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            for ids in self.prompt_ids:
                 prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
                 out = generate(
                     model,

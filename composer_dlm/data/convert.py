@@ -17,11 +17,8 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
-import os
-import shutil
 import sys
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -43,7 +40,7 @@ from composer_dlm.data.manifest import (
 )
 from composer_dlm.data.sources import Fields, Record, list_input_files, read_records
 from composer_dlm.data.tokenizer import load_tokenizer
-from composer_dlm.fsutil import replace_folder
+from composer_dlm.fsutil import staged_folder
 
 MODES = ("pretrain", "sft")
 OVERLONG = ("drop", "truncate")
@@ -90,6 +87,7 @@ class ConvertConfig:
             )
         if self.overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {OVERLONG}, got {self.overlong!r}")
+        _check_shard_size(self.shard_size)
         if self.compression is not None:
             from streaming.base.compression import get_compressions, is_compression
 
@@ -97,6 +95,18 @@ class ConvertConfig:
                 raise ValueError(
                     f"unknown compression {self.compression!r}; e.g. zstd ({sorted(get_compressions())})"
                 )
+
+
+def _check_shard_size(shard_size: str) -> None:
+    """Refuse a shard size MDSWriter would refuse, now rather than after the tokenizer has loaded."""
+    from streaming.base.util import bytes_to_int
+
+    try:
+        size = bytes_to_int(shard_size)
+    except ValueError:
+        size = -1
+    if not 0 <= size < 2**32:  # MDSWriter's bounds: byte offsets are stored as uint32
+        raise ValueError(f"shard_size must be a size under 4gb such as 64mb or 512kb, got {shard_size!r}")
 
 
 @dataclass
@@ -206,16 +216,15 @@ def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
-def _pool(cfg: ConvertConfig, tokenizer: Any) -> Any:
-    """Tokenisation worker processes, forked where the platform allows (no re-import, no __main__ guard needed).
+def _pool(num_proc: int, encoder: Encoder) -> Any:
+    """Tokenisation worker processes, forked where the platform allows (no re-import, no __main__ guard needed),
+    each encoding with a copy of `encoder`.
 
     Made before this conversion starts any thread of its own (writers, progress bar).
     """
     method = "fork" if sys.platform == "linux" else "spawn"
     ctx = multiprocessing.get_context(method)
-    return ctx.Pool(
-        cfg.num_proc, initializer=init_worker, initargs=(tokenizer, cfg.mode, cfg.drop_empty_answers)
-    )
+    return ctx.Pool(num_proc, initializer=init_worker, initargs=(encoder,))
 
 
 def _encoded(
@@ -256,13 +265,14 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _write_splits(cfg: ConvertConfig, files: list[Path], tokenizer: Any, tmp: Path) -> dict[str, SplitCounts]:
+def _write_splits(
+    cfg: ConvertConfig, files: list[Path], encoder: Encoder, tmp: Path
+) -> dict[str, SplitCounts]:
     """Read, encode and write every record into `tmp/<split>`; return the counts per split."""
     from tqdm import tqdm
 
-    encoder = Encoder(tokenizer, mode=cfg.mode, drop_empty_answers=cfg.drop_empty_answers)
     with ExitStack() as stack:
-        pool = stack.enter_context(_pool(cfg, tokenizer)) if cfg.num_proc > 1 else None
+        pool = stack.enter_context(_pool(cfg.num_proc, encoder)) if cfg.num_proc > 1 else None
         writers = {s: _SplitWriter(tmp / s, cfg) for s in ([TRAIN, VAL] if cfg.val_fraction > 0 else [TRAIN])}
         records = read_records(files, mode=cfg.mode, fields=cfg.fields)
         if cfg.max_samples is not None:
@@ -300,12 +310,11 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
     _check_out(out, cfg.overwrite)
     files = list_input_files(cfg.inputs)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    Encoder(tokenizer, mode=cfg.mode)  # fails on a tokenizer without EOS before any work
+    # Fails on a tokenizer without EOS before any work.
+    encoder = Encoder(tokenizer, mode=cfg.mode, drop_empty_answers=cfg.drop_empty_answers)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        counts = _write_splits(cfg, files, tokenizer, tmp)
+    with staged_folder(out) as tmp:
+        counts = _write_splits(cfg, files, encoder, tmp)
         info = tokenizer_info(tokenizer, cfg.tokenizer)
         for split, c in counts.items():
             manifest = build_manifest(
@@ -326,11 +335,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
                 },
             )
             write_manifest(tmp / split, manifest)
-        _check_out(out, cfg.overwrite)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_out(out, cfg.overwrite)  # again: an output may have appeared meanwhile
     return ConvertSummary(
         out=out, mode=cfg.mode, seq_len=cfg.seq_len, splits=counts, seconds=time.perf_counter() - start
     )

@@ -133,13 +133,14 @@ class Encoder:
 _worker_encoder: Encoder | None = None
 
 
-def init_worker(tokenizer: Any, mode: str, drop_empty_answers: bool) -> None:
-    """Pool initializer: one Encoder per worker process, tokenizer threads off (the processes are the parallelism)."""
+def init_worker(encoder: Encoder) -> None:
+    """Pool initializer: this worker's copy of the converter's Encoder (forked or unpickled), tokenizer threads
+    off (the processes are the parallelism)."""
     import os
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _worker_encoder
-    _worker_encoder = Encoder(tokenizer, mode=mode, drop_empty_answers=drop_empty_answers)
+    _worker_encoder = encoder
 
 
 def encode_in_worker(records: list[Record]) -> list[Any]:
