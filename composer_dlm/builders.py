@@ -222,6 +222,13 @@ def prepare_checkpoint_folder(cfg: TrainConfig) -> None:
     dist.barrier()
 
 
+def training_complete(trainer: Trainer) -> bool:
+    """Whether the run, as loaded (autoresumed), has already reached its ``max_duration``."""
+    state = trainer.state
+    assert state.max_duration is not None, "build_trainer always sets max_duration"
+    return state.timestamp.get(state.max_duration.unit) >= state.max_duration
+
+
 def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = None) -> Trainer:
     prepare_checkpoint_folder(cfg)
     tokenizer = build_tokenizer(cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from composer_dlm.builders import build_trainer
+from composer_dlm.builders import build_trainer, training_complete
 from composer_dlm.callbacks.nan_guard import NonFiniteLossError
 from composer_dlm.config import ConfigError, load_config
 from composer_dlm.data import DataError
@@ -26,7 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv[0], argv[1:])
         trainer = build_trainer(cfg)
-        trainer.fit()
+        if training_complete(trainer):  # Composer's fit would raise on a run that has nothing left to do
+            print(
+                f"composer-dlm: {cfg.run_folder} has already trained to max_duration={cfg.max_duration} (resumed "
+                "from its latest checkpoint); nothing to do. Raise max_duration to train further, or set another "
+                "run_name for a new run.",
+                flush=True,
+            )
+        else:
+            trainer.fit()
         trainer.close()
     except USER_ERRORS as err:
         print(f"composer-dlm: error: {err}", file=sys.stderr)

@@ -85,6 +85,11 @@ def test_run_writes_checkpoints_export_and_samples_then_resumes(tmp_path, capsys
     assert [line.split("]")[0] for line in samples[:2]] == ["[sample @ batch 3", "[sample @ batch 3"]
     assert "[sample @ batch 3]" in capsys.readouterr().out
 
+    # Running the finished run again resumes from its last checkpoint, trains nothing and exits cleanly.
+    assert train.main([str(ROOT / "yamls" / "quickstart.yaml"), *tiny_overrides(tmp_path)]) == 0
+    assert "has already trained to max_duration=6ba" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").glob("ep*-ba*-rank0.pt")) == ckpts
+
     # Running again with a longer duration resumes at batch 6 instead of starting over.
     _, resumed, more = fit(tmp_path, max_duration="8ba")
     assert int(resumed.state.timestamp.batch) == 8
