@@ -6,9 +6,9 @@ thin entry point around it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -23,18 +23,38 @@ from composer.optim import (
     CosineAnnealingWithWarmupScheduler,
     LinearWithWarmupScheduler,
 )
-from composer.utils import dist
+from composer.utils import dist, reproducibility
 from transformers import PreTrainedTokenizerBase
 
+from composer_dlm.callbacks.console import ConsoleProgress
 from composer_dlm.callbacks.hf_export import HuggingFaceExport
 from composer_dlm.callbacks.nan_guard import NaNGuard
 from composer_dlm.callbacks.noise_clock import NoiseClock
 from composer_dlm.callbacks.samples import SampleText
-from composer_dlm.checkpoints import repair_checkpoint_folder
-from composer_dlm.config import ConfigError, OptimizerConfig, SchedulerConfig, TrainConfig
+from composer_dlm.checkpoints import (
+    CheckpointRetention,
+    RunIdentity,
+    check_resume,
+    prune_checkpoints,
+    repair_checkpoint_folder,
+)
+from composer_dlm.config import (
+    ConfigError,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainConfig,
+    batch_interval,
+    write_run_config,
+)
 from composer_dlm.data import build_dataloader, load_tokenizer, mask_token_id
+from composer_dlm.data.streams import stream_hyperparameters
+from composer_dlm.data.tokenizer import tokenizer_fingerprint
 from composer_dlm.models import LLaDAConfig, LLaDAModel
 from composer_dlm.models.composer_llada import ComposerLLaDA
+from composer_dlm.models.hf_format import resolve_folder
+from composer_dlm.models.lora import apply_lora, drop_frozen_weights
+from composer_dlm.parallel import parallelize
+from composer_dlm.run_lock import RunLock, RunLockedError
 from composer_dlm.schedulers import WarmupStableDecayScheduler
 
 log = logging.getLogger("composer_dlm")
@@ -44,11 +64,34 @@ def build_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     return load_tokenizer(cfg.tokenizer.name)
 
 
+def pretrained_folder(cfg: TrainConfig) -> Path | None:
+    """The local folder of ``model.pretrained`` (a hub id resolved through huggingface_hub's cache), or None."""
+    if cfg.model.pretrained is None:
+        return None
+    return resolve_folder(cfg.model.pretrained, "model.pretrained")
+
+
+def receives_weights(cfg: TrainConfig) -> bool:
+    """Whether this rank builds the model on the meta device and gets its weights from FSDP's broadcast
+    (``fsdp.sync_module_states``): every rank but local rank 0, so a node reads and holds one host copy."""
+    fsdp = cfg.fsdp
+    on_fsdp = fsdp is not None and fsdp.sync_module_states and torch.cuda.is_available()
+    return on_fsdp and dist.get_local_rank() != 0
+
+
 def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> ComposerLLaDA:
-    """From a pretrained HF folder, or from scratch with the tokenizer's mask/EOS ids written into the config."""
+    """From a pretrained HF folder, or from scratch with the tokenizer's mask/EOS ids written into the config.
+
+    Parameters are ``model.master_weights`` (fp32 by default) whatever the folder stores. See
+    :func:`receives_weights` for the ranks that start on the meta device."""
     mask_id = mask_token_id(tokenizer)
-    if cfg.model.pretrained is not None:
-        model = LLaDAModel.from_pretrained(cfg.model.pretrained)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.master_weights]
+    if cfg.model.lora is not None:  # the base is frozen: no masters, loaded straight in the compute dtype
+        dtype = lora_base_dtype(cfg)
+    device = "meta" if receives_weights(cfg) else None
+    folder = pretrained_folder(cfg)
+    if folder is not None:
+        model = LLaDAModel.from_pretrained(folder, dtype=dtype, device=device)
         if model.config.mask_token_id != mask_id:
             raise ConfigError(
                 f"model.pretrained: {cfg.model.pretrained} uses mask_token_id {model.config.mask_token_id} but the "
@@ -56,19 +99,29 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
             )
     else:
         if cfg.model.config is not None:
-            fields, source = dict(cfg.model.config), "model.config"
+            fields, source = cfg.model.config.to_dict(), "model.config"
         else:
             assert cfg.model.config_path is not None
             fields, source = LLaDAConfig.from_json(cfg.model.config_path).to_dict(), cfg.model.config_path
         fields["mask_token_id"] = mask_id
         if tokenizer.eos_token_id is not None:
             fields["eos_token_id"] = tokenizer.eos_token_id
-        model = LLaDAModel.from_config(LLaDAConfig.from_dict(fields, source=source), seed=cfg.model.init_seed)
+        config = LLaDAConfig.from_dict(fields, source=source)
+        model = LLaDAModel.from_config(config, seed=cfg.model.init_seed, device=device).to(dtype)
     assert model.config.embedding_size is not None  # filled in by LLaDAConfig.__post_init__
     if len(tokenizer) > model.config.embedding_size:
         raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {model.config.embedding_size} "
             "rows; raise model.config.vocab_size/embedding_size or use the model's tokenizer"
+        )
+    if cfg.model.lora is not None:
+        assert folder is not None  # ModelConfig requires model.pretrained
+        apply_lora(
+            model,
+            cfg.model.lora,
+            base_dtype=lora_base_dtype(cfg),
+            seed=cfg.model.init_seed,
+            base_model=str(folder.resolve()),
         )
     if cfg.model.compile_blocks:
         for block in model.blocks:
@@ -78,14 +131,30 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
     )
 
 
+def lora_base_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The frozen base of a LoRA run is stored in the dtype the run computes in: no fp32 copy under AMP."""
+    if not torch.cuda.is_available():  # CPU runs compute in fp32 (see build_trainer's precision)
+        return torch.float32
+    return {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(cfg.precision, torch.float32)
+
+
 def device_batch_size(cfg: TrainConfig) -> int:
+    """The per-process batch; refused unless the processes split the global batch, and the micro-batch it."""
     world = dist.get_world_size()
     if cfg.global_train_batch_size % world:
         raise ConfigError(
             f"global_train_batch_size ({cfg.global_train_batch_size}) is not divisible by the number of processes "
             f"({world}); choose a multiple of {world}"
         )
-    return cfg.global_train_batch_size // world
+    batch = cfg.global_train_batch_size // world
+    micro = cfg.device_train_microbatch_size
+    if micro != "auto" and batch % micro:
+        raise ConfigError(
+            f"device_train_microbatch_size ({micro}) does not divide the per-process batch ({batch} = "
+            f"global_train_batch_size {cfg.global_train_batch_size} / {world} processes); choose a divisor of "
+            f"{batch}, or 'auto'"
+        )
+    return batch
 
 
 def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -114,6 +183,19 @@ def build_scheduler(cfg: SchedulerConfig):
     )
 
 
+def samples_chat_template(setting: bool | str, mode: str, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """``callbacks.samples.chat_template`` resolved: ``auto`` is on in SFT runs whose tokenizer has a template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "auto":
+        return mode == "sft" and has_template
+    if setting and not has_template:
+        raise ConfigError(
+            "callbacks.samples.chat_template is true but the tokenizer has no chat template; set it to false "
+            "or auto, or use a tokenizer with one"
+        )
+    return bool(setting)
+
+
 def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> list[Callback]:
     c = cfg.callbacks
     callbacks: list[Callback] = [NoiseClock(), SpeedMonitor(window_size=c.speed_window)]
@@ -126,7 +208,15 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
     if c.nan_guard is not None:
         callbacks.append(NaNGuard(c.nan_guard.max_consecutive))
     if c.hf_export is not None:
-        callbacks.append(HuggingFaceExport(cfg.run_folder / c.hf_export.folder, c.hf_export.interval))
+        callbacks.append(
+            HuggingFaceExport(
+                cfg.run_folder / c.hf_export.folder,
+                c.hf_export.interval,
+                tokenizer=tokenizer,
+                source=pretrained_folder(cfg),
+                merge=c.hf_export.merge,
+            )
+        )
     if c.samples is not None:
         s = c.samples
         callbacks.append(
@@ -139,6 +229,7 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
                 block_length=s.block_length,
                 mask_token_id=mask_token_id(tokenizer),
                 out_file=cfg.run_folder / "samples.txt",
+                chat_template=samples_chat_template(s.chat_template, cfg.diffusion.mode, tokenizer),
             )
         )
     if c.likelihood_eval is not None:
@@ -154,11 +245,22 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
                 max_examples=e.max_examples,
             )
         )
+    if c.lm_eval is not None:
+        try:  # lm-eval is an optional extra
+            from composer_dlm.callbacks.lm_eval import LMEval
+        except ModuleNotFoundError as err:
+            raise ConfigError(f"callbacks.lm_eval needs lm-eval ({err}): pip install -e '.[eval]'") from None
+        callbacks.append(LMEval(c.lm_eval, tokenizer))
     return callbacks
 
 
 def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
-    loggers: list[LoggerDestination] = []
+    """Our console (a progress bar and one compact line per interval, instead of Composer's metric dumps) and
+    the file loggers the config asks for; every metric still reaches the file loggers."""
+    console_interval = batch_interval(cfg.logging.console_interval, "logging.console_interval")
+    loggers: list[LoggerDestination] = [
+        ConsoleProgress(console_interval, progress_bar=cfg.logging.progress_bar)
+    ]
     if cfg.logging.log_file:
         # One file per start, so a resumed run keeps the logs of the attempts before it.
         started = time.strftime("%Y%m%d-%H%M%S")
@@ -175,30 +277,37 @@ def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
     return loggers
 
 
-def build_parallelism(cfg: TrainConfig) -> dict | None:
-    """Composer's ``parallelism_config``: FSDPConfig's fields are named as Composer's FSDP settings are."""
-    if cfg.fsdp is None or not torch.cuda.is_available():
-        return None
-    return {"fsdp": dataclasses.asdict(cfg.fsdp)}
+def build_parallelism(cfg: TrainConfig, model: ComposerLLaDA) -> dict | None:
+    """Composer's ``parallelism_config``, after ``parallelize`` made the FSDP wrap / checkpointing choices."""
+    return parallelize(model, cfg.fsdp, on_gpu=torch.cuda.is_available())
 
 
 def resolve_load_path(cfg: TrainConfig) -> str | None:
     """Composer unpickles checkpoints, so only the run's own folder or paths listed as trusted are loaded.
 
     A local path must be a checkpoint file, or a checkpoint folder under ``fsdp.state_dict_type: sharded``
-    (Composer writes those as folders of shards). Remote paths (``s3://...``) are left to Composer."""
+    (Composer writes those as folders of shards). A remote path (``s3://bucket/run/ep0-ba10-rank0.pt``) is
+    loaded only when it starts with one of the trusted_load_paths (compared as text, up to a ``/``)."""
     path = cfg.checkpoint.load_path
-    if path is None or "://" in path:
+    if path is None:
+        return path
+    fix = (
+        "Composer checkpoints are pickles and loading one runs its code: add the folder to "
+        "checkpoint.trusted_load_paths if you trust it, or import outside weights as a Hugging Face folder with "
+        "model.pretrained (safetensors, no code)."
+    )
+    if "://" in path:
+        prefixes = [p.rstrip("/") + "/" for p in cfg.checkpoint.trusted_load_paths if "://" in p]
+        if "/../" in path or not any(path.startswith(prefix) for prefix in prefixes):
+            raise ConfigError(
+                f"checkpoint.load_path {path} is not under any of checkpoint.trusted_load_paths. {fix}"
+            )
         return path
     run = cfg.run_folder.resolve()
-    trusted = [Path(p).resolve() for p in cfg.checkpoint.trusted_load_paths]
+    trusted = [Path(p).resolve() for p in cfg.checkpoint.trusted_load_paths if "://" not in p]
     resolved = Path(path).resolve()
     if not any(resolved.is_relative_to(t) for t in [run, *trusted]):
-        raise ConfigError(
-            f"checkpoint.load_path {path} is outside the run folder {run}. Composer checkpoints are pickles and "
-            "loading one runs its code: add the folder to checkpoint.trusted_load_paths if you trust it, or "
-            "import outside weights as a Hugging Face folder with model.pretrained (safetensors, no code)."
-        )
+        raise ConfigError(f"checkpoint.load_path {path} is outside the run folder {run}. {fix}")
     if not resolved.exists():
         raise ConfigError(f"checkpoint.load_path {path} does not exist")
     sharded = cfg.fsdp is not None and cfg.fsdp.state_dict_type == "sharded"
@@ -208,18 +317,66 @@ def resolve_load_path(cfg: TrainConfig) -> str | None:
     return path
 
 
-def prepare_checkpoint_folder(cfg: TrainConfig) -> None:
-    """Before autoresume looks for ``latest``: repair what a crash mid-save left (see checkpoints.py)."""
-    if not (cfg.checkpoint.autoresume and cfg.checkpoint.save):
-        return
+def start_run(cfg: TrainConfig) -> RunLock:
+    """Before anything reads or writes the run folder: initialise the process group, take the run folder's lock
+    (global rank 0; every rank raises :class:`RunLockedError` if another run holds it), repair what a crash
+    mid-save left and apply checkpoint retention to the checkpoints already there (see checkpoints.py)."""
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu", timeout=cfg.dist_timeout)
+    lock = RunLock(cfg.run_folder)
+    refused: list[str | None] = [None]
     if dist.get_global_rank() == 0:
+        try:
+            lock.acquire()
+        except RunLockedError as err:
+            refused = [str(err)]
+    dist.broadcast_object_list(refused, src=0)
+    if refused[0] is not None:
+        raise RunLockedError(refused[0])
+    if dist.get_global_rank() == 0 and cfg.checkpoint.autoresume and cfg.checkpoint.save:
         folder = cfg.checkpoint_folder
         message = repair_checkpoint_folder(folder).message()
         if message:  # printed: Python logging is not set up until the Trainer is built
             print(f"composer-dlm: checkpoint folder {folder}: {message}", flush=True)
+        prune_checkpoints(folder, cfg.checkpoint.save_num_checkpoints_to_keep)
     dist.barrier()
+    return lock
+
+
+def check_checkpoint_to_resume(
+    cfg: TrainConfig, model: ComposerLLaDA, dataset: object, identity: RunIdentity
+) -> None:
+    """The checkpoint Composer is about to load (the run's ``latest``, else a local ``checkpoint.load_path``)
+    checked against the run as built, so a mismatch is one line at start-up (see checkpoints.check_resume)."""
+    latest = cfg.checkpoint_folder / "latest-rank0.pt"
+    path = cfg.checkpoint.load_path
+    if cfg.checkpoint.autoresume and cfg.checkpoint.save and latest.is_file():
+        source, weights_only = latest.resolve(), False
+        fix_model = "give this run another run_name to start a new one"
+        fix_data = (
+            f"start a new run from its weights: run_name=NEW checkpoint.load_path={source} "
+            f"checkpoint.load_weights_only=true checkpoint.trusted_load_paths=[{cfg.checkpoint_folder.resolve()}]"
+        )
+    elif path is not None and "://" not in path and Path(path).is_file():
+        source, weights_only = Path(path), cfg.checkpoint.load_weights_only
+        fix_model = "point checkpoint.load_path at a checkpoint of this model"
+        fix_data = (
+            "set checkpoint.load_weights_only=true to keep its weights and start the data from the beginning"
+        )
+    else:
+        return
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    check_resume(
+        source,
+        model_state=model.state_dict(),
+        frozen=frozen,
+        identity=identity,
+        dataset_samples=getattr(dataset, "epoch_size", None),  # Streaming's samples per epoch (subset_size)
+        world_size=dist.get_world_size(),
+        weights_only=weights_only,
+        fix_model=fix_model,
+        fix_data=fix_data,
+    )
 
 
 def training_complete(trainer: Trainer) -> bool:
@@ -230,9 +387,34 @@ def training_complete(trainer: Trainer) -> bool:
 
 
 def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = None) -> Trainer:
-    prepare_checkpoint_folder(cfg)
+    """The run's Trainer, autoresumed. Holds the run folder's lock until ``trainer.close()``; a run refused at
+    start-up releases it and removes the run folder if this call created it (nothing half-written is left)."""
+    if cfg.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
+        reproducibility.configure_deterministic_mode()
+    load_path = resolve_load_path(cfg)
+    device_batch_size(cfg)  # the batch geometry, checked before anything touches the disk
+    created = not cfg.run_folder.exists()
+    lock = start_run(cfg)
+    try:
+        return _assemble_trainer(cfg, lock, load_path, extra_callbacks)
+    except BaseException:
+        if created and dist.get_global_rank() == 0:
+            shutil.rmtree(cfg.run_folder, ignore_errors=True)
+        lock.release()
+        raise
+
+
+def _assemble_trainer(
+    cfg: TrainConfig, lock: RunLock, load_path: str | None, extra_callbacks: list[Callback] | None
+) -> Trainer:
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer)
+    max_len = model.model.config.max_sequence_length
+    if cfg.max_seq_len > max_len:
+        raise ConfigError(
+            f"max_seq_len ({cfg.max_seq_len}) is above the model's max_sequence_length ({max_len}); lower "
+            f"max_seq_len to at most {max_len} (and convert the data with that --seq-len)"
+        )
     batch_size = device_batch_size(cfg)
     train_loader = build_dataloader(
         cfg.train_loader,
@@ -241,6 +423,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         max_seq_len=cfg.max_seq_len,
         device_batch_size=batch_size,
     )
+    identity = RunIdentity(cfg.tokenizer.name, tokenizer_fingerprint(tokenizer))
+    check_checkpoint_to_resume(cfg, model, train_loader.dataset, identity)
     evaluators = None
     if cfg.eval_loader is not None:
         eval_loader = build_dataloader(
@@ -258,8 +442,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     microbatch = cfg.device_train_microbatch_size
     if microbatch == "auto" and not on_gpu:
         microbatch = batch_size
-    cfg.run_folder.mkdir(parents=True, exist_ok=True)
-    return Trainer(
+    keep = cfg.checkpoint.save_num_checkpoints_to_keep
+    trainer = Trainer(
         run_name=cfg.run_name,
         model=model,
         train_dataloader=train_loader,
@@ -272,20 +456,31 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         device_train_microbatch_size=microbatch,
         precision=precision,
         algorithms=[GradientClipping("norm", cfg.grad_clip_norm)] if cfg.grad_clip_norm else [],
-        callbacks=build_callbacks(cfg, tokenizer) + list(extra_callbacks or []),
+        callbacks=[lock, identity, *build_callbacks(cfg, tokenizer), *(extra_callbacks or [])],
         loggers=build_loggers(cfg),
-        parallelism_config=build_parallelism(cfg),
+        parallelism_config=build_parallelism(cfg, model),
+        deterministic_mode=cfg.deterministic,
         save_folder=str(cfg.checkpoint_folder) if cfg.checkpoint.save else None,
         save_interval=cfg.checkpoint.save_interval,
-        save_num_checkpoints_to_keep=cfg.checkpoint.save_num_checkpoints_to_keep,
+        save_num_checkpoints_to_keep=-1 if keep > 0 else keep,  # > 0: CheckpointRetention below
         autoresume=cfg.checkpoint.autoresume and cfg.checkpoint.save,
-        load_path=resolve_load_path(cfg),
+        load_path=load_path,
         load_weights_only=cfg.checkpoint.load_weights_only,
+        # A LoRA run checkpoints its adapters only; the frozen base is loaded from model.pretrained at each start.
+        save_ignore_keys=drop_frozen_weights if cfg.model.lora is not None else None,
+        load_strict_model_weights=cfg.model.lora is None,
         seed=cfg.seed,
         device="gpu" if on_gpu else "cpu",
-        progress_bar=cfg.logging.progress_bar,
-        log_to_console=True,
-        console_log_interval=cfg.logging.console_interval,
+        progress_bar=False,  # both drawn by ConsoleProgress (build_loggers)
+        log_to_console=False,
         dist_timeout=cfg.dist_timeout,
-        python_log_level="info",
+        python_log_level="warning",  # Composer's info lines drown the compact console lines
     )
+    stream_counts = getattr(train_loader.dataset, "stream_counts", [])  # a mixture's streams, else []
+    if stream_counts:  # each stream's share of the epoch, in the run's log file
+        trainer.logger.log_hyperparameters(stream_hyperparameters("train_loader", stream_counts))
+    if cfg.checkpoint.save and keep > 0:  # after Composer's CheckpointSaver, so it sees each new save
+        trainer.state.callbacks.append(CheckpointRetention(cfg.checkpoint_folder, keep))
+    if dist.get_global_rank() == 0:
+        write_run_config(cfg)
+    return trainer

@@ -8,17 +8,35 @@ remove and the create leaves no ``latest`` at all, and autoresume would silently
 
 Sharded checkpoints (FSDP ``state_dict_type: sharded``) are folders of ``.distcp`` shards, not zip archives; a
 ``latest`` pointing at a folder is left as it is, since this module cannot judge those.
+
+Also here, for the same folder: retention that counts every checkpoint on disk (:func:`prune_checkpoints`,
+:class:`CheckpointRetention`; Composer's ``save_num_checkpoints_to_keep`` only counts the saves of the current
+process, so each restart used to leave the previous process's checkpoints behind), and the start-up check that
+a checkpoint about to be resumed fits the run as configured now (:func:`check_resume`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
 
 _CKPT_NAME = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
+_SHARDED_NAME = re.compile(r"^ep(\d+)-ba(\d+)$")  # a sharded checkpoint: a folder of .distcp files
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint to resume does not fit the run as configured now; the message says what differs."""
 
 
 @dataclass
@@ -63,12 +81,7 @@ def repair_checkpoint_folder(folder: str | os.PathLike[str], rank: int = 0) -> R
         # No checkpoints yet, or a sharded one: without this check a sharded run's `latest` would be deleted as
         # "no complete checkpoint" (it has no single-file checkpoints) and every restart would start over.
         return RepairReport(None, [], False)
-    candidates = []
-    for path in folder.iterdir():
-        match = _CKPT_NAME.match(path.name)
-        if match and int(match.group(3)) == rank and path.is_file() and not path.is_symlink():
-            candidates.append((int(match.group(2)), path))
-    candidates.sort(reverse=True)
+    candidates = [(batch, path) for batch, path in saved_checkpoints(folder, rank) if path.is_file()]
     quarantined = []
     good: Path | None = None
     for _, path in candidates:
@@ -91,3 +104,152 @@ def repair_checkpoint_folder(folder: str | os.PathLike[str], rank: int = 0) -> R
         latest.unlink()
         relinked = True
     return RepairReport(good, quarantined, relinked)
+
+
+def saved_checkpoints(folder: Path, rank: int = 0) -> list[tuple[int, Path]]:
+    """(batch, path) of the checkpoints in ``folder``, newest first: rank ``rank``'s files and sharded folders."""
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path.is_symlink():
+            continue
+        file = _CKPT_NAME.match(path.name)
+        if file and int(file.group(3)) == rank and path.is_file():
+            found.append((int(file.group(2)), path))
+        sharded = _SHARDED_NAME.match(path.name)
+        if sharded and path.is_dir():
+            found.append((int(sharded.group(2)), path))
+    return sorted(found, reverse=True)
+
+
+def prune_checkpoints(folder: str | os.PathLike[str], keep: int, rank: int = 0) -> list[Path]:
+    """Deletes all but the ``keep`` newest checkpoints in ``folder`` (by batch), never the one ``latest``
+    points to; returns what it deleted. ``keep < 1`` deletes nothing (Composer's -1: keep all)."""
+    folder = Path(folder)
+    if keep < 1:
+        return []
+    latest = folder / f"latest-rank{rank}.pt"
+    protected = latest.resolve() if latest.is_symlink() else None
+    deleted = []
+    for _, path in saved_checkpoints(folder, rank)[keep:]:
+        if path.resolve() == protected:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        deleted.append(path)
+    return deleted
+
+
+class CheckpointRetention(Callback):
+    """Keeps the ``keep`` newest checkpoints of the folder after each save, counting those of earlier processes.
+
+    Must run after Composer's ``CheckpointSaver`` at each event (append it to ``trainer.state.callbacks`` once
+    the Trainer is built), and Composer's own rotation must be off (``save_num_checkpoints_to_keep=-1``):
+    Composer deletes its own saves without checking they still exist.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], keep: int) -> None:
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def _prune(self) -> None:
+        if dist.get_global_rank() == 0:
+            prune_checkpoints(self.folder, self.keep)
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._prune()
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._prune()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._prune()
+
+
+class RunIdentity(Callback):
+    """Stores what a checkpoint's numbers mean beyond its tensors (the tokenizer) in the checkpoint itself:
+    Composer saves each callback's ``state_dict`` under ``state['callbacks'][class name]``."""
+
+    def __init__(self, tokenizer_name: str, tokenizer_fingerprint: str) -> None:
+        self.identity = {"tokenizer": tokenizer_name, "tokenizer_fingerprint": tokenizer_fingerprint}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.identity)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state  # compared before loading, by check_resume
+
+
+def check_resume(
+    path: str | os.PathLike[str],
+    *,
+    model_state: Mapping[str, torch.Tensor],
+    frozen: set[str],
+    identity: RunIdentity,
+    dataset_samples: int | None,
+    world_size: int,
+    weights_only: bool,
+    fix_model: str,
+    fix_data: str,
+) -> None:
+    """Raises :class:`ResumeMismatchError` when the checkpoint at ``path`` does not fit the run as built now:
+    model tensors of another name, shape or dtype (``frozen`` names may be absent: adapters save only what
+    trains), another tokenizer, or (unless ``weights_only``) a data position past the dataset's end.
+    ``fix_model`` (model or tokenizer differ) and ``fix_data`` end the messages: what the user can do. The
+    file is read with ``mmap``: tensors are not loaded.
+
+    Only call it on trusted paths: reading the checkpoint unpickles it, as Composer's own load does.
+    """
+    try:
+        raw = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # an unreadable file is Composer's to report (and repair's to move aside)
+        return
+    state = raw.get("state", {}) if isinstance(raw, Mapping) else {}
+    saved = state.get("model") if isinstance(state, Mapping) else None
+    if not isinstance(saved, Mapping):
+        return
+    where = f"the checkpoint {path}"
+    differ = []
+    for name, tensor in model_state.items():
+        theirs = saved.get(name)
+        if theirs is None:
+            if name not in frozen:
+                differ.append(f"{name} is missing")
+        elif tuple(theirs.shape) != tuple(tensor.shape) or theirs.dtype != tensor.dtype:
+            differ.append(f"{name} is {_describe(theirs)} there, {_describe(tensor)} here")
+    differ += [f"{name} is not in this model" for name in saved if name not in model_state]
+    if differ:
+        more = f" (and {len(differ) - 3} more tensors)" if len(differ) > 3 else ""
+        raise ResumeMismatchError(
+            f"{where} does not fit the model as configured: {'; '.join(differ[:3])}{more}. Undo the change to "
+            f"the model, or {fix_model}"
+        )
+    callbacks = state.get("callbacks") or {}
+    theirs_id = callbacks.get(type(identity).__qualname__) if isinstance(callbacks, Mapping) else None
+    ours = identity.identity
+    if (
+        isinstance(theirs_id, Mapping)
+        and theirs_id.get("tokenizer_fingerprint") != ours["tokenizer_fingerprint"]
+    ):
+        raise ResumeMismatchError(
+            f"{where} was trained with the tokenizer {theirs_id.get('tokenizer')!r} (fingerprint "
+            f"{theirs_id.get('tokenizer_fingerprint')}), this run uses {ours['tokenizer']!r} (fingerprint "
+            f"{ours['tokenizer_fingerprint']}); set tokenizer.name back, or {fix_model}"
+        )
+    data = state.get("dataset_state") or {}
+    train = data.get("train") if isinstance(data, Mapping) else None
+    if weights_only or dataset_samples is None or not isinstance(train, Mapping):
+        return
+    position = int(train.get("sample_in_epoch", 0))
+    # Streaming pads an epoch up to a multiple of the world size and refuses positions beyond that.
+    padded = dataset_samples + world_size - dataset_samples % world_size
+    if position > padded:
+        raise ResumeMismatchError(
+            f"{where} is {position} samples into its epoch but the training data now has {dataset_samples} "
+            f"samples per epoch (did it shrink?); give the run its data back, or {fix_data}"
+        )
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    return f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"

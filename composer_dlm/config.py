@@ -21,9 +21,14 @@ from omegaconf.errors import OmegaConfBaseException
 from composer_dlm.data import LoaderConfig
 from composer_dlm.diffusion import DiffusionConfig
 from composer_dlm.generate import BlockPlan
+from composer_dlm.models.llada import LLaDAConfig
+from composer_dlm.models.lora import LoRAConfig
 
 if TYPE_CHECKING:
     from composer.core import Time
+
+
+RUN_CONFIG_NAME = "config.yaml"  # in the run folder: the config the run last started with
 
 
 class ConfigError(ValueError):
@@ -56,14 +61,22 @@ def batch_interval(value: str, key: str) -> int:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Where the network comes from: a config JSON (from scratch), an inline dict, or a pretrained HF folder."""
+    """Where the network comes from: a config JSON (from scratch), an inline ``config`` (LLaDA's config.json
+    fields, checked like every section), or a pretrained HF folder or hub id (``GSAI-ML/LLaDA-8B-Base``, read
+    from huggingface_hub's cache).
+
+    ``master_weights``: the dtype of the trained parameters and so of the optimizer state. ``fp32`` (default)
+    whatever the checkpoint stores; ``precision`` sets only the compute dtype. ``bf16`` halves their memory, but
+    updates smaller than bf16's resolution are lost (most of them at fine-tuning learning rates)."""
 
     config_path: str | None = None
-    config: dict[str, Any] | None = None
+    config: LLaDAConfig | None = None
     pretrained: str | None = None
+    master_weights: Literal["fp32", "bf16"] = "fp32"
     loss_impl: Literal["fused", "plain"] = "fused"
     compile_blocks: bool = False
     init_seed: int = 0
+    lora: LoRAConfig | None = None  # adapters on a frozen pretrained base (models/lora.py)
 
     def __post_init__(self) -> None:
         given = [k for k in ("config_path", "config", "pretrained") if getattr(self, k) is not None]
@@ -72,6 +85,8 @@ class ModelConfig:
                 "model: set exactly one of model.config_path (JSON, from scratch), model.config (inline) or "
                 f"model.pretrained (Hugging Face folder); got {given or 'none'}"
             )
+        if self.lora is not None and self.pretrained is None:
+            raise ConfigError("model.lora adapts a pretrained model: set model.pretrained to its folder")
 
 
 @dataclasses.dataclass
@@ -112,15 +127,29 @@ class SchedulerConfig:
 
 @dataclasses.dataclass
 class FSDPConfig:
-    """Composer's FSDP settings (``parallelism_config.fsdp``)."""
+    """Composer's FSDP settings (``parallelism_config.fsdp``). HYBRID_SHARD shards within groups of
+    ``data_parallel_shard_degree`` processes and replicates over ``data_parallel_replicate_degree`` of them
+    (e.g. the GPUs of a node x the nodes); Composer turns it into FULL_SHARD without a replicate degree."""
 
     sharding_strategy: Literal["FULL_SHARD", "HYBRID_SHARD", "SHARD_GRAD_OP", "NO_SHARD"] = "FULL_SHARD"
+    data_parallel_shard_degree: int = -1  # -1: the processes left after replication
+    data_parallel_replicate_degree: int | None = None
     mixed_precision: Literal["DEFAULT", "PURE", "FULL"] = "PURE"
     activation_checkpointing: bool = False
     activation_cpu_offload: bool = False
     state_dict_type: Literal["full", "sharded"] = "full"
     limit_all_gathers: bool = True
     use_orig_params: bool = True
+    # Rank 0 of each node reads the weights (or initialises them) and FSDP broadcasts them while sharding; the
+    # other ranks build the model on the meta device, so a node holds one host copy instead of one per rank.
+    sync_module_states: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sharding_strategy == "HYBRID_SHARD" and self.data_parallel_replicate_degree is None:
+            raise ConfigError(
+                "fsdp.sharding_strategy HYBRID_SHARD needs fsdp.data_parallel_replicate_degree (the number of "
+                "replicas, e.g. nodes; Composer would otherwise run FULL_SHARD); set it, or use FULL_SHARD"
+            )
 
 
 @dataclasses.dataclass
@@ -143,6 +172,8 @@ class CheckpointConfig:
 class HFExportConfig:
     interval: str | None = None  # also at the end of training
     folder: str = "hf"  # relative to the run folder
+    # LoRA runs only: true writes the adapters merged into a full LLaDA folder, false a peft adapter folder.
+    merge: bool = False
 
     def __post_init__(self) -> None:
         if self.interval is not None:
@@ -156,6 +187,9 @@ class SamplesConfig:
     gen_length: int = 32
     steps: int = 32
     block_length: int | None = None
+    # Wrap each prompt in the tokenizer's chat template (as a user turn, with the assistant prompt after it);
+    # 'auto': in SFT runs when the tokenizer has a template.
+    chat_template: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         batch_interval(self.interval, "callbacks.samples.interval")
@@ -193,6 +227,37 @@ class LikelihoodEvalConfig:
 
 
 @dataclasses.dataclass
+class LMEvalConfig:
+    """lm-evaluation-harness ``tasks`` on the model in memory every ``interval`` (needs the ``eval`` extra);
+    the scoring and sampler settings are those of ``python -m composer_dlm.eval``'s ``--model_args``."""
+
+    tasks: list[str]
+    interval: str = "1000ba"
+    include_path: str | None = None  # a folder of task YAMLs of your own
+    include_defaults: bool = True  # false: only include_path's tasks (skips indexing lm-eval's, ~20 s)
+    limit: int | None = None  # documents per task (all when null)
+    num_fewshot: int | None = None
+    mc_num: int = 128
+    batch_size: int = 32
+    cfg_scale: float = 0.0
+    gen_length: int | None = None
+    steps: int | None = None
+    block_length: int | None = None
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        batch_interval(self.interval, "callbacks.lm_eval.interval")
+        if not self.tasks:
+            raise ConfigError("callbacks.lm_eval.tasks is empty: name at least one lm-eval task")
+        for name in ("mc_num", "batch_size", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"callbacks.lm_eval.{name} must be >= 1, got {value}")
+        if self.cfg_scale < 0:
+            raise ConfigError(f"callbacks.lm_eval.cfg_scale must be >= 0, got {self.cfg_scale}")
+
+
+@dataclasses.dataclass
 class CallbacksConfig:
     speed_window: int = 10
     lr_monitor: bool = True
@@ -202,6 +267,7 @@ class CallbacksConfig:
     samples: SamplesConfig | None = dataclasses.field(default_factory=SamplesConfig)
     nan_guard: NaNGuardConfig | None = dataclasses.field(default_factory=NaNGuardConfig)
     likelihood_eval: LikelihoodEvalConfig | None = None
+    lm_eval: LMEvalConfig | None = None
 
     def __post_init__(self) -> None:
         if self.speed_window < 1:
@@ -210,11 +276,16 @@ class CallbacksConfig:
 
 @dataclasses.dataclass
 class LoggingConfig:
+    """The console shows a progress bar (on a terminal) and one compact line every ``console_interval``."""
+
     console_interval: str = "10ba"
-    progress_bar: bool = False
+    progress_bar: bool = True
     log_file: bool = True
     tensorboard: bool = False
     wandb_project: str | None = None
+
+    def __post_init__(self) -> None:
+        batch_interval(self.console_interval, "logging.console_interval")
 
 
 @dataclasses.dataclass
@@ -245,6 +316,9 @@ class TrainConfig:
     callbacks: CallbacksConfig = dataclasses.field(default_factory=CallbacksConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     dist_timeout: float = 600.0
+    # Composer's deterministic mode (deterministic torch algorithms, a fixed cuBLAS workspace): a GPU run killed
+    # and resumed then ends bit-identical to the uninterrupted one, at some cost in speed.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         max_duration = parse_duration(self.max_duration, "max_duration")
@@ -265,6 +339,11 @@ class TrainConfig:
     @property
     def run_folder(self) -> Path:
         return Path(self.base_path) / self.run_name
+
+    @property
+    def run_config_file(self) -> Path:
+        """The run's resolved config, written at each start (see :func:`write_run_config`)."""
+        return self.run_folder / RUN_CONFIG_NAME
 
     @property
     def checkpoint_folder(self) -> Path:
@@ -332,6 +411,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):  # e.g. train_loader.streams.<name>
+            return {k: _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
         return value
     if hint is Any:
         return value
@@ -391,6 +472,15 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+def write_run_config(cfg: TrainConfig) -> None:
+    """``cfg`` as YAML in ``{run_folder}/config.yaml`` (replaced atomically): a record of what ran, and how
+    ``scripts/generate.py`` knows a checkpoint's tokenizer and whether its run was SFT."""
+    path = cfg.run_config_file
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """``OmegaConf.load(path)``, with a missing file or invalid YAML a ConfigError naming the file."""
     path = Path(path)
@@ -400,3 +490,44 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
         return OmegaConf.load(path)
     except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: {_one_line(err)}") from None
+
+
+def describe(cls: type = TrainConfig, indent: str = "") -> str:
+    """Every key of ``cls`` with its type and default, sections nested: ``train.py --help`` prints it, so the
+    reference always matches the schema. A section whose default is null is shown with its keys as well."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        options = (hint, *typing.get_args(hint))  # a section may be optional: `X | None`
+        section = next((a for a in options if isinstance(a, type) and dataclasses.is_dataclass(a)), None)
+        if field.default is not dataclasses.MISSING:
+            default = f" = {field.default!r}"
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+            default = "" if dataclasses.is_dataclass(value) else f" = {value!r}"
+        else:
+            default = " (required)"
+        if section is None:
+            lines.append(f"{indent}{field.name}: {_type_text(hint)}{default}")
+            continue
+        doc = " ".join((section.__doc__ or "").split()).split(". ")[0].rstrip(".")
+        generated = doc.startswith(f"{section.__name__}(")  # dataclasses write a signature when undocumented
+        note = f"  # {doc}" if doc and not generated else ""
+        lines.append(f"{indent}{field.name}:{' (default null)' if default == ' = None' else ''}{note}")
+        lines.append(describe(section, indent + "  "))
+    return "\n".join(lines)
+
+
+def _type_text(hint: Any) -> str:
+    """``int | None``, ``'fp32' | 'bf16'``, ``list[str]``: types as a YAML writer reads them."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_text(a) for a in args)
+    if origin is list:
+        return f"list[{_type_text(args[0])}]" if args else "list"
+    if origin is dict or hint is dict:
+        return "mapping"
+    return _name(hint)

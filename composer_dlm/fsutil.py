@@ -22,6 +22,28 @@ def replace_folder(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Removes the hidden staging folders of ``target`` (see :func:`staged_folder`) whose writing process is gone,
+    as a hard kill leaves them; those of live processes stay. Returns the removed paths."""
+    removed = []
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = tmp.name[len(f".{target.name}.tmp-") :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 @contextmanager
 def staged_folder(target: Path) -> Iterator[Path]:
     """Yields a fresh hidden sibling of ``target`` (``.NAME.tmp-PID-RAND``, not yet created) to write the new

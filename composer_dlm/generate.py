@@ -18,8 +18,7 @@ Per step, with ``l`` the logits at the candidate positions:
   positions that are not masked, and positions after the current block, never compete.
 
 These are the semantics of LLaDA's reference ``generate.py``; at temperature 0 the output is token for token
-what it returns (it takes the argmax of ``exp(l)`` in float64, which equals the argmax of ``l`` unless logits
-exceed ~709 and overflow). That includes its quirk when the model predicts the mask token itself: committing it
+what it returns (its ``add_gumbel_noise`` returns the logits unchanged there, so it takes the argmax of ``l``). That includes its quirk when the model predicts the mask token itself: committing it
 leaves the position masked, so it stays a candidate (also in later blocks).
 
 What differs is how the work is done, not the result: for a :class:`LLaDAModel` only the candidate rows go
@@ -28,10 +27,9 @@ the commit is a batched selection on the device with a static ``k`` (no host syn
 Python loop over the batch; exact ties in confidence go to the leftmost position, which LLaDA's ``topk`` leaves
 unspecified), on CUDA the model runs its fused forward (elementwise kernels that reproduce the eager ops bit for
 bit, see :mod:`kernels.inference`), and at temperature 0 each step is replayed from a captured CUDA graph, which
-removes the gaps between kernel launches. Measured on one H200 with an 8B-shaped bf16 model (``python
-scripts/benchmark.py sampler``; prompt 128, gen 256, block 32), outputs identical to a transcription of LLaDA's
-sampler on the same model: 2.49x (256 steps) and 2.99x (64 steps) its speed at batch 1, 1.56-1.58x at
-batch 16.
+removes the gaps between kernel launches. ``python scripts/benchmark.py sampler`` times it against a faithful
+transcription of LLaDA's sampler on the same model in the same run and checks the tokens are identical; the
+README's Benchmarks section gives the measured figures and what they ran on.
 """
 
 from __future__ import annotations
@@ -157,8 +155,13 @@ def guided_logits(
     logits_BRV = _column_logits(model, x, attention_mask, cols, head_rows, fused)
     if cfg_scale > 0:
         cond, uncond_logits = logits_BRV.chunk(2)
-        logits_BRV = uncond_logits + (cfg_scale + 1) * (cond - uncond_logits)
+        logits_BRV = guide(cond, uncond_logits, cfg_scale)
     return logits_BRV
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """LLaDA's unsupervised classifier-free guidance: ``uncond + (cfg_scale + 1) * (cond - uncond)``."""
+    return uncond + (cfg_scale + 1) * (cond - uncond)
 
 
 def _column_logits(
@@ -368,7 +371,7 @@ def generate(
             "cuda_graph=True needs a model on CUDA, temperature=0 and remasking='low_confidence'; "
             "pass cuda_graph=None to choose automatically"
         )
-    plain_cuda = device.type == "cuda" and _graph_safe(model)
+    plain_cuda = fused_by_default(model, device)
     use_graph = (deterministic and plain_cuda) if cuda_graph is None else cuda_graph
     if fused and not plain_cuda:
         raise ValueError("fused=True needs a plain LLaDAModel on CUDA (not FSDP-sharded, no autocast)")
@@ -451,6 +454,12 @@ class _GraphSteps:
             self.denoiser.step(self.cols, k)
         self.pool = graph.pool()
         self.graphs[k] = graph
+
+
+def fused_by_default(model: nn.Module, device: torch.device) -> bool:
+    """Whether inference on ``model`` runs its fused forward unless told otherwise: a plain :class:`LLaDAModel`
+    on CUDA (see :func:`_graph_safe`). Shared by the sampler and :mod:`composer_dlm.likelihood`."""
+    return device.type == "cuda" and _graph_safe(model)
 
 
 def _graph_safe(model: nn.Module) -> bool:

@@ -3,9 +3,15 @@
     python scripts/generate.py runs/quickstart/hf/final --prompt "The list type" --gen-length 32 --show
     python scripts/generate.py runs/quickstart/checkpoints/latest-rank0.pt --prompt "..." --chat
 
-A checkpoint is a Hugging Face folder (config.json + safetensors; preferred: nothing in it runs code) or a
-Composer checkpoint file (``.pt``) written by our trainer. A ``.pt`` holds the weights but not the model's
-shape, which comes from ``--config`` or, when that is not given, from the run's own HF export found next to it.
+A checkpoint is a Hugging Face folder (config.json + safetensors; preferred: nothing in it runs code), a LoRA
+run's adapter folder (merged into the base folder its adapter_config.json names), or a Composer checkpoint
+file (``.pt``) written by our trainer. A ``.pt`` holds the weights but not the model's shape, which comes from
+``--config`` or, when that is not given, from the run's own HF export found next to it.
+
+Inside a run folder (``RUN/hf/final``, ``RUN/checkpoints/*.pt``) the run's ``config.yaml`` gives the defaults:
+its tokenizer, and the chat template for a run trained with ``diffusion.mode: sft`` (``--no-chat`` turns that
+off). Exit codes: 0 answers printed; 2 a user mistake (one ``composer-dlm: error:`` line); 3 every answer came
+out empty (the model produced only EOS or special tokens; a ``composer-dlm: note:`` line says what to try).
 """
 
 from __future__ import annotations
@@ -16,14 +22,17 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+from composer_dlm.cli import ArgumentParser, report
 
-from composer_dlm.generate import generate, left_pad
-from composer_dlm.models.composer_llada import llada_weights
-from composer_dlm.models.llada import CONFIG_NAME, CheckpointError, LLaDAConfig, LLaDAModel
+if TYPE_CHECKING:  # imported where used: `--help` and a bad flag answer without loading torch
+    import torch
+
+    from composer_dlm.models.llada import LLaDAModel
 
 MASK_GLYPH = "░"
+EXIT_EMPTY = 3
 
 
 def load_model(
@@ -34,7 +43,13 @@ def load_model(
     ``config`` (a LLaDA config.json) is used for a ``.pt`` only; see :func:`load_composer_checkpoint`.
     Raises :class:`CheckpointError` for a missing path or a file that is neither.
     """
+    from composer_dlm.models.hf_format import CONFIG_NAME
+    from composer_dlm.models.llada import CheckpointError, LLaDAModel
+    from composer_dlm.models.lora import is_adapter_folder, load_merged
+
     path = Path(path)
+    if path.is_dir() and is_adapter_folder(path):  # a LoRA run's export: merged into its base on load
+        return load_merged(path, dtype=dtype, device=device).eval()
     if path.is_dir():
         return LLaDAModel.from_pretrained(path, dtype=dtype, device=device).eval()
     if not path.exists():
@@ -58,6 +73,11 @@ def load_composer_checkpoint(
     names, so only load checkpoints you trust (a warning says so); the HF export of the same run is the safe
     choice. The model's shape comes from ``config`` or :func:`find_run_config`.
     """
+    import torch
+
+    from composer_dlm.models.composer_llada import llada_weights
+    from composer_dlm.models.llada import CheckpointError, LLaDAConfig, LLaDAModel
+
     path = Path(path)
     config_path = Path(config) if config is not None else find_run_config(path)
     if config_path is None:
@@ -96,6 +116,8 @@ def load_composer_checkpoint(
 def find_run_config(checkpoint: Path) -> Path | None:
     """The config.json for a checkpoint of our trainer's run layout (``RUN/checkpoints/*.pt`` beside
     ``RUN/hf/{final,baN}/config.json``): one beside the file, else ``hf/final``, else the newest export."""
+    from composer_dlm.models.hf_format import CONFIG_NAME
+
     beside = checkpoint.parent / CONFIG_NAME
     if beside.is_file():
         return beside
@@ -124,19 +146,26 @@ def render(tokenizer, ids: list[int], mask_token_id: int) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("checkpoint", help="Hugging Face folder (preferred) or Composer checkpoint .pt")
+    p.add_argument(
+        "checkpoint", help="Hugging Face folder (preferred), LoRA adapter folder, or Composer checkpoint .pt"
+    )
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument(
-        "--tokenizer", default="embedded", help="'embedded' or a tokenizer folder (default: embedded)"
+        "--tokenizer",
+        help="'embedded' or a tokenizer folder (default: the checkpoint folder's own tokenizer files, else the "
+        "run's tokenizer.name from its config.yaml, else embedded)",
     )
     p.add_argument(
         "--config", help="config.json giving the model's shape, for a .pt (default: the run's HF export)"
     )
     p.add_argument(
-        "--chat", action="store_true", help="wrap each prompt as a user turn with the chat template"
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        help="wrap each prompt as a user turn with the tokenizer's chat template (default: on for a checkpoint "
+        "of an SFT run, as its config.yaml says; --no-chat: off)",
     )
     p.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
     p.add_argument("--steps", type=int, help="denoising steps (default: gen-length)")
@@ -156,31 +185,70 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The ``config.yaml`` of the run a checkpoint belongs to (``RUN/hf/<export>``, ``RUN/checkpoints/x.pt``),
+    or ``{}`` when it is not inside a run folder of our trainer. Read as plain YAML: only defaults come from it."""
+    import yaml
+
+    from composer_dlm.config import RUN_CONFIG_NAME
+
+    path = Path(checkpoint).resolve()
+    found = path.parent.parent / RUN_CONFIG_NAME
+    if not found.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(found.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def default_tokenizer(checkpoint: str | Path, run: dict[str, Any]) -> str:
+    """The checkpoint folder itself when it holds tokenizer files, else the run's tokenizer, else embedded."""
+    folder = Path(checkpoint)
+    if folder.is_dir() and (folder / "tokenizer_config.json").is_file():
+        return str(folder)
+    name = (run.get("tokenizer") or {}).get("name")
+    return name if isinstance(name, str) else "embedded"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from composer_dlm.data import DataError, load_tokenizer, mask_token_id  # the data stack, only for the CLI
+    import torch  # after --help and flag errors, which answer without loading torch
+
+    from composer_dlm.data import load_tokenizer, mask_token_id
+    from composer_dlm.generate import generate, left_pad
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]
+    run = run_config(args.checkpoint)
+    sft_run = (run.get("diffusion") or {}).get("mode") == "sft"
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer_name = args.tokenizer or default_tokenizer(args.checkpoint, run)
+        tokenizer = load_tokenizer(tokenizer_name)
         with warnings.catch_warnings():  # the unpickling warning, as one line on stderr
             warnings.showwarning = lambda message, *_, **__: print(
-                f"generate: warning: {message}", file=sys.stderr
+                f"composer-dlm: warning: {message}", file=sys.stderr
             )
             model = load_model(args.checkpoint, config=args.config, dtype=dtype, device=device)
         mask_id = mask_token_id(tokenizer)
         if mask_id != model.config.mask_token_id:
-            raise CheckpointError(
+            raise ValueError(
                 f"the tokenizer's mask id is {mask_id} but the model's config says {model.config.mask_token_id}; "
                 "pass the model's own tokenizer with --tokenizer"
             )
+        chat = args.chat if args.chat is not None else sft_run and bool(tokenizer.chat_template)
+        if chat and args.chat is None:
+            print(
+                "composer-dlm: note: an SFT run: prompts go through the chat template (--no-chat: raw)",
+                file=sys.stderr,
+            )
         texts = args.prompt
-        if args.chat:
+        if chat:
             if not tokenizer.chat_template:
-                raise DataError(f"--chat: tokenizer {args.tokenizer!r} has no chat template")
+                raise ValueError(f"--chat: tokenizer {tokenizer_name!r} has no chat template")
             texts = [
                 tokenizer.apply_chat_template(
                     [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
@@ -188,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
                 for t in texts
             ]
         rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        longest = max(len(r) for r in rows)
+        limit = model.config.max_sequence_length
+        if longest + args.gen_length > limit:
+            raise ValueError(
+                f"the prompt ({longest} tokens) plus --gen-length {args.gen_length} is {longest + args.gen_length} "
+                f"tokens, more than the model's max_sequence_length ({limit}); shorten the prompt or lower "
+                "--gen-length"
+            )
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
         prompt_ids, attention_mask = left_pad(rows, pad_id=pad)
         steps = args.steps or args.gen_length
@@ -217,9 +293,22 @@ def main(argv: list[str] | None = None) -> int:
             on_step=show if args.show else None,
         )
     except ValueError as err:  # CheckpointError, DataError and bad sampler arguments
-        print(f"generate: error: {err}", file=sys.stderr)
-        return 2
-    for row, ids in enumerate(out[:, plen:].tolist()):
-        answer = tokenizer.decode(ids, skip_special_tokens=True)
+        return report(str(err))
+    answers = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out[:, plen:].tolist()]
+    for row, answer in enumerate(answers):
         print(answer if len(rows) == 1 else f"[{row}] {answer}", flush=True)
+    if all(not a.strip() for a in answers):
+        only_eos = bool((out[:, plen:] == model.config.eos_token_id).all())
+        what = "only EOS tokens" if only_eos else "only special tokens or whitespace"
+        hint = (
+            "try --min-new-tokens N to forbid EOS at the start"
+            if chat
+            else "if it was fine-tuned for chat (SFT), pass --chat"
+        )
+        print(
+            f"composer-dlm: note: every answer is empty: the model produced {what}. It may be undertrained "
+            f"(train longer or check the run's eval ELBO); {hint}.",
+            file=sys.stderr,
+        )
+        return EXIT_EMPTY
     return 0

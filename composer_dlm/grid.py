@@ -7,11 +7,14 @@ The description is a YAML file:
     models:                              # name -> dotted overrides
       llada_1b: {}
       llada_8b: {model.pretrained: /models/LLaDA-8B-Base, tokenizer.name: /models/LLaDA-8B-Base}
-    datasets:
-      wiki: {train: /data/wiki/train, eval: /data/wiki/val, subset_size: 100000, eval_subset_size: 2000}
+    datasets:                            # local: what convert_to_mds.py --out wrote (train/ and val/ inside)
+      wiki: {local: /data/mds/wiki, subset_size: 100000, eval_subset_size: 2000}
     modes: [pretrain, sft]               # optional per-mode overrides: {sft: {optimizer.lr: 2.5e-5}}
 
-``subset_size`` and ``eval_subset_size`` are the original trainer's --train_subset_size / --ref_subset_size.
+A dataset is the folder that scripts/convert_to_mds.py --out wrote (``local``), or its copy in object
+storage (``remote``, with ``local`` as the cache); both loaders read it, the train loader its split
+``train`` and the eval loader its split ``val``. ``subset_size`` and ``eval_subset_size`` are the original
+trainer's --train_subset_size / --ref_subset_size.
 Every generated file is validated against the schema before anything is written.
 """
 
@@ -27,19 +30,23 @@ from composer_dlm.config import ConfigError, TrainConfig, build, read_yaml
 
 
 def _dataset_overrides(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    known = {"train", "eval", "subset_size", "eval_subset_size"}
+    known = {"local", "remote", "subset_size", "eval_subset_size"}
     unknown = set(spec) - known
     if unknown:
         raise ConfigError(
-            f"datasets.{name}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}"
+            f"datasets.{name}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))} "
+            "(local: the folder convert_to_mds.py --out wrote, holding train/ and val/)"
         )
-    if "train" not in spec:
-        raise ConfigError(f"datasets.{name}: needs 'train' (a shard folder or remote path)")
-    out: dict[str, Any] = {"train_loader.local": spec["train"]}
+    if "local" not in spec and "remote" not in spec:
+        raise ConfigError(
+            f"datasets.{name}: needs 'local' (the folder convert_to_mds.py --out wrote) or 'remote'"
+        )
+    out: dict[str, Any] = {"train_loader.split": "train", "eval_loader.split": "val"}
+    for key in ("local", "remote"):
+        if key in spec:
+            out[f"train_loader.{key}"] = out[f"eval_loader.{key}"] = spec[key]
     if "subset_size" in spec:
         out["train_loader.subset_size"] = spec["subset_size"]
-    if "eval" in spec:
-        out["eval_loader.local"] = spec["eval"]
     if "eval_subset_size" in spec:
         out["eval_loader.subset_size"] = spec["eval_subset_size"]
     return out

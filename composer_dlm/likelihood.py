@@ -17,17 +17,30 @@ unbiased estimate of the negative diffusion ELBO, a lower bound on log p(answer 
 ``o + j * A / n`` lands exactly on a half, round-half-to-even favours even counts; LLaDA's code, which uses the
 same rounding, has the same slight tilt, and ``n`` a multiple of ``A`` by an odd factor avoids it.) LLaDA
 scores answers and choices this way (its ``get_log_likelihood.py``).
+
+How the work is done (:func:`mc_log_likelihoods`): the Monte-Carlo rows of many requests are packed into
+forwards of up to ``batch_tokens`` tokens (right-padded, padding hidden from attention by the key mask), only
+the masked answer positions go through the output projection and the cross-entropy, on CUDA the model runs its
+fused inference forward, and the per-request sums stay on the device until the end. The masks are drawn per
+request exactly as one request alone draws them, so the estimate of a request does not depend on what it is
+packed with (up to floating-point rounding of differently shaped matrix products).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_dlm.generate import guided_logits, model_device
+from composer_dlm.generate import fused_by_default, guide, model_device
+from composer_dlm.models.llada import FusedInference, LLaDAModel
+
+TokenIds = torch.Tensor | Sequence[int]
+HEAD_ROWS = 2048
+"""Masked positions projected to the vocabulary at a time (bounds the (rows, vocabulary) logits in memory)."""
 
 
 def mask_counts(answer_length: int, num_rows: int, offset: int) -> torch.Tensor:
@@ -46,18 +59,37 @@ def mask_counts(answer_length: int, num_rows: int, offset: int) -> torch.Tensor:
     return (counts - 1) % answer_length + 1
 
 
-def _as_ids(ids: torch.Tensor | Sequence[int], name: str) -> torch.Tensor:
+def draw_masks(
+    answer_length: int, *, num_samples: int, batch_size: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masks of all ``num_samples`` rows of one request: ``masked_NA`` (num_samples, answer_length) bool and
+    the counts ``k_N``, stratified within each batch of ``batch_size`` rows (the last one smaller).
+
+    Per batch, one offset ``o ~ U{1..A}`` and then one uniform permutation per row are drawn from ``generator``
+    (on the CPU); the positions whose permutation value is below ``k_j`` are a uniform ``k_j``-subset."""
+    full, rest = divmod(num_samples, batch_size)
+    masks, counts = [], []
+    for rows in [batch_size] * full + ([rest] if rest else []):
+        offset = int(torch.randint(1, answer_length + 1, (), generator=generator))
+        k_N = mask_counts(answer_length, rows, offset)
+        perm_NA = torch.rand((rows, answer_length), generator=generator).argsort(dim=1)
+        masks.append(perm_NA < k_N[:, None])
+        counts.append(k_N)
+    return torch.cat(masks), torch.cat(counts)
+
+
+def _as_ids(ids: TokenIds, name: str) -> torch.Tensor:
     ids = torch.as_tensor(ids, dtype=torch.long) if not isinstance(ids, torch.Tensor) else ids.long()
     if ids.dim() != 1:
         raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {tuple(ids.shape)}")
-    return ids
+    return ids.cpu()
 
 
 @torch.no_grad()
 def mc_log_likelihood(
     model: nn.Module,
-    prompt_ids: torch.Tensor | Sequence[int],
-    answer_ids: torch.Tensor | Sequence[int],
+    prompt_ids: TokenIds,
+    answer_ids: TokenIds,
     *,
     mask_token_id: int,
     num_samples: int = 128,
@@ -72,52 +104,227 @@ def mc_log_likelihood(
         prompt_ids, answer_ids: 1-D token ids; the answer must be non-empty. Neither may hold the mask token.
         num_samples: Monte-Carlo rows in all (LLaDA uses 128, and 1 for single-token answers, where the estimate
             is exact).
-        batch_size: rows per forward; the masked counts are stratified within each batch.
+        batch_size: the masked counts are stratified within each batch of this many rows.
         cfg_scale: unsupervised classifier-free guidance scale (0 disables it).
         generator: a CPU ``torch.Generator`` for the offsets and masked positions; fix its seed for numbers
             that are comparable across checkpoints and devices. ``None`` uses the global CPU generator.
     """
-    prompt = _as_ids(prompt_ids, "prompt_ids")
-    answer = _as_ids(answer_ids, "answer_ids")
-    if answer.numel() == 0:
-        raise ValueError("answer_ids is empty: there is nothing to score")
+    return mc_log_likelihoods(
+        model,
+        [(prompt_ids, answer_ids)],
+        mask_token_id=mask_token_id,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        cfg_scale=cfg_scale,
+        generators=[generator],
+    )[0]
+
+
+@torch.no_grad()
+def mc_log_likelihoods(
+    model: nn.Module,
+    requests: Sequence[tuple[TokenIds, TokenIds]],
+    *,
+    mask_token_id: int,
+    num_samples: int = 128,
+    batch_size: int = 16,
+    cfg_scale: float = 0.0,
+    generators: Sequence[torch.Generator | None] | None = None,
+    batch_tokens: int = 32768,
+    fused: bool | None = None,
+) -> list[float]:
+    """:func:`mc_log_likelihood` of many ``(prompt_ids, answer_ids)`` requests, their rows packed together.
+
+    ``generators[i]`` draws the masks of request ``i`` (``None``: the global CPU generator, in request order);
+    with the same generator state a request gets the estimate :func:`mc_log_likelihood` gives it alone.
+    ``batch_tokens`` bounds the tokens of one forward (rows times the longest row, doubled with guidance); a
+    row longer than that runs alone. ``fused`` runs the model's fused inference forward (default: on for a
+    plain :class:`LLaDAModel` on CUDA). A module other than :class:`LLaDAModel` must take ``attention_mask=``
+    (B, L) when requests of different lengths share a forward.
+    """
+    prompts = [_as_ids(p, "prompt_ids") for p, _ in requests]
+    answers = [_as_ids(a, "answer_ids") for _, a in requests]
+    if generators is None:
+        generators = [None] * len(requests)
+    if len(generators) != len(requests):
+        raise ValueError(f"{len(generators)} generators for {len(requests)} requests")
+    _check(prompts, answers, mask_token_id, num_samples, batch_size, cfg_scale, batch_tokens, generators)
+    if not requests:
+        return []
+    device = model_device(model, torch.device("cpu"))
+    use_fused = fused_by_default(model, device) if fused is None else fused
+    draws = [
+        draw_masks(a.numel(), num_samples=num_samples, batch_size=batch_size, generator=g)
+        for a, g in zip(answers, generators, strict=True)
+    ]
+    totals = torch.zeros(len(requests), dtype=torch.float64, device=device)
+    fused_options: FusedInference | bool = use_fused
+    for chunk in _pack(prompts, answers, num_samples, batch_tokens, cfg_scale > 0):
+        batch = _Batch.build(chunk, prompts, answers, draws, mask_token_id, cfg_scale > 0)
+        if use_fused and isinstance(model, LLaDAModel) and fused_options is True:
+            fused_options = model.fused_inference(batch.x_NW.to(device))  # stacked q/k/v where exact
+        nll_M = _masked_nll(model, batch, device, cfg_scale, fused_options)
+        weighted = nll_M.double() * batch.weight_M.to(device)
+        totals.index_add_(0, batch.request_M.to(device), weighted)
+    return [-float(t) / num_samples for t in totals.cpu()]
+
+
+def _check(
+    prompts: list[torch.Tensor],
+    answers: list[torch.Tensor],
+    mask_token_id: int,
+    num_samples: int,
+    batch_size: int,
+    cfg_scale: float,
+    batch_tokens: int,
+    generators: Sequence[torch.Generator | None],
+) -> None:
     if batch_size <= 0 or num_samples <= 0:
         raise ValueError(f"num_samples ({num_samples}) and batch_size ({batch_size}) must be positive")
-    if (prompt == mask_token_id).any() or (answer == mask_token_id).any():
-        raise ValueError(f"prompt or answer contains the mask token ({mask_token_id})")
+    if batch_tokens <= 0:
+        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
     if cfg_scale < 0:
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
-    if generator is not None and generator.device.type != "cpu":
-        raise ValueError(
-            f"generator must be a CPU generator (the masks are drawn on the CPU), got {generator.device}"
-        )
-    device = model_device(model, prompt.device)
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        where = "" if len(prompts) == 1 else f"request {i}: "
+        if answer.numel() == 0:
+            raise ValueError(f"{where}answer_ids is empty: there is nothing to score")
+        if (prompt == mask_token_id).any() or (answer == mask_token_id).any():
+            raise ValueError(f"{where}prompt or answer contains the mask token ({mask_token_id})")
+    for g in generators:
+        if g is not None and g.device.type != "cpu":
+            raise ValueError(
+                f"generator must be a CPU generator (the masks are drawn on the CPU), got {g.device}"
+            )
 
-    prompt_length, answer_length = prompt.numel(), answer.numel()
-    seq = torch.cat([prompt, answer]).to(device)
-    answer_dev = answer.to(device)
-    answer_cols = torch.arange(prompt_length, prompt_length + answer_length, device=device)
-    full, rest = divmod(num_samples, batch_size)
-    total = 0.0
-    for rows in [batch_size] * full + ([rest] if rest else []):
-        offset = int(torch.randint(1, answer_length + 1, (), generator=generator))
-        counts = mask_counts(answer_length, rows, offset)
-        # A uniformly random permutation per row; the positions holding its values below k_j are a uniform
-        # k_j-subset of the answer.
-        perm = torch.rand((rows, answer_length), generator=generator).argsort(dim=1)
-        masked_NA = (perm < counts[:, None]).to(device)
-        x_NL = seq.expand(rows, -1).clone()
-        x_NL[:, prompt_length:][masked_NA] = mask_token_id
-        logits_NAV = guided_logits(
-            model, x_NL, None, answer_cols, prompt_length=prompt_length, mask_token_id=mask_token_id,
-            cfg_scale=cfg_scale,
-        )  # fmt: skip
-        nll_NA = F.cross_entropy(
-            logits_NAV.float().flatten(0, 1), answer_dev.expand(rows, -1).flatten(), reduction="none"
-        ).view(rows, answer_length)
-        weights_N = answer_length / counts.to(device=device, dtype=torch.float32)
-        total += float((torch.where(masked_NA, nll_NA, 0.0).sum(dim=1) * weights_N).sum())
-    return -total / num_samples
+
+Segment = tuple[int, int, int]
+"""(request, first row, end row) of the Monte-Carlo rows of one request inside a packed forward."""
+
+
+def _pack(
+    prompts: list[torch.Tensor], answers: list[torch.Tensor], num_samples: int, batch_tokens: int, cfg: bool
+) -> list[list[Segment]]:
+    """Forwards of at most ``batch_tokens`` tokens, each a list of segments; requests in order of length (longest
+    first) so that rows packed together pad little."""
+    lengths = [p.numel() + a.numel() for p, a in zip(prompts, answers, strict=True)]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    passes = 2 if cfg else 1
+    chunks: list[list[Segment]] = []
+    current: list[Segment] = []
+    rows = width = 0
+    for r in order:
+        first = 0
+        while first < num_samples:
+            new_width = max(width, lengths[r])
+            room = batch_tokens // (new_width * passes) - rows
+            if room <= 0 and rows:
+                chunks.append(current)
+                current, rows, width = [], 0, 0
+                continue
+            take = min(max(room, 1), num_samples - first)
+            current.append((r, first, first + take))
+            rows, width, first = rows + take, new_width, first + take
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """One packed forward: the noised rows ``x_NW`` (guidance: followed by their unconditional copies), the key
+    mask where rows differ in length, and per masked answer position its row, column, target token, weight
+    ``A / k`` and request."""
+
+    x_NW: torch.Tensor
+    mask_NW: torch.Tensor | None
+    row_M: torch.Tensor
+    col_M: torch.Tensor
+    target_M: torch.Tensor
+    weight_M: torch.Tensor
+    request_M: torch.Tensor
+
+    @classmethod
+    def build(
+        cls,
+        chunk: list[Segment],
+        prompts: list[torch.Tensor],
+        answers: list[torch.Tensor],
+        draws: list[tuple[torch.Tensor, torch.Tensor]],
+        mask_token_id: int,
+        cfg: bool,
+    ) -> _Batch:
+        width = max(prompts[r].numel() + answers[r].numel() for r, _, _ in chunk)
+        num_rows = sum(end - first for _, first, end in chunk)
+        x_NW = torch.full((num_rows, width), mask_token_id, dtype=torch.long)
+        lengths_N = torch.empty(num_rows, dtype=torch.long)
+        prompt_N = torch.empty(num_rows, dtype=torch.long)
+        rows, cols, targets, weights, owners = [], [], [], [], []
+        n = 0
+        for r, first, end in chunk:
+            prompt, answer = prompts[r], answers[r]
+            masked_NA, k_N = draws[r][0][first:end], draws[r][1][first:end]
+            p, a, count = prompt.numel(), answer.numel(), end - first
+            x_NW[n : n + count, :p] = prompt
+            x_NW[n : n + count, p : p + a] = torch.where(masked_NA, mask_token_id, answer)
+            lengths_N[n : n + count], prompt_N[n : n + count] = p + a, p
+            row, col = masked_NA.nonzero(as_tuple=True)
+            rows.append(row + n)
+            cols.append(col + p)
+            targets.append(answer[col])
+            weights.append(a / k_N[row].double())
+            owners.append(torch.full_like(row, r))
+            n += count
+        columns = torch.arange(width)
+        mask_NW = (columns < lengths_N[:, None]) if bool((lengths_N < width).any()) else None
+        if cfg:
+            uncond = x_NW.masked_fill(columns < prompt_N[:, None], mask_token_id)
+            x_NW = torch.cat([x_NW, uncond])
+            mask_NW = torch.cat([mask_NW, mask_NW]) if mask_NW is not None else None
+        return cls(
+            x_NW=x_NW,
+            mask_NW=mask_NW,
+            row_M=torch.cat(rows),
+            col_M=torch.cat(cols),
+            target_M=torch.cat(targets),
+            weight_M=torch.cat(weights),
+            request_M=torch.cat(owners),
+        )
+
+
+def _masked_nll(
+    model: nn.Module, batch: _Batch, device: torch.device, cfg_scale: float, fused: FusedInference | bool
+) -> torch.Tensor:
+    """-log p(target) at every masked position (M,), float32, with guidance when ``cfg_scale > 0``.
+
+    A :class:`LLaDAModel` projects only those positions' hidden states (inside its forward, where FSDP would
+    have the output weight gathered); other modules return full logits, which are then indexed."""
+    x_NW = batch.x_NW.to(device, non_blocking=True)
+    mask_NW = batch.mask_NW.to(device, non_blocking=True) if batch.mask_NW is not None else None
+    row_M, col_M = batch.row_M.to(device), batch.col_M.to(device)
+    target_M = batch.target_M.to(device)
+    half = x_NW.shape[0] // 2 if cfg_scale > 0 else 0
+
+    def nll(project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy at the masked positions, ``project(rows, cols)`` giving their logits, a slice at a time."""
+        pieces = [torch.zeros(0, device=device)]
+        for s in range(0, row_M.numel(), HEAD_ROWS):
+            rows, cols = row_M[s : s + HEAD_ROWS], col_M[s : s + HEAD_ROWS]
+            logits_MV = project(rows, cols)
+            if cfg_scale > 0:
+                logits_MV = guide(logits_MV, project(rows + half, cols), cfg_scale)
+            pieces.append(F.cross_entropy(logits_MV.float(), target_M[s : s + HEAD_ROWS], reduction="none"))
+        return torch.cat(pieces)
+
+    if isinstance(model, LLaDAModel):
+
+        def head(hidden_NWH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
+            return nll(lambda rows, cols: F.linear(hidden_NWH[rows, cols], weight_VH))
+
+        return model(x_NW, attention_mask=mask_NW, head=head, fused=fused)
+    out = model(x_NW) if mask_NW is None else model(x_NW, attention_mask=mask_NW)
+    logits_NWV = getattr(out, "logits", out)
+    return nll(lambda rows, cols: logits_NWV[rows, cols])
 
 
 @torch.no_grad()

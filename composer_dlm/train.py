@@ -2,6 +2,7 @@
 
 Also runs on one process as ``python -m composer_dlm.train ...``. Reads the YAML (see config.py), builds the
 tokenizer, model, loaders, optimizer, schedule and callbacks (builders.py), and calls Composer's ``Trainer.fit``.
+Any key below can be set in the YAML or overridden on the command line (``optimizer.lr=1e-4``).
 """
 
 from __future__ import annotations
@@ -11,18 +12,32 @@ import sys
 
 from composer_dlm.builders import build_trainer, training_complete
 from composer_dlm.callbacks.nan_guard import NonFiniteLossError
-from composer_dlm.config import ConfigError, load_config
+from composer_dlm.checkpoints import ResumeMismatchError
+from composer_dlm.cli import report
+from composer_dlm.config import ConfigError, describe, load_config
 from composer_dlm.data import DataError
 from composer_dlm.models import CheckpointError
+from composer_dlm.run_lock import RunLockedError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    NonFiniteLossError,
+    RunLockedError,
+    ResumeMismatchError,
+)
+USAGE = "usage: composer composer_dlm/train.py RUN.yaml [dotted.key=value ...]  (--help lists every key)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv else 2
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{__doc__.strip()}\n\n{USAGE}\n\nConfig keys (type = default):\n\n{describe()}")
+        return 0
+    if not argv or argv[0].startswith("-"):
+        what = f"unknown option {argv[0]}" if argv else "no config file given"
+        return report(f"{what}; {USAGE}")
     try:
         cfg = load_config(argv[0], argv[1:])
         trainer = build_trainer(cfg)
@@ -37,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit()
         trainer.close()
     except USER_ERRORS as err:
-        print(f"composer-dlm: error: {err}", file=sys.stderr)
-        return 2
+        return report(str(err))
     return 0
 
 

@@ -18,8 +18,9 @@ walked in chunks of C rows. Per chunk:
    rounding into d(hidden);
 4. cuBLAS: dW += G0.T @ h_C, accumulated in place (beta = 1, float32 inside each product).
 
-After the last chunk a Triton kernel adds the target terms dW[t] += sum_i g_t,i * h_i in float32, rows
-grouped by target (sorted, so no atomics: deterministic). Keeping the target entries out of the bf16
+After the last chunk two Triton kernels add the target terms dW[t] += sum_i g_t,i * h_i in float32, over
+the rows sorted by target and cut into segments, parallel over rows and deterministic (no atomics; see
+kernels.masked_ce_triton), so SFT batches whose EOS padding puts most rows on one target cost no more. Keeping the target entries out of the bf16
 matrices matters: they dominate both gradients, and rounding them once more to bf16 on top of the final
 rounding would put the gradients at ~2.3e-3 relative error instead of ~1.7e-3. d(weight) accumulates
 in float32 when the weight is float32 (a master parameter under autocast: the gradient buffer itself is
@@ -37,9 +38,9 @@ Cost, with b = bytes of the compute dtype, a = bytes of the dW accumulator, k = 
            written per chunk: 2·k·V·H·a; plus O(M·H) for gathers and the target terms.
 At B·L = 16384, half weighted (M = 8192), H = 4096, V = 126464, bf16, C = 1024 (k = 8): 2.55e13 FLOPs
 (32 ms at 790 TFLOP/s), and 6.2 + 6.2 + 16.6 + 16.6 GB, of which only the row kernel's 6.2 GB (~1.5 ms at
-4.3 TB/s) is not hidden under the compute-bound GEMMs. Measured on one H200 (torch 2.11): a profiled step
-is 35.5 ms of kernels (GEMMs 33.0 ms, ~775 TFLOP/s; row kernel 1.75 ms; the rest 0.8 ms), the timed median
-40.8 ms. C is a multiple of 1024 where the budget allows: C = 1024 beat C = 1408 and 1664 (the d(hidden)
+4.3 TB/s) is not hidden under the compute-bound GEMMs. Measured on one H200 (torch 2.11, 2026-12-01): a profiled step
+is 36.4 ms of kernels (GEMMs 33.8 ms; row kernel 1.8 ms; target terms 0.2 ms; the rest 0.6 ms), the timed
+median 41.5 ms, the same with 90% of the rows on one target and on the forced torch-2.7 branch. C is a multiple of 1024 where the budget allows: C = 1024 beat C = 1408 and 1664 (the d(hidden)
 product's C·H output fills whole waves of tiles). Transient memory is the (C, V) buffer (at most
 chunk_bytes = 448 MiB; 247 MiB at C = 1024) plus O(C·H): 0.28 GiB measured at that shape.
 """
@@ -52,12 +53,12 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.masked_ce_reference import masked_linear_cross_entropy_reference
 
-_LOG2E = tl.constexpr(1.4426950408889634)  # globals used in kernels must be constexpr
+FORCE_TORCH27_ENV = "COMPOSER_DLM_FORCE_TORCH27"
+"""Set to 1 to take the branches the pinned torch 2.7 takes (no matmul ``out_dtype``) on a newer torch: how
+the GPU suite and the benchmarks measure the stack users install, on a machine that runs a newer torch."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,8 @@ class KernelConfig:
     """Launch settings. Tests use tiny blocks and chunks so the interpreter covers every loop."""
 
     block_v: int = 4096  # vocabulary tile of the per-row softmax kernel
-    block_h: int = 256  # hidden tile of the target-term kernel
+    block_h: int = 256  # hidden tile of the target-term kernels
+    segment_rows: int = 32  # sorted rows per program of the target-term pass (its parallelism over rows)
     num_warps: int = 16
     chunk_bytes: int = 448 << 20  # budget of the reused (C, V) logits buffer
     max_chunk_rows: int | None = None  # optional cap on C
@@ -78,102 +80,19 @@ class KernelConfig:
 DEFAULT_CONFIG = KernelConfig()
 
 
-@triton.jit
-def _softmax_grad_rows_kernel(
-    z_ptr,  # (C, V) logits in the compute dtype; overwritten with G0 when WRITE_GRAD
-    stride_z,
-    targets_ptr,  # (C,) int64
-    weights_ptr,  # (C,) float32
-    ce_ptr,  # (C,) float32 out: lse - z_t
-    correct_ptr,  # (C,) int8 out: argmax == t
-    gt_ptr,  # (C,) float32 out: w * (p_t - 1)
-    V,
-    WRITE_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0)
-    base = z_ptr + row.to(tl.int64) * stride_z
-    t = tl.load(targets_ptr + row)
-    cols = tl.arange(0, BLOCK_V)
-    # Per-lane online max / sum-exp / first argmax, reduced across lanes after the loop.
-    m_vec = tl.full([BLOCK_V], -1.0e30, tl.float32)
-    s_vec = tl.zeros([BLOCK_V], tl.float32)
-    i_vec = tl.zeros([BLOCK_V], tl.int32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        z = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        i_vec = tl.where(z > m_vec, offs, i_vec)
-        m_new = tl.maximum(m_vec, z)
-        s_vec = s_vec * tl.exp2((m_vec - m_new) * _LOG2E) + tl.exp2((z - m_new) * _LOG2E)
-        m_vec = m_new
-    m = tl.max(m_vec, axis=0)
-    s = tl.sum(s_vec * tl.exp2((m_vec - m) * _LOG2E), axis=0)
-    lse = m + tl.log2(s) / _LOG2E
-    argmax = tl.min(tl.where(m_vec == m, i_vec, 2147483647), axis=0)
-    z_t = tl.load(base + t).to(tl.float32)
-    tl.store(ce_ptr + row, lse - z_t)
-    tl.store(correct_ptr + row, (argmax == t).to(tl.int8))
-    if WRITE_GRAD:
-        w = tl.load(weights_ptr + row)
-        tl.store(gt_ptr + row, w * (tl.exp2((z_t - lse) * _LOG2E) - 1.0))
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            z = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.where(offs == t, 0.0, w * tl.exp2((z - lse) * _LOG2E))
-            tl.store(base + offs, g.to(z_ptr.dtype.element_ty), mask=mask)
+def forced_torch27() -> bool:
+    """Whether COMPOSER_DLM_FORCE_TORCH27=1 asks for the pinned torch's branches (read here only)."""
+    return os.environ.get(FORCE_TORCH27_ENV, "0") not in ("", "0")
 
 
-@triton.jit
-def _add_target_terms_kernel(
-    dw_ptr,  # (V, H) d(weight), updated in place
-    stride_dw,
-    hidden_ptr,  # (N, H) hidden in the compute dtype
-    stride_h,
-    sorted_t_ptr,  # (M,) int64 targets of the weighted rows, sorted
-    sorted_rows_ptr,  # (M,) int64 their row indices into hidden
-    sorted_g_ptr,  # (M,) float32 their target coefficients g_t
-    M,
-    H,
-    BLOCK_H: tl.constexpr,
-):
-    """dW[t] += sum over rows i with target t of g_t,i * h_i, in float32; the first row of each run of
-    equal targets owns the sum, so every dW row is written by exactly one program."""
-    j = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    cmask = cols < H
-    t0 = tl.load(sorted_t_ptr + j)
-    prev = tl.load(sorted_t_ptr + j - 1, mask=j > 0, other=-1)
-    if prev != t0:
-        dst = dw_ptr + t0 * stride_dw + cols
-        acc = tl.load(dst, mask=cmask, other=0.0).to(tl.float32)
-        k = j
-        t_k = t0
-        while t_k == t0:
-            r = tl.load(sorted_rows_ptr + k)
-            g = tl.load(sorted_g_ptr + k)
-            h = tl.load(hidden_ptr + r * stride_h + cols, mask=cmask, other=0.0).to(tl.float32)
-            acc += g * h
-            k += 1
-            t_k = tl.load(sorted_t_ptr + k, mask=k < M, other=-1)
-        tl.store(dst, acc.to(dw_ptr.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
-    """x *= g in float32, in place; returns at once when g == 1 (the usual grad_output)."""
-    g = tl.load(g_ptr).to(tl.float32)
-    if g != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        tl.store(x_ptr + offs, (x.to(tl.float32) * g).to(x_ptr.dtype.element_ty), mask=mask)
+def _has_out_dtype(device_type: str) -> bool:
+    """Whether torch.mm / addmm take out_dtype=float32 for bf16/fp16 operands here (CUDA, torch >= 2.8),
+    including addmm accumulating into its own fp32 input, and bmm; False when the torch-2.7 branch is forced."""
+    return not forced_torch27() and _probe_out_dtype(device_type)
 
 
 @functools.cache
-def _has_out_dtype(device_type: str) -> bool:
-    """Whether torch.mm / addmm take out_dtype=float32 for bf16/fp16 operands here (CUDA, torch >= 2.8),
-    including addmm accumulating into its own fp32 input, and bmm."""
+def _probe_out_dtype(device_type: str) -> bool:
     if device_type != "cuda":
         return False
     try:
@@ -210,10 +129,11 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool
             acc.addmm_(a, b)
     elif _has_out_dtype(a.device.type):
         torch.addmm(acc, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=acc)  # type: ignore[call-overload]
-    else:  # older torch: float32 sum of low-precision partial products, in row slices to bound memory
+    else:  # older torch: float32 sum of low-precision partial products, in row slices to bound memory; the
+        # low-precision slice is added as it is (converted inside the add, no float32 copy of it)
         step = max(1, (64 << 20) // max(1, b.shape[1] * a.element_size()))
         for s in range(0, a.shape[0], step):
-            part = torch.mm(a[s : s + step], b).float()
+            part = torch.mm(a[s : s + step], b)
             if first:
                 acc[s : s + step].copy_(part)
             else:
@@ -282,6 +202,8 @@ def _forward(
         d_weight = torch.empty(vocab, dim, dtype=acc_dtype, device=device)
 
     need_grad = need_dh or need_dw
+    from kernels import masked_ce_triton as tk  # on first use: `import kernels` works without Triton
+
     targets_M = targets.index_select(0, rows_M)
     weights_M = row_weight.index_select(0, rows_M)
     ce_M = torch.empty(num_w, dtype=torch.float32, device=device)
@@ -295,17 +217,15 @@ def _forward(
         hidden_CH = hidden_c.index_select(0, rows_C)
         z_CV = buf[: stop - start]
         torch.mm(hidden_CH, weight_c.t(), out=z_CV)
-        _softmax_grad_rows_kernel[(stop - start,)](
+        tk.softmax_grad_rows(
             z_CV,
-            z_CV.stride(0),
             targets_M[start:stop],
             weights_M[start:stop],
             ce_M[start:stop],
             correct_M[start:stop],
             gt_M[start:stop],
-            vocab,
-            WRITE_GRAD=need_grad,
-            BLOCK_V=cfg.block_v,
+            write_grad=need_grad,
+            block_v=cfg.block_v,
             num_warps=cfg.num_warps,
         )
         if d_hidden is not None:
@@ -319,34 +239,20 @@ def _forward(
         # The sort returns the sorted targets with their order (no separate gather); indexing a 1-D
         # tensor yields new contiguous ones.
         sorted_t, order = torch.sort(targets_M, stable=True)
-        grid = (num_w, triton.cdiv(dim, cfg.block_h))
-        _add_target_terms_kernel[grid](
+        tk.add_target_terms(
             d_weight,
-            d_weight.stride(0),
             hidden_c,
-            hidden_c.stride(0),
             sorted_t,
             rows_M[order],
             gt_M[order],
-            num_w,
-            dim,
-            BLOCK_H=cfg.block_h,
-            num_warps=4,
+            segment_rows=cfg.segment_rows,
+            block_h=cfg.block_h,
         )
         d_weight = d_weight.to(weight.dtype)
     ce_N.index_copy_(0, rows_M, ce_M)
     correct_N.index_copy_(0, rows_M, correct_M.view(torch.bool))  # 0 / 1 bytes: a view, not a copy
     loss = torch.dot(weights_M, ce_M)
     return loss, ce_N, correct_N, d_hidden, d_weight
-
-
-def _scale_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """x *= g in place (float32 arithmetic); a no-op on the device when g == 1."""
-    n = x.numel()
-    if n:
-        block = 8192
-        _scale_kernel[(triton.cdiv(n, block),)](x, g.reshape(1).float(), n, BLOCK=block)
-    return x
 
 
 class _MaskedLinearCE(torch.autograd.Function):
@@ -380,15 +286,27 @@ class _MaskedLinearCE(torch.autograd.Function):
         ctx.used = True  # type: ignore[attr-defined]
         d_hidden, d_weight = ctx.saved_tensors  # type: ignore[attr-defined]
         g = grad_loss.detach().contiguous()
-        if d_hidden is not None:
-            _scale_(d_hidden, g)
-        if d_weight is not None:
-            _scale_(d_weight, g)
+        from kernels import masked_ce_triton as tk
+
+        for grad in (d_hidden, d_weight):
+            if grad is not None:
+                tk.scale_(grad, g)
         return d_hidden, d_weight, None, None, None, None
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports here (torch wheels for some platforms ship without it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    on_device = t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return on_device and triton_available()
 
 
 @torch.compiler.disable
@@ -406,7 +324,7 @@ def masked_linear_cross_entropy(
     hidden (N, H), weight (V, H), targets (N,) int (valid ids wherever the weight is nonzero, anything
     elsewhere), row_weight (N,) float. Under autocast both operands are cast to the autocast dtype, as
     F.linear would be; otherwise they must share a dtype. Runs the Triton path on CUDA (or on CPU when
-    TRITON_INTERPRET=1) and the plain-PyTorch reference otherwise. With `return_stats`, also returns,
+    TRITON_INTERPRET=1) where Triton is installed, and the plain-PyTorch reference otherwise. With `return_stats`, also returns,
     without gradient, per-row CE (float32, (N,)) and argmax == target (bool, (N,)), both zero where the
     weight is 0.
     """

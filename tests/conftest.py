@@ -26,9 +26,12 @@ import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    """``gpu`` tests are skipped without CUDA. ``world_size(n)`` tests start n processes through Composer's
+    launcher themselves: on CPU any n runs (gloo); a ``gpu`` test with ``world_size(n)`` needs n GPUs."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+        marker = item.get_closest_marker("world_size")
+        needed = int(marker.args[0]) if marker is not None and marker.args else 1
+        if "gpu" in item.keywords and gpus < needed:
+            reason = "needs CUDA" if gpus == 0 else f"needs {needed} GPUs, found {gpus}"
+            item.add_marker(pytest.mark.skip(reason=reason))

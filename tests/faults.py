@@ -1,17 +1,73 @@
 """Fault injection for tests: runs composer_dlm.train in this process and kills it (SIGKILL) at a chosen point.
 
     python tests/faults.py MODE N YAML [overrides...]
+    composer -n 2 tests/faults.py MODE N YAML [overrides...]     (every rank installs the fault)
 
 MODE ``save``: the N-th checkpoint write of this process stops halfway (the file truncated) and the process dies.
 MODE ``relink``: at the N-th checkpoint, the process dies after Composer removed ``latest`` and before it
-created the new one. MODE ``none``: no fault. Random-time kills are done from outside by the test.
+created the new one. MODE ``dcp`` (sharded FSDP checkpoints): at the N-th checkpoint each rank truncates its
+shard file once written and dies. MODE ``none``: no fault. Random-time kills are done from outside by the test
+(:func:`kill_after_batches`); :func:`launch_ranks` starts N processes through Composer's launcher.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
+import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# A training batch on the console: Composer's "[batch=3/12]" or our progress line "[batch 3/12] loss ...".
+BATCH_LINE = re.compile(r"^\[batch[ =]\d+")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_ranks(nproc: int, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m composer.cli.launcher -n nproc --master_port P ARGS`` (what ``composer -n`` runs), in its
+    own process group so that :func:`kill_group` takes the launcher and every rank down at once, as a crash of
+    the machine would. Rank 0's output is piped; the other ranks' goes to Composer's per-rank log files."""
+    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(nproc), "--master_port", str(free_port())]
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"} | (env or {})
+    return subprocess.Popen(
+        [*cmd, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def kill_after_batches(p: subprocess.Popen, k: int, *, group: bool = False) -> str:
+    """SIGKILLs ``p`` (with ``group``, its whole process group) once it has logged ``k`` training batches;
+    returns what it printed."""
+    assert p.stdout is not None
+    lines, seen = [], 0
+    for line in p.stdout:
+        lines.append(line)
+        seen += bool(BATCH_LINE.match(line))
+        if seen == k:
+            kill_group(p) if group else p.kill()
+            break
+    rest, _ = p.communicate(timeout=600)
+    return "".join(lines) + (rest or "")
 
 
 def _die() -> None:
@@ -51,6 +107,25 @@ def install(mode: str, n: int) -> None:
                 return real_os.symlink(src, dst)
 
         saver.os = OsProxy()
+    elif mode == "dcp":
+        real_dcp = ckpt.dist_cp
+
+        class DcpProxy:
+            def __getattr__(self, name):  # type: ignore[no-untyped-def]
+                return getattr(real_dcp, name)
+
+            @staticmethod
+            def save(*args, storage_writer, **kwargs):  # type: ignore[no-untyped-def]
+                calls["write"] += 1
+                result = real_dcp.save(*args, storage_writer=storage_writer, **kwargs)
+                if calls["write"] == n:
+                    for shard in Path(storage_writer.path).glob(f"__{os.environ.get('RANK', '0')}_*.distcp"):
+                        with open(shard, "r+b") as f:
+                            f.truncate(shard.stat().st_size // 2)
+                    _die()  # before Composer points `latest` at it
+                return result
+
+        ckpt.dist_cp = DcpProxy()
     elif mode != "none":
         raise SystemExit(f"unknown fault mode {mode!r}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from composer_dlm.benchmarks import train as bench
 from composer_dlm.models.llada import LLaDAConfig
@@ -12,6 +13,9 @@ from composer_dlm.models.llada import LLaDAConfig
 
 def test_train_benchmark_runs_and_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CDLM_BENCH_DATA", str(tmp_path / "data"))
+    # The fused loss through its plain-PyTorch twin (the interpreter is slow; the kernel has its own tests):
+    # what is checked here is the benchmark's accounting.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = tmp_path / "result.json"
     bench.main(
         [
@@ -37,23 +41,36 @@ def test_train_benchmark_runs_and_reports(tmp_path, monkeypatch, capsys):
             "none",
             "--no-compile",
             "--loss-impl",
-            "plain",
+            "fused",
             "--reference",
             "--out",
             str(out),
         ]
     )
-    results = json.loads(out.read_text())
+    raw = json.loads(out.read_text())
+    assert raw["environment"]["torch"] == torch.__version__ and raw["world_size"] == 1
+    results = raw["results"]
     assert [r["micro_batch"] for r in results] == [2, 4, 4, 8]
     assert all(r["tokens_per_s_per_gpu"] > 0 and not r.get("oom") for r in results)
     # MFU of both paths: the model's training FLOPs per token against the 989 TFLOP/s bf16 peak.
     config = LLaDAConfig(
         d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64, vocab_size=4096, mask_token_id=0
     )
+    # By hand: per block 2*32 + 32^2 + 2*32*32 + 32^2 + 3*32*64 = 10304 parameters; 2 blocks + ln_f + the
+    # output projection 4096*32 = 151,712; per token 3 * (2 * 151,712 + 4 * 2 * 32 * 32) = 934,848 FLOPs.
     per_token = config.training_flops(1, 32) / 32
+    assert per_token == 934_848
     for r in results:
         assert r["mfu"] == pytest.approx(r["tokens_per_s_per_gpu"] * per_token / 989e12)
         assert r["step_s"] > 0
+    for r in results[
+        :2
+    ]:  # the fused loss projects the masked rows only: 6 * 4096 * 32 FLOPs fewer per other row
+        assert 0.2 < r["masked_fraction"] < 0.8
+        executed = per_token - 6 * 4096 * 32 * (1 - r["masked_fraction"])
+        assert r["executed_utilisation"] == pytest.approx(r["tokens_per_s_per_gpu"] * executed / 989e12)
+    for r in results[2:]:  # full logits: every row projected
+        assert r["executed_utilisation"] == r["mfu"]
     assert results[0]["path"].startswith("ours") and results[2]["path"].startswith("reference")
     table = capsys.readouterr().out
     assert table.count("| ours") == 2 and table.count("| reference") == 2

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from composer_dlm.diffusion import DiffusionConfig, diffusion_loss, forward_process
+from composer_dlm.diffusion import DiffusionConfig, diffusion_loss
 from composer_dlm.models import LLaDAModel
 from composer_dlm.models.composer_llada import ComposerLLaDA
 
@@ -38,11 +38,8 @@ def test_forward_loss_is_the_objective_on_the_models_logits(mode):
     out = model(b)
     # Recompute independently: same generator seed, full logits, the definition of the loss.
     model.set_noise_step(11)
-    gen = model._train_generator(b["input_ids"].device)
     pl = b.get("prompt_lengths")
-    noisy, masked, p_mask = forward_process(
-        b["input_ids"], mask_token_id=MASK, prompt_lengths=pl, generator=gen
-    )
+    noisy, masked, p_mask = model.train_noise(b["input_ids"], pl)
     expected = diffusion_loss(model.model(noisy), b["input_ids"], masked, p_mask, pl)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert out.num_masked.item() == masked.sum().item()
@@ -96,6 +93,33 @@ def test_training_noise_follows_the_step():
     model.set_noise_step(4)
     first, second = model(b).loss.item(), model(b).loss.item()  # two microbatches of one step differ
     assert first != second
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "sft"])
+def test_training_noise_does_not_depend_on_the_microbatch_split(mode):
+    """Row r of batch s gets the noise of generator seed (seed, rank, s, r) whichever micro-batch holds it, so
+    Composer's weighted sum of micro-batch losses (weights microbatch / batch) is the whole batch's loss."""
+    model = make(mode, random_length_prob=0.5)
+    b = batch(2, sft=mode == "sft")
+    model.set_noise_step(7)
+    whole_noise = model.train_noise(b["input_ids"], b.get("prompt_lengths"))
+    model.set_noise_step(7)
+    whole = model(b).loss.item()
+    for split in ([1, 3], [2, 2], [1, 1, 1, 1]):
+        model.set_noise_step(7)
+        parts, noise, start = 0.0, [], 0
+        for size in split:
+            mb = {k: v[start : start + size] for k, v in b.items()}
+            parts += model(mb).loss.item() * size / 4
+            start += size
+        model.set_noise_step(7)
+        for size in split:  # the noise itself, row by row, independently of the loss
+            rows = slice(sum(noise_rows.shape[0] for noise_rows in noise), None)
+            mb_ids = b["input_ids"][rows][:size]
+            mb_pl = None if mode == "pretrain" else b["prompt_lengths"][rows][:size]
+            noise.append(model.train_noise(mb_ids, mb_pl)[1])
+        assert torch.equal(torch.cat(noise), whole_noise[1]), split
+        assert parts == pytest.approx(whole, rel=1e-6), split
 
 
 def test_eval_is_reproducible_and_independent_of_training_state():

@@ -25,7 +25,8 @@ def test_shipped_yamls_validate(path):
 def test_llada_1b_shape_is_the_issues():
     cfg = load_config(ROOT / "yamls" / "llada_1b.yaml")
     m = cfg.model.config
-    assert (m["d_model"], m["n_layers"], m["n_heads"], m["mlp_hidden_size"], m["vocab_size"]) == (
+    assert m is not None
+    assert (m.d_model, m.n_layers, m.n_heads, m.mlp_hidden_size, m.vocab_size) == (
         2048,
         22,
         32,
@@ -79,8 +80,8 @@ def test_overrides_merge_and_are_typed():
             "callbacks.likelihood_eval={data: mc.jsonl, interval: 1ep}",
             r"callbacks.likelihood_eval.interval must be in batches",
         ),
-        # WSD counts warmup and duration in one unit (quickstart: wsd, max_duration 300ba).
-        ("scheduler.t_warmup=1ep", r"scheduler.t_warmup \(1ep\) must use the unit of max_duration \(300ba\)"),
+        # WSD counts warmup and duration in one unit (quickstart: wsd, max_duration 600ba).
+        ("scheduler.t_warmup=1ep", r"scheduler.t_warmup \(1ep\) must use the unit of max_duration \(600ba\)"),
         ("optimizer.betas=[0.9", r"override 'optimizer.betas=\[0.9': .*did not find expected"),
     ],
 )
@@ -121,7 +122,7 @@ def test_make_grid_writes_valid_configs(tmp_path):
             {
                 "base": str(ROOT / "yamls" / "quickstart.yaml"),
                 "models": {"tiny": {}, "wide": {"model.config.d_model": 256}},
-                "datasets": {"d1": {"train": "/data/d1/train", "eval": "/data/d1/val", "subset_size": 1000}},
+                "datasets": {"d1": {"local": "/data/d1", "subset_size": 1000}},
                 "modes": {"pretrain": {}, "sft": {"optimizer.lr": 1e-4}},
             }
         )
@@ -131,8 +132,12 @@ def test_make_grid_writes_valid_configs(tmp_path):
         f"{m}_d1_{mode}.yaml" for m in ("tiny", "wide") for mode in ("pretrain", "sft")
     )
     cfg = load_config(tmp_path / "out" / "wide_d1_sft.yaml")
-    assert cfg.model.config["d_model"] == 256 and cfg.diffusion.mode == "sft" and cfg.optimizer.lr == 1e-4
-    assert cfg.train_loader.local == "/data/d1/train" and cfg.train_loader.subset_size == 1000
+    assert cfg.model.config is not None and cfg.model.config.d_model == 256
+    assert cfg.diffusion.mode == "sft" and cfg.optimizer.lr == 1e-4
+    assert (
+        cfg.train_loader.local == cfg.eval_loader.local == "/data/d1" and cfg.train_loader.subset_size == 1000
+    )
+    assert (cfg.train_loader.split, cfg.eval_loader.split) == ("train", "val")
     assert cfg.run_name == "wide_d1_sft"
 
 
@@ -143,7 +148,7 @@ def test_make_grid_rejects_bad_description(tmp_path):
             {
                 "base": str(ROOT / "yamls" / "quickstart.yaml"),
                 "models": {"a": {"optimizer.lrr": 1}},
-                "datasets": {"d": {"train": "x"}},
+                "datasets": {"d": {"local": "x"}},
             }
         )
     )
@@ -160,7 +165,7 @@ def test_make_grid_rejects_bad_description(tmp_path):
         ({"datasets": {"d": "/data/d"}}, r"'datasets' must map each name to a mapping"),
         ({"modes": "sft"}, r"'modes' must map each name to a mapping \(modes may also be a list\)"),
         (
-            {"models": {"a_b": {}, "a": {}}, "datasets": {"c": {"train": "x"}, "b_c": {"train": "y"}}},
+            {"models": {"a_b": {}, "a": {}}, "datasets": {"c": {"local": "x"}, "b_c": {"local": "y"}}},
             r"two grid entries are both named a_b_c_pretrain",
         ),
     ],
@@ -170,7 +175,7 @@ def test_make_grid_names_what_is_wrong_with_the_description(tmp_path, change, me
     spec = {
         "base": str(ROOT / "yamls" / "quickstart.yaml"),
         "models": {"a": {}},
-        "datasets": {"d": {"train": "x"}},
+        "datasets": {"d": {"local": "x"}},
     }
     desc.write_text(yaml.safe_dump(spec | change))
     with pytest.raises(ConfigError, match=message):
@@ -188,3 +193,21 @@ def test_wsd_schedule_by_hand():
     assert wsd_multiplier(79, **kw) == 1.0
     assert wsd_multiplier(90, **kw) == pytest.approx(0.55)
     assert wsd_multiplier(100, **kw) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_the_run_record_reads_back_as_the_same_config(path, tmp_path):
+    """{run}/config.yaml (written at each start) is the resolved config: loading it gives the same TrainConfig."""
+    from composer_dlm.config import write_run_config
+
+    cfg = load_config(path, [f"base_path={tmp_path}"])
+    cfg.run_folder.mkdir(parents=True)
+    write_run_config(cfg)
+    assert load_config(cfg.run_config_file) == cfg
+    assert [p.name for p in cfg.run_folder.iterdir()] == ["config.yaml"]  # no temporary file left
+
+
+@pytest.mark.parametrize("interval", ["1ep", "0ba", "soon"])
+def test_console_interval_must_be_batches(interval):
+    with pytest.raises(ConfigError, match="logging.console_interval"):
+        load_config(ROOT / "yamls" / "quickstart.yaml", [f"logging.console_interval={interval}"])

@@ -6,17 +6,22 @@ downloaded. Expected values come from the input text and the chat format written
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from streaming import StreamingDataset
+from streaming import LocalDataset, StreamingDataset
 
 from composer_dlm.data import ConvertConfig, DataError, Fields, LoaderConfig, build_dataloader, convert
 from composer_dlm.data.tokenizer import train_bpe_tokenizer
@@ -59,11 +64,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def read_split(folder: Path) -> list[dict]:
-    """Every sample of an MDS split, in order, read with Streaming itself."""
-    ds = StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
-    samples = [ds[i] for i in range(ds.num_samples)]
-    del ds
-    return samples
+    """Every sample of an MDS split, in order, read with Streaming's own reader: LocalDataset (no shared memory,
+    so no descriptors stay open across the many conversions of this module), or StreamingDataset where the
+    shards are compressed (it decompresses them; LocalDataset does not)."""
+    shards = json.loads((folder / "index.json").read_text())["shards"]
+    if any(shard.get("compression") for shard in shards):
+        streaming = StreamingDataset(local=str(folder), shuffle=False, batch_size=1)
+        return [streaming[i] for i in range(streaming.num_samples)]
+    ds = LocalDataset(str(folder))
+    return [ds[i] for i in range(len(ds))]
 
 
 def run(tmp_path: Path, inputs: list[Path], tokenizer: str, **kwargs) -> tuple[Path, object]:
@@ -436,17 +445,21 @@ def test_interrupted_conversion_leaves_nothing_a_loader_accepts(
     assert (tmp_path / "out" / "train" / "shard.00000.mds").read_bytes() == before
 
 
-def test_cli_prints_summary_and_reports_errors(
-    tmp_path: Path, tokenizers: dict[str, str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    import importlib.util
-
+def load_cli() -> Any:
+    """scripts/convert_to_mds.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location(
         "convert_to_mds", Path(__file__).parents[1] / "scripts" / "convert_to_mds.py"
     )
     assert spec and spec.loader
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_prints_summary_and_reports_errors(
+    tmp_path: Path, tokenizers: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli = load_cli()
     src = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in make_docs(40)])
     out = tmp_path / "out"
     args = [
@@ -464,14 +477,95 @@ def test_cli_prints_summary_and_reports_errors(
     printed = capsys.readouterr().out
     assert "pretrain shards of seq_len 16" in printed and "samples" in printed
     assert (out / "train" / "manifest.json").is_file() and (out / "val" / "manifest.json").is_file()
-    with pytest.raises(SystemExit, match="is not empty; pass --overwrite"):
-        cli.main([*args, "--no-progress"])
-    with pytest.raises(SystemExit):
-        cli.main([*args, "--val-fraction", "1.5"])
-    assert "val_fraction must be in [0, 1)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main([*args, "--overwrite", "--shard-size", "64 megabytes"])
-    assert "shard_size must be a size under 4gb such as 64mb" in capsys.readouterr().err
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for extra, message in [
+        (["--no-progress"], f"output folder {out} is not empty; pass --overwrite to replace it"),
+        (["--val-fraction", "1.5"], "val_fraction must be in [0, 1), got 1.5"),
+        (["--overwrite", "--shard-size", "64 megabytes"], "shard_size must be a size under 4gb such as 64mb"),
+        (["--mode", "dpo"], "convert_to_mds.py: argument --mode: invalid choice: 'dpo'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*args, *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"composer-dlm: error: {message}"), err
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written beside out
+
+
+def test_cli_mode_flag_and_sft_alias_give_the_same_shards(tmp_path: Path, tokenizers: dict[str, str]) -> None:
+    """`--mode sft` (what the YAMLs and README say) and the older `--sft` write identical SFT shards."""
+    cli = load_cli()
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "response": f"a {i}"} for i in range(6)])
+    common = [str(src), "--tokenizer", tokenizers["chat"], "--seq-len", "64", "--no-progress"]
+    for name, flag in (("mode", ["--mode", "sft"]), ("alias", ["--sft"])):
+        cli.main([*common, "--out", str(tmp_path / name), *flag])
+    manifest = json.loads((tmp_path / "mode" / "train" / "manifest.json").read_text())
+    assert manifest["mode"] == "sft" and manifest["counts"]["samples"] == 6
+    shards = sorted(p.name for p in (tmp_path / "mode" / "train").glob("*.mds"))
+    assert shards and all(
+        (tmp_path / "mode" / "train" / n).read_bytes() == (tmp_path / "alias" / "train" / n).read_bytes()
+        for n in shards
+    )
+
+
+def test_cli_help_does_not_import_torch() -> None:
+    script = Path(__file__).parents[1] / "scripts" / "convert_to_mds.py"
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(script)!r}, '--help']\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "--mode {pretrain,sft}" in out and "--overlong {drop,truncate}" in out
+    assert out.strip().endswith("NO-TORCH")
+
+
+def test_overlong_sft_advice_says_raise_seq_len(tmp_path: Path, tokenizers: dict[str, str]) -> None:
+    """Every SFT sample is longer than --seq-len: the fix is a longer --seq-len (or truncation), never a shorter."""
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "response": " ".join(WORDS)}] * 4)
+    cfg = ConvertConfig(
+        inputs=[str(src)],
+        out=str(tmp_path / "o"),
+        tokenizer=tokenizers["chat"],
+        mode="sft",
+        seq_len=8,
+        progress=False,
+    )
+    with pytest.raises(DataError, match=r"4 over-long.*raise --seq-len above 8, or pass --overlong truncate"):
+        convert(cfg)
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_a_killed_conversions_staging_folder_is_removed_by_the_next(
+    tmp_path: Path, tokenizers: dict[str, str]
+) -> None:
+    """SIGKILL leaves `.out.tmp-PID-RAND`; the next conversion to that --out removes it (its PID is gone)."""
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in make_docs(3000)])
+    out = tmp_path / "out"
+    code = (
+        "import sys\nfrom composer_dlm.data import ConvertConfig, convert\n"
+        f"convert(ConvertConfig(inputs=[{str(src)!r}], out={str(out)!r}, tokenizer={tokenizers['chat']!r}, "
+        "seq_len=16, chunk_size=1, shard_size='1kb', progress=False))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.tmp-*/train/shard.*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    stale = list(tmp_path.glob(".out.tmp-*"))
+    assert len(stale) == 1 and not out.exists()
+    live = tmp_path / f".out.tmp-{os.getpid()}-0000"  # a conversion still running in a live process
+    live.mkdir()
+    convert(
+        ConvertConfig(
+            inputs=[str(src)], out=str(out), tokenizer=tokenizers["chat"], seq_len=16, progress=False
+        )
+    )
+    assert (out / "train" / "index.json").is_file()
+    assert sorted(tmp_path.glob(".out.tmp-*")) == [live]
 
 
 @pytest.mark.parametrize("shard_size", ["64 megabytes", "-1", "4gb"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from streaming import StreamingDataset
+from streaming import LocalDataset, StreamingDataset
 
 from composer_dlm.data import (
     ConvertConfig,
@@ -59,11 +59,9 @@ def build(cfg: LoaderConfig, tok_path: str, mode: str = "pretrain", seq: int = S
 
 
 def raw_samples(folder: str) -> list[dict]:
-    ds = StreamingDataset(local=folder, shuffle=False, batch_size=1)
-    samples = [ds[i] for i in range(ds.num_samples)]
-    del ds
-    gc.collect()
-    return samples
+    """Every sample, in order, through Streaming's LocalDataset (no shared memory, no descriptors left open)."""
+    ds = LocalDataset(folder)
+    return [ds[i] for i in range(len(ds))]
 
 
 def collect(loader, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -212,6 +210,17 @@ def test_remote_path_downloads_into_local_cache(data: dict[str, str], tmp_path: 
         ("empty", r"shard folder .*empty is empty or holds no MDS index"),
         ("bad_split", r"no split 'validation' in .*pre \(it has train, val\); set the loader's split"),
         ("no_split", r"pre holds splits \(train, val\), not shards; set the loader's split"),
+        (
+            "split_folder",
+            r"pre/train is itself a split folder \(shards and index.json\) and has no 'train' inside; set the "
+            r"loader's local to .*/pre, the folder convert_to_mds.py --out wrote \(its split 'train' is then read "
+            r"from .*/pre/train\)",
+        ),
+        (
+            "no_val",
+            r"no split 'val' in .*sft \(it has train\); convert again with --val-fraction \(e.g. 0.01\) to hold "
+            r"some data out for evaluation, or set eval_loader.split to one of them",
+        ),
         ("seq_len", r"sequences of 16 tokens, the run's max_seq_len is 32; reconvert with --seq-len 32"),
         ("sft_seq_len", r"SFT examples are up to 160 tokens, longer than the run's max_seq_len 32"),
         ("mode", r"shards are for 'pretrain', the run wants 'sft'"),
@@ -236,6 +245,10 @@ def test_loader_errors_name_the_path_and_the_fix(
         kw = {"split": "validation"}
     elif case == "no_split":
         kw = {}
+    elif case == "split_folder":  # the split's own folder given as local (the split is appended to it)
+        local = os.path.join(pre, "train")
+    elif case == "no_val":  # converted without --val-fraction
+        local, mode, seq, kw = os.path.join(data["root"], "sft"), "sft", SFT_SEQ, {"split": "val"}
     elif case == "seq_len":
         seq = 32
     elif case == "sft_seq_len":

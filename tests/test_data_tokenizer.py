@@ -64,7 +64,10 @@ def test_tokenizer_without_mask_token_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_missing_or_broken_tokenizer_folder(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"'GSAI-ML/LLaDA-8B-Base': no such folder.*nothing is downloaded"):
+    with pytest.raises(
+        DataError,
+        match=r"'GSAI-ML/LLaDA-8B-Base' is neither a local folder nor in the Hugging Face cache; nothing is downloaded",
+    ):
         load_tokenizer("GSAI-ML/LLaDA-8B-Base")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "readme.txt").write_text("not a tokenizer")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from faults import kill_after_batches
 
 from composer_dlm.checkpoints import is_complete_checkpoint, repair_checkpoint_folder
 
@@ -56,20 +57,6 @@ def launch(base: Path, mode: str = "none", n: int = 0) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
     )
-
-
-def kill_after_batches(p: subprocess.Popen, k: int) -> str:
-    """SIGKILLs ``p`` once it has logged ``k`` training batches; returns what it printed."""
-    assert p.stdout is not None
-    lines, seen = [], 0
-    for line in p.stdout:
-        lines.append(line)
-        seen += line.startswith("[batch=")
-        if seen == k:
-            p.kill()
-            break
-    rest, _ = p.communicate(timeout=600)
-    return "".join(lines) + (rest or "")
 
 
 def final_weights(base: Path) -> dict[str, torch.Tensor]:

@@ -65,7 +65,7 @@ def test_prints_the_learnt_answer(run, capsys, source):
     assert code == 0, err
     assert out == "t4 t5 t6 t7\n"
     if source == "pt":
-        assert "generate: warning:" in err and "pickle" in err and "weights_only=False" in err
+        assert "composer-dlm: warning:" in err and "pickle" in err and "weights_only=False" in err
     else:
         assert err == ""
 
@@ -179,7 +179,7 @@ def test_errors_are_one_line_messages(run, tmp_path, capsys):
         assert code == 2, (argv, err)
         assert out == ""
         last = err.strip().splitlines()[-1]
-        assert last.startswith("generate: error: ")
+        assert last.startswith("composer-dlm: error: ")
         assert re.search(message, last), (message, last)
 
 
@@ -190,3 +190,53 @@ def test_script_entry_point(run):
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "t9 t10 t11 t12\n"
+
+
+def test_help_does_not_import_torch():
+    script = str(ROOT / "scripts" / "generate.py")
+    code = (
+        f"import runpy, sys; sys.argv = [{script!r}, '--help']\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "print('torch' in sys.modules)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--no-chat" in done.stdout and "Exit codes" in done.stdout
+    assert done.stdout.strip().endswith("False")  # torch was not imported
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "generate.py"), "ckpt", "--gen-length", "x", "--prompt", "a"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("composer-dlm: error: generate.py: argument --gen-length: invalid int value")
+
+
+def test_an_sft_runs_checkpoint_gets_the_chat_template_by_default(run, tmp_path, capsys):
+    """Inside a run folder whose config.yaml says diffusion.mode: sft (and names the tokenizer), the prompt goes
+    through the chat template without --chat; --no-chat turns it off; a pretraining run's does not."""
+    import shutil
+
+    import yaml
+
+    folder = tmp_path / "run"
+    shutil.copytree(run["hf"], folder / "hf" / "final")
+    final = folder / "hf" / "final"
+    common = ["--prompt", "t2", "--gen-length", "8", "--block-length", "4"]
+    with_chat = cli(capsys, run["hf"], *common, "--tokenizer", run["tokenizer"], "--chat")
+    without = cli(capsys, run["hf"], *common, "--tokenizer", run["tokenizer"])
+    assert with_chat[1] != without[1]  # the template changes the answer of this model
+    for mode, flags, expected in [
+        ("sft", [], with_chat),
+        ("sft", ["--no-chat"], without),
+        ("pretrain", [], without),
+    ]:
+        config = {"tokenizer": {"name": str(run["tokenizer"])}, "diffusion": {"mode": mode}}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        code, out, err = cli(capsys, final, *common, *flags)  # no --tokenizer: the run's
+        assert (code, out) == expected[:2], (mode, flags, err)
+        assert ("chat template" in err) == (mode == "sft" and not flags)

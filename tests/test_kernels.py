@@ -23,8 +23,9 @@ from kernels import (
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
-# Tiny tiles and chunks so the interpreter covers partial vocabulary tiles and several row chunks.
-TINY = KernelConfig(block_v=32, block_h=16, num_warps=1, max_chunk_rows=4)
+# Tiny tiles, chunks and target-term segments so the interpreter covers partial vocabulary tiles, several
+# row chunks, and runs of equal targets that cross segments.
+TINY = KernelConfig(block_v=32, block_h=16, num_warps=1, max_chunk_rows=4, segment_rows=3)
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -115,6 +116,83 @@ def test_fp32_matches_float64(
         out = _run(masked_linear_cross_entropy_reference, h, w, t, rw, chunk_rows=4)
     _check(out, ref, 1e-5)
     assert torch.all(out[3][rw == 0] == 0)
+
+
+def _sft_targets(n: int, vocab: int, rw: torch.Tensor, share: float, seed: int) -> torch.Tensor:
+    """Targets where `share` of the weighted rows point at one id (EOS padding in SFT), the rest uniform."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, vocab, (n,), generator=g)
+    eos = vocab // 3
+    weighted = (rw.cpu() != 0).nonzero().squeeze(1)
+    on_eos = weighted[torch.randperm(weighted.numel(), generator=g)[: round(share * weighted.numel())]]
+    t[on_eos] = eos
+    return t.to(rw.device)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"),
+    [pytest.param(torch.float32, 1e-5, id="fp32"), pytest.param(torch.float16, 2e-3, id="fp16")],
+)
+def test_sft_shaped_targets_match_float64(dtype: torch.dtype, tol: float) -> None:
+    """90% of the weighted rows on one target: that run spans many segments of the target-term pass."""
+    h, w, _, rw = _inputs(150, 20, 67, 0.7, dtype, seed=21)
+    t = _sft_targets(150, 67, rw, 0.9, seed=21)
+    assert (t[rw != 0] == 67 // 3).float().mean().item() >= 0.89
+    out = _run(masked_linear_cross_entropy, h, w, t, rw, config=dataclasses.replace(TINY, max_chunk_rows=16))
+    _check(out, _oracle(h, w, t, rw), tol)
+
+
+def _target_terms_case(num_rows: int, dim: int, vocab: int, kind: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        t = torch.randint(0, vocab, (num_rows,), generator=g)
+    elif kind == "one":
+        t = torch.full((num_rows,), vocab - 1)
+    elif kind == "sft":
+        t = torch.where(
+            torch.rand(num_rows, generator=g) < 0.9, 2, torch.randint(0, vocab, (num_rows,), generator=g)
+        )
+    else:  # runs of equal length, each exactly one segment of 4 rows or several
+        t = torch.arange(num_rows) // 8
+    hidden = torch.randn(num_rows + 3, dim, generator=g)
+    rows = torch.randperm(num_rows + 3, generator=g)[:num_rows]
+    coef = -torch.rand(num_rows, generator=g)
+    return t, hidden, rows, coef
+
+
+@pytest.mark.parametrize("kind", ["uniform", "one", "sft", "aligned"])
+@pytest.mark.parametrize("segment_rows", [2, 4, 5, 64])
+def test_target_terms_pass_matches_index_add(kind: str, segment_rows: int) -> None:
+    """The two-pass segmented sum against a float64 index_add, and bitwise equal run to run."""
+    from kernels import masked_ce_triton
+
+    t, hidden, rows, coef = _target_terms_case(61, 20, 13, kind, seed=segment_rows)
+    sorted_t, order = torch.sort(t, stable=True)
+    start = torch.randn(13, 20, generator=torch.Generator().manual_seed(5))
+    want = start.double().index_add(0, t, coef.double()[:, None] * hidden.double()[rows])
+    outs = []
+    for _ in range(2):
+        dw = start.clone()
+        masked_ce_triton.add_target_terms(
+            dw, hidden, sorted_t, rows[order], coef[order], segment_rows=segment_rows, block_h=16
+        )
+        outs.append(dw)
+    assert _rel(outs[0], want) <= 1e-6
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_forced_torch27_branch_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """COMPOSER_DLM_FORCE_TORCH27=1 turns off matmul out_dtype even where the probe finds it, and benchmarks
+    record the switch."""
+    from composer_dlm.benchmarks import environment
+
+    monkeypatch.setattr(masked_ce, "_probe_out_dtype", lambda device_type: True)
+    monkeypatch.delenv(masked_ce.FORCE_TORCH27_ENV, raising=False)
+    assert masked_ce._has_out_dtype("cuda") and not environment()["torch27_branch_forced"]
+    monkeypatch.setenv(masked_ce.FORCE_TORCH27_ENV, "1")
+    assert not masked_ce._has_out_dtype("cuda") and environment()["torch27_branch_forced"]
+    monkeypatch.setenv(masked_ce.FORCE_TORCH27_ENV, "0")
+    assert masked_ce._has_out_dtype("cuda")
 
 
 def test_split_dh_product_matches_float64() -> None:
@@ -249,10 +327,17 @@ def _fp32_reference(h, w, t, rw):
 
 
 def _gpu_check(
-    n: int, dim: int, vocab: int, weight_dtype: torch.dtype, max_transient_gib: float | None = None
+    n: int,
+    dim: int,
+    vocab: int,
+    weight_dtype: torch.dtype,
+    max_transient_gib: float | None = None,
+    sft: bool = False,
 ):
     torch.backends.cuda.matmul.allow_tf32 = False
     h, w, t, rw = _inputs(n, dim, vocab, 0.5, torch.bfloat16, seed=11, device="cuda")
+    if sft:
+        t = _sft_targets(n, vocab, rw, 0.9, seed=11)
     w = w.detach().to(weight_dtype).requires_grad_()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -273,12 +358,36 @@ def _gpu_check(
     assert agree >= 0.999
     if max_transient_gib is not None:
         assert transient <= max_transient_gib
+    return h.grad, w.grad
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
 def test_gpu_bf16_matches_fp32_reference(weight_dtype: torch.dtype) -> None:
     _gpu_check(6000, 1024, 50021, weight_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_gpu_torch27_branch_matches_fp32_reference(
+    monkeypatch: pytest.MonkeyPatch, weight_dtype: torch.dtype
+) -> None:
+    """COMPOSER_DLM_FORCE_TORCH27=1 takes the pinned torch's branches (no matmul out_dtype) on a newer torch."""
+    monkeypatch.setenv(masked_ce.FORCE_TORCH27_ENV, "1")
+    assert not masked_ce._has_out_dtype("cuda")
+    _gpu_check(6000, 1024, 50021, weight_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("branch", ["native", "torch27"])
+def test_gpu_sft_shaped_targets_accurate_and_deterministic(
+    monkeypatch: pytest.MonkeyPatch, branch: str
+) -> None:
+    """90% of the weighted rows on one target: bf16 against the float32 reference, bitwise equal run to run."""
+    monkeypatch.setenv(masked_ce.FORCE_TORCH27_ENV, "1" if branch == "torch27" else "0")
+    first = _gpu_check(8192, 1024, 50021, torch.bfloat16, sft=True)
+    second = _gpu_check(8192, 1024, 50021, torch.bfloat16, sft=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 @pytest.mark.gpu

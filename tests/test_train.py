@@ -4,6 +4,7 @@ resumes, and reports user mistakes as one-paragraph errors."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,7 @@ def test_sft_run_on_the_embedded_sft_corpus(tmp_path):
             **{
                 "diffusion.mode": "sft",
                 "max_seq_len": "256",
+                "model.config.max_sequence_length": "256",
                 "callbacks.samples": "null",
                 "callbacks.hf_export": "null",
                 "max_duration": "3ba",
@@ -199,3 +201,114 @@ def test_sft_run_on_the_embedded_sft_corpus(tmp_path):
     assert all(0 < p < length <= 256 for p, length in seen)
     elbo = trainer.state.eval_metrics["eval"]["ELBO"].compute().item()
     assert 0 < elbo < 20
+
+
+def test_help_lists_every_config_key_with_its_default(capsys):
+    import dataclasses
+    import typing
+
+    from composer_dlm.config import TrainConfig
+
+    assert train.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "composer composer_dlm/train.py RUN.yaml" in out
+    # Spot checks written by hand: a nested default, a literal choice, a required key, an optional section.
+    assert "\noptimizer:\n  lr: float = 0.0003\n" in out
+    assert "  loss_impl: 'fused' | 'plain' = 'fused'\n" in out
+    assert "\nrun_name: str (required)\n" in out
+    assert "\neval_loader: (default null)" in out
+
+    # And every field of every section is listed at its depth.
+    def keys(cls: type, indent: str = "") -> list[str]:
+        found = []
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            found.append(f"\n{indent}{f.name}:")
+            for arg in (hints[f.name], *typing.get_args(hints[f.name])):
+                if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+                    found += keys(arg, indent + "  ")
+        return found
+
+    assert all(k in out for k in keys(TrainConfig))
+
+
+def test_console_shows_one_compact_line_per_interval(tmp_path, capsys):
+    """Composer's per-metric dump is replaced by one line per console_interval; metrics still reach the file."""
+    cfg, _, _ = fit(
+        tmp_path,
+        **{
+            "callbacks.samples": "null",
+            "callbacks.hf_export": "null",
+            "logging.console_interval": "2ba",
+            "callbacks.speed_window": "2",
+        },
+    )
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("[batch ")]
+    assert [line.split("]")[0] for line in lines] == ["[batch 2/6", "[batch 4/6", "[batch 6/6"]
+    assert all(
+        re.fullmatch(r"\[batch \d/6\] loss \d+\.\d{3} \| .*lr \d\.\de[-+]\d\d.*", line) for line in lines
+    )
+    assert "eval ELBO" in lines[-1]  # evaluated at batch 3
+    # Speed from batch 3 on (SpeedMonitor's window of 2 batches needs 3 timestamps), printed with its batch.
+    assert [" tok/s | " in line for line in lines] == [False, True, True]
+    assert "loss/train/total" not in out + err  # no Composer console dump
+    logs = (cfg.run_folder / "logs").glob("rank0-*.txt")
+    assert "loss/train/total" in next(logs).read_text()
+
+
+def test_compact_line_by_hand():
+    from composer_dlm.callbacks.console import compact_line, format_duration
+
+    metrics = {
+        "loss/train/total": 5.81234,
+        "metrics/eval/ELBO": 5.9,
+        "throughput/tokens_per_sec": 10234.5,
+        "throughput/device/mfu": 0.4131,
+        "lr-AdamW/group0": 0.00096,
+        "time/remaining_estimate": 0.0347,
+    }
+    line = compact_line(40, 300, metrics, eta_seconds=125.0)
+    assert (
+        line
+        == "[batch 40/300] loss 5.812 | eval ELBO 5.900 | 10.2k tok/s | MFU 41.3% | lr 9.6e-04 | ETA 2m05s"
+    )
+    assert compact_line(7, None, {}, None) == "[batch 7]"
+    assert [format_duration(s) for s in (42, 125, 3725)] == ["42s", "2m05s", "1h02m"]
+
+
+def test_remote_load_paths_follow_the_trust_rule(tmp_path):
+    cfg = load_config(ROOT / "yamls" / "quickstart.yaml", tiny_overrides(tmp_path))
+    cfg.checkpoint.trusted_load_paths = ["s3://bucket/my-run/"]
+    for ok in ("s3://bucket/my-run/ep0-ba2-rank0.pt", "s3://bucket/my-run/sub/ep0-ba2-rank0.pt"):
+        cfg.checkpoint.load_path = ok
+        assert builders.resolve_load_path(cfg) == ok
+    for refused in (
+        "s3://bucket/my-run-other/ep0-ba2-rank0.pt",  # a prefix of the name is not the folder
+        "s3://bucket/my-run/../other/ep0-ba2-rank0.pt",
+        "https://example.com/my-run/ep0-ba2-rank0.pt",
+    ):
+        cfg.checkpoint.load_path = refused
+        with pytest.raises(ConfigError, match="is not under any of checkpoint.trusted_load_paths"):
+            builders.resolve_load_path(cfg)
+    cfg.checkpoint.trusted_load_paths = []  # and nothing remote is trusted by default
+    cfg.checkpoint.load_path = "s3://bucket/my-run/ep0-ba2-rank0.pt"
+    with pytest.raises(ConfigError, match="trusted_load_paths"):
+        builders.resolve_load_path(cfg)
+
+
+@pytest.mark.gpu
+def test_console_line_shows_mfu_on_gpu(tmp_path, capsys):
+    """On a GPU that Composer knows the peak of, the compact line carries MFU (from SpeedMonitor's flops)."""
+    fit(
+        tmp_path,
+        **{
+            "callbacks.samples": "null",
+            "callbacks.hf_export": "null",
+            "logging.console_interval": "3ba",
+            "callbacks.speed_window": "2",
+            "precision": "amp_bf16",
+        },
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[batch ")]
+    assert re.search(r" tok/s \| MFU \d+\.\d% \| lr ", lines[-1]), lines

@@ -1,4 +1,4 @@
-"""Sampler throughput: ``composer_dlm.generate`` against a plain transcription of LLaDA's reference sampler.
+"""Sampler throughput: ``composer_dlm.generate`` against a faithful transcription of LLaDA's reference sampler.
 
     python scripts/benchmark.py sampler                      # 8B-shaped model on CUDA, the issue's grid
     python scripts/benchmark.py sampler --shape tiny --device cpu --batch-sizes 1,2 --steps 8,4 \\
@@ -8,12 +8,9 @@ Both samplers run the same randomly initialised bf16 model (built directly on th
 in the same process, at temperature 0 with low-confidence remasking. Tokens/s counts generated tokens (batch *
 gen_length) over the wall time of one whole ``generate`` call, after a short warm-up call of each sampler; our
 sampler's CUDA-graph capture happens inside the timed call and is included. Outputs are compared token for
-token. Needs only torch (no Composer), so it runs on a bare GPU box.
-
-One H200, torch 2.11, 8B shape, identical outputs throughout (tok/s; LLaDA's own code in brackets):
-batch 1, 256 steps: reference 36.7, ours 91.6 (29.2); batch 1, 64 steps: 117.8, 352.0 (154.5);
-batch 16, 256 steps: 69.6, 109.8 (81.9); batch 16, 64 steps: 279.2, 436.6 (327.4). At batch 1 the reference is
-launch-bound, so its speed (and the ratio) depends on the host CPU.
+token. Every figure in the table is measured in the run that prints it; ``--out PATH`` writes PATH.md and the
+raw figures with the environment as PATH.json. Needs only torch (no Composer), so it runs on a bare GPU box.
+At batch 1 the reference is launch-bound, so its speed (and the ratio) depends on the host CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_dlm.benchmarks import int_list
+from composer_dlm.benchmarks import int_list, write_json
+from composer_dlm.cli import ArgumentParser, fail
 from composer_dlm.generate import generate
 from composer_dlm.models.llada import LLaDAConfig, LLaDAModel
 
@@ -50,8 +48,6 @@ SHAPES: dict[str, _Shape] = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, vocab_size=128),
 }
 MASK_ID = {"8b": 126336, "tiny": 127}
-# tok/s of LLaDA's own code (its generate.py, its HF model) on one H200: prompt 128, gen 256, block 32.
-ANCHORS = {(1, 256): 29.2, (1, 64): 154.5, (16, 256): 81.9, (16, 64): 327.4}
 
 Sampler = Callable[[int], torch.Tensor]  # steps -> tokens
 
@@ -75,10 +71,11 @@ def reference_generate(
     cfg_scale: float = 0.0,
     remasking: str = "low_confidence",
 ) -> torch.Tensor:
-    """LLaDA's reference sampler step for step, the work included: full logits at every position; the Gumbel
-    transform in float64 over every position's vocabulary (also at temperature 0, where it divides by 1); the
-    float64 softmax over every position; a commit count table per row; a top-k per row whose ``k`` is read back
-    from the device (a host synchronisation per row and step); the commit by boolean indexing."""
+    """LLaDA's reference sampler (its generate.py) step for step, the work included: full logits at every
+    position; the prediction as the argmax of the logits at temperature 0 (its ``add_gumbel_noise`` returns them
+    unchanged there), else of the Gumbel transform in float64 over every position's vocabulary; the float64
+    softmax over every position; a commit count table per row; a top-k per row whose ``k`` is read back from
+    the device (a host synchronisation per row and step); the commit by boolean indexing."""
     batch, plen = prompt.shape
     device = prompt.device
     x = torch.full((batch, plen + gen_length), mask_id, dtype=torch.long, device=device)
@@ -101,9 +98,12 @@ def reference_generate(
                 logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
             else:
                 logits = model(x)
-            logits64 = logits.to(torch.float64)
-            noise = torch.rand_like(logits64)
-            x0 = (logits64.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
+            if temperature == 0:
+                x0 = logits.argmax(dim=-1)
+            else:
+                logits64 = logits.to(torch.float64)
+                noise = torch.rand_like(logits64)
+                x0 = (logits64.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
             if remasking == "low_confidence":
                 p = F.softmax(logits.to(torch.float64), dim=-1)
                 x0_p = torch.gather(p, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
@@ -174,7 +174,7 @@ def head_rows_exact(
 
 # --- main ---------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmark.py sampler", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="benchmark.py sampler", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
@@ -190,7 +190,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--budget-s", type=float, default=float("inf"), help="skip extra variants after this many seconds"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="markdown table path (default: $OUT/sampler.md when $OUT is set)")
+    p.add_argument("--out", help="write PATH.md and PATH.json (default: $OUT/sampler when $OUT is set)")
     return p.parse_args(argv)
 
 
@@ -199,7 +199,7 @@ def main(argv: list[str]) -> None:
     began = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda but CUDA is not available; pass --device cpu (with --shape tiny)")
+        fail("--device cuda but CUDA is not available; pass --device cpu (with --shape tiny)")
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     mask_id = MASK_ID[args.shape]
@@ -208,13 +208,17 @@ def main(argv: list[str]) -> None:
     print(f"{name}, torch {torch.__version__}, model built in {time.perf_counter() - began:.1f}s", flush=True)
 
     env_out = os.environ.get("OUT")
-    out_path = Path(args.out) if args.out else (Path(env_out) / "sampler.md" if env_out else None)
+    out_base = Path(args.out) if args.out else (Path(env_out) / "sampler" if env_out else None)
+    out_path = out_base.with_suffix(".md") if out_base is not None else None
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, object]] = []
     lines = [
         f"Sampler throughput, {args.shape}-shaped random {dtype_name} model on {name} (torch {torch.__version__}); "
         f"prompt {args.prompt_length}, gen {args.gen_length}, block {args.block_length}, temperature 0.",
         "",
-        "| batch | steps | sampler | seconds | tok/s | vs reference | identical to reference | LLaDA's code tok/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | steps | sampler | seconds | tok/s | vs reference | identical to reference |",
+        "|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
 
@@ -266,7 +270,7 @@ def main(argv: list[str]) -> None:
                 try:
                     out, seconds = _timed(functools.partial(fn, steps), device)
                 except Exception as err:  # keep the table: report the failure in its row
-                    emit(f"| {batch} | {steps} | {label} | failed: {type(err).__name__}: {err} | | | | |")
+                    emit(f"| {batch} | {steps} | {label} | failed: {type(err).__name__}: {err} | | | |")
                     continue
                 if ref_out is None:
                     ref_out, ref_s = out, seconds
@@ -275,16 +279,22 @@ def main(argv: list[str]) -> None:
                     diff = int((out != ref_out).sum())
                     same = "yes" if diff == 0 else f"NO ({diff} tokens differ)"
                     speedup = f"{ref_s / seconds:.2f}x"
-                anchor = ANCHORS.get((batch, steps), "") if args.shape == "8b" else ""
                 tok_s = batch * args.gen_length / seconds
-                emit(
-                    f"| {batch} | {steps} | {label} | {seconds:.2f} | {tok_s:.1f} | {speedup} | {same} | {anchor} |"
-                )
+                emit(f"| {batch} | {steps} | {label} | {seconds:.2f} | {tok_s:.1f} | {speedup} | {same} |")
+                rows.append(
+                    {"batch": batch, "steps": steps, "sampler": label, "seconds": seconds, "tokens_per_s": tok_s,
+                     "identical_to_reference": same in ("-", "yes")}
+                )  # fmt: skip
 
     notes.append(f"total {time.perf_counter() - began:.0f}s")
     table = "\n".join(lines + [""] + notes)
-    if out_path is not None:
+    if out_base is not None and out_path is not None:
         out_path.write_text(table + "\n")
+        options = {k: v for k, v in vars(args).items() if k != "out"}
+        write_json(
+            out_base.with_suffix(".json"),
+            {"benchmark": "sampler", "options": options, "results": rows, "notes": notes},
+        )
     print("\n" + table, flush=True)
 
 

@@ -1,17 +1,22 @@
 """End-to-end training throughput: ``python scripts/benchmark.py train [options]`` (under ``composer -n N`` for N GPUs).
 
 Runs the real trainer path (``composer_dlm.builders.build_trainer`` on synthetic MDS shards written on the spot)
-for a fixed number of steps and reports tokens/s per GPU, MFU (standard formula, 989 TFLOP/s bf16 peak),
-and peak memory. With ``--reference`` it also times, in the same process, the baseline step: the same model
+for a fixed number of steps and reports tokens/s per GPU, MFU (model FLOPs by the standard formula,
+``LLaDAConfig.training_flops``: the output projection for every token, attention included, against 989 TFLOP/s
+bf16), and, labelled apart, the utilisation of the FLOPs actually executed (the fused loss projects only the
+masked rows, counted in the timed steps), and peak memory. With ``--reference`` it also times, in the same process, the baseline step: the same model
 with full logits + F.cross_entropy as LLaDA's guidelines write it, eager, bf16 autocast, fp32 master
 weights, fused AdamW. ``--max-micro-batch`` finds the largest micro-batch our step fits.
+
+``--lora-r R`` fine-tunes with LoRA (rank R on every block projection, models/lora.py) instead: a random model
+of the shape is first written as a bf16 release-style folder (on the GPU, cached beside the data) and is the
+frozen base. ``--mode sft`` trains on synthetic prompt/answer shards padded to ``--seq-len``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import tempfile
 import time
@@ -23,9 +28,9 @@ import torch.nn.functional as F
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from composer_dlm.benchmarks import int_list
-from composer_dlm.data.benchmark import H200_PEAK_FLOPS as PEAK_BF16_FLOPS
-from composer_dlm.data.benchmark import write_synthetic
+from composer_dlm.benchmarks import H200_PEAK_FLOPS, int_list, write_json
+from composer_dlm.benchmarks.loader import write_synthetic
+from composer_dlm.cli import ArgumentParser
 from composer_dlm.models.llada import LLaDAConfig
 
 CUDA = torch.cuda.is_available()
@@ -51,9 +56,12 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _mfu(config: LLaDAConfig, seq_len: int, tokens_per_s: float) -> float:
-    """Model FLOPs utilisation: ``LLaDAConfig.training_flops`` per token at ``seq_len``, against the bf16 peak."""
-    return tokens_per_s * (config.training_flops(1, seq_len) / seq_len) / PEAK_BF16_FLOPS
+def _mfu(config: LLaDAConfig, seq_len: int, tokens_per_s: float, projected_fraction: float = 1.0) -> float:
+    """FLOPs utilisation, ``LLaDAConfig.training_flops`` per token at ``seq_len`` against the bf16 peak: MFU with
+    ``projected_fraction`` 1 (every token projected), the executed FLOPs' utilisation with the fraction of rows
+    the loss projects."""
+    per_token = config.training_flops(1, seq_len, projected_tokens=projected_fraction * seq_len) / seq_len
+    return tokens_per_s * per_token / H200_PEAK_FLOPS
 
 
 def _model_config(args: argparse.Namespace) -> dict:
@@ -76,6 +84,13 @@ class _StepTimer(Callback):
         self.start: float | None = None
         self.end: float | None = None
         self.batches = 0
+        self.masked: torch.Tensor | float = 0.0  # masked rows of the timed batches (summed on the device)
+        self.rows = 0  # all rows (tokens) of the timed batches
+
+    def after_forward(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) >= self.warmup and hasattr(state.outputs, "num_masked"):
+            self.masked = self.masked + state.outputs.num_masked.detach()
+            self.rows += state.batch["input_ids"].numel()
 
     def batch_end(self, state: State, logger: Logger) -> None:
         batch = int(state.timestamp.batch)
@@ -98,22 +113,34 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     from composer_dlm.models.composer_llada import ComposerLLaDA
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    model_section: dict = {
+        "config": _model_config(args),
+        "loss_impl": args.loss_impl,
+        "compile_blocks": args.compile,
+    }
+    if args.lora_r:
+        del model_section["config"]
+        model_section |= {
+            "pretrained": str(_base_folder(args, data_root)),
+            "lora": {"r": args.lora_r, "alpha": args.lora_r},
+        }
     raw = {
         "run_name": "bench",
         "base_path": str(out_root),
-        "model": {"config": _model_config(args), "loss_impl": args.loss_impl, "compile_blocks": args.compile},
+        "model": model_section,
         "train_loader": {
-            "local": str(data_root / "pretrain"),
+            "local": str(data_root / args.mode),
             "split": "train",
             "num_workers": 4,
             "shuffle": False,
-        },
+        }
+        | ({"pad_to": "max_seq_len"} if args.mode == "sft" else {}),
         "max_duration": f"{args.steps}ba",
         "max_seq_len": args.seq_len,
         "global_train_batch_size": args.micro_batch * world * args.grad_accum,
         "device_train_microbatch_size": args.micro_batch,
         "precision": "amp_bf16",
-        "diffusion": {"random_length_prob": 0.0},
+        "diffusion": {"random_length_prob": 0.0, "mode": args.mode},
         "checkpoint": {"save": False, "autoresume": False},
         "callbacks": {
             "hf_export": None,
@@ -122,6 +149,7 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
         },
         "logging": {"console_interval": f"{args.steps}ba", "log_file": False},
         "eval_interval": f"{10 * args.steps}ba",
+        "deterministic": args.deterministic,
     }
     if args.fsdp != "none":
         raw["fsdp"] = {
@@ -140,11 +168,17 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     )
     dt = timer.end - timer.start
     tps = timer.batches * tokens_per_batch / dt
+    masked_fraction = float(timer.masked) / timer.rows if timer.rows else 1.0
+    projected = masked_fraction if args.loss_impl == "fused" else 1.0
+    lora = f"LoRA r{args.lora_r} " if args.lora_r else ""
     result = {
-        "path": f"ours ({args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, ac={args.ac}, world={world})",
+        "path": f"ours ({args.mode}, {lora}{args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, "
+        f"ac={args.ac}, world={world}{', deterministic' if args.deterministic else ''})",
         "micro_batch": args.micro_batch,
         "tokens_per_s_per_gpu": tps,
         "mfu": _mfu(model.model.config, args.seq_len, tps),
+        "executed_utilisation": _mfu(model.model.config, args.seq_len, tps, projected),
+        "masked_fraction": masked_fraction,
         "peak_gib": _peak_gib(),
         "step_s": dt / timer.batches,
     }
@@ -154,6 +188,28 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     if dist.get_world_size() > 1:
         dist.barrier()
     return result
+
+
+def _base_folder(args: argparse.Namespace, data_root: Path) -> Path:
+    """The ``--lora-r`` base: a random model of the benchmark's shape, saved as LLaDA's release is (bf16
+    safetensors, untied head, the embedded tokenizer's mask/EOS ids), written once by rank 0 beside the data."""
+    from composer.utils import dist
+
+    from composer_dlm.benchmarks.startup import write_random_folder
+    from composer_dlm.data import load_tokenizer, mask_token_id
+
+    shape = _model_config(args)
+    folder = data_root.parent / "llada-{d_model}x{n_layers}-h{n_heads}-mlp{mlp_hidden_size}-bf16".format(
+        **shape
+    )
+    if dist.get_global_rank() == 0 and not (folder / "config.json").is_file():
+        tokenizer = load_tokenizer("embedded")
+        fields = shape | {"weight_tying": False, "mask_token_id": mask_token_id(tokenizer)}
+        write_random_folder(LLaDAConfig.from_dict(fields | {"eos_token_id": tokenizer.eos_token_id}), folder)
+        _free()
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    return folder
 
 
 def run_reference(args: argparse.Namespace, micro_batch: int) -> dict:
@@ -202,13 +258,14 @@ def run_reference(args: argparse.Namespace, micro_batch: int) -> dict:
     return result | {
         "tokens_per_s_per_gpu": tps,
         "mfu": _mfu(model.config, args.seq_len, tps),
+        "executed_utilisation": _mfu(model.config, args.seq_len, tps),  # full logits: every row projected
         "peak_gib": peak,
         "step_s": dt / (args.steps - args.warmup),
     }
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="benchmark.py train", description=__doc__)
+    p = ArgumentParser(prog="benchmark.py train", description=__doc__)
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--n-layers", type=int, default=22)
     p.add_argument("--n-heads", type=int, default=32)
@@ -228,8 +285,13 @@ def main(argv: list[str]) -> None:
         choices=["none", "FULL_SHARD", "HYBRID_SHARD", "SHARD_GRAD_OP", "NO_SHARD"],
     )
     p.add_argument("--ac", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--deterministic", action="store_true", help="deterministic: true (its throughput cost)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--loss-impl", default="fused", choices=["fused", "plain"])
+    p.add_argument(
+        "--mode", default="pretrain", choices=["pretrain", "sft"], help="diffusion.mode and shards"
+    )
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on a bf16 base folder (0: full training)")
     p.add_argument(
         "--reference", action="store_true", help="also time the reference step (rank 0 only, 1 GPU)"
     )
@@ -247,10 +309,10 @@ def main(argv: list[str]) -> None:
         data_root = (
             Path(os.environ.get("CDLM_BENCH_DATA", "/tmp/cdlm-bench-data")) / f"seq{args.seq_len}-n{samples}"
         )
-        if rank == 0 and not (data_root / "pretrain" / "train" / "manifest.json").exists():
+        if rank == 0 and not (data_root / args.mode / "train" / "manifest.json").exists():
             write_synthetic(
                 data_root,
-                mode="pretrain",
+                mode=args.mode,
                 seq_len=args.seq_len,
                 num_samples=samples,
                 tokenizer=load_tokenizer("embedded"),
@@ -274,14 +336,18 @@ def main(argv: list[str]) -> None:
         return
     device_name = torch.cuda.get_device_name() if CUDA else "CPU"
     print(f"\nLLaDA d_model={args.d_model} layers={args.n_layers} seq={args.seq_len} on {device_name}")
-    print(f"| {'path':<70} | mb | tokens/s/GPU | MFU | peak GiB |")
-    print(f"|{'-' * 72}|----|--------------|-----|----------|")
+    print(f"| {'path':<70} | mb | tokens/s/GPU | MFU | executed FLOPs util. | peak GiB |")
+    print(f"|{'-' * 72}|----|--------------|-----|----------------------|----------|")
     for r in results:
         if r.get("oom"):
-            print(f"| {r['path']:<70} | {r['micro_batch']:>2} | OOM | | |")
+            print(f"| {r['path']:<70} | {r['micro_batch']:>2} | OOM | | | |")
         else:
             print(
-                f"| {r['path']:<70} | {r['micro_batch']:>2} | {r['tokens_per_s_per_gpu']:>12,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |"
+                f"| {r['path']:<70} | {r['micro_batch']:>2} | {r['tokens_per_s_per_gpu']:>12,.0f} | "
+                f"{100 * r['mfu']:.1f}% | {100 * r['executed_utilisation']:.1f}% | {r['peak_gib']:.1f} |"
             )
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        command = "python scripts/benchmark.py train " + " ".join(argv)
+        write_json(
+            args.out, {"benchmark": "train", "command": command, "world_size": world, "results": results}
+        )

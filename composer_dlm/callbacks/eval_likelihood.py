@@ -26,7 +26,7 @@ from composer_dlm.config import batch_interval
 from composer_dlm.data import DataError, mask_token_id
 from composer_dlm.data.sources import iter_jsonl_objects
 from composer_dlm.likelihood import score_choices
-from composer_dlm.models.composer_llada import inference
+from composer_dlm.parallel import inference
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Exports the model as a LLaDA Hugging Face folder (config.json + safetensors) during and after training."""
+"""Exports the model as a drop-in LLaDA Hugging Face folder (see models/hf_format.py) during and after training."""
 
 from __future__ import annotations
 
@@ -13,16 +13,12 @@ from composer.utils import dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from composer_dlm.config import batch_interval
-from composer_dlm.models.composer_llada import child_model, llada_weights
-from composer_dlm.models.llada import write_pretrained
+from composer_dlm.models.composer_llada import llada_weights
+from composer_dlm.models.hf_format import SavesPretrained, write_folder
+from composer_dlm.models.lora import base_model_path, lora_settings, merge_adapters, write_adapter
+from composer_dlm.parallel import unwrap_llada
 
 log = logging.getLogger(__name__)
-
-
-def unwrap_llada(state: State):  # -> LLaDAModel, typed loosely to keep FSDP wrappers out of the signature
-    """The LLaDAModel inside the trainer's ComposerModel (FSDP2 keeps the module class; FSDP1 wraps it)."""
-    inner = child_model(state)
-    return getattr(inner, "module", inner)
 
 
 def full_llada_state_dict(state: State) -> dict[str, torch.Tensor]:
@@ -37,15 +33,30 @@ class HuggingFaceExport(Callback):
     """Writes ``{folder}/ba{N}`` every ``interval`` and ``{folder}/final`` when training ends.
 
     Every rank takes part in gathering the weights; rank 0 writes. Each export is atomic (temporary folder, then
-    rename), and is loadable with ``LLaDAModel.from_pretrained``.
+    rename), loadable with ``LLaDAModel.from_pretrained``, and a drop-in LLaDA folder: every architecture key in
+    config.json, ``tokenizer``'s files and generation_config.json beside the weights, and, when the run started
+    from ``source`` (a folder with modeling files and an ``auto_map``), those files too.
+
+    A LoRA run (models/lora.py) exports a peft adapter folder instead, or with ``merge`` the adapters merged into
+    the weights as the same drop-in folder.
     """
 
     def __init__(
-        self, folder: str | Path, interval: str | None = None, dtype: torch.dtype = torch.bfloat16
+        self,
+        folder: str | Path,
+        interval: str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        *,
+        tokenizer: SavesPretrained | None = None,
+        source: str | Path | None = None,
+        merge: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.interval = batch_interval(interval, "callbacks.hf_export.interval") if interval else None
         self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.source = source
+        self.merge = merge
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         if self.interval is not None and int(state.timestamp.batch) % self.interval == 0:
@@ -56,7 +67,17 @@ class HuggingFaceExport(Callback):
 
     def export(self, state: State, target: Path) -> None:
         weights = full_llada_state_dict(state)
-        if dist.get_global_rank() == 0:
-            write_pretrained(unwrap_llada(state).config, weights, target, dtype=self.dtype)
+        model = unwrap_llada(state.model)
+        lora = lora_settings(model)
+        if dist.get_global_rank() == 0 and lora is not None and not self.merge:
+            write_adapter(lora, weights, target, base_model_path(model))
+            log.info("Exported LoRA adapter folder %s", target)
+        elif dist.get_global_rank() == 0:
+            if lora is not None:
+                weights = merge_adapters(weights, lora)
+            config = model.config.to_dict()
+            write_folder(
+                config, weights, target, dtype=self.dtype, tokenizer=self.tokenizer, source=self.source
+            )
             log.info("Exported Hugging Face folder %s", target)
         dist.barrier()

@@ -13,14 +13,26 @@ from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.config import batch_interval
 from composer_dlm.generate import generate
-from composer_dlm.models.composer_llada import inference
+from composer_dlm.parallel import inference
 
 log = logging.getLogger(__name__)
+
+
+def _as_user_turn(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    assert isinstance(text, str)  # tokenize=False renders text
+    return text
 
 
 class SampleText(Callback):
     """Every ``interval`` batches (and at the end) decodes ``gen_length`` tokens after each prompt with LLaDA's
     sampler at temperature 0, prints them on rank 0 and appends them to ``{run_folder}/samples.txt``.
+
+    With ``chat_template`` each prompt is first rendered by the tokenizer's chat template as one user turn
+    followed by the assistant's generation prompt, the form SFT shards give the model (so an SFT model
+    answers, rather than ending the text it was given at once).
 
     All ranks run the sampler (under FSDP each forward is collective); rank 0 reports.
     """
@@ -36,11 +48,15 @@ class SampleText(Callback):
         block_length: int | None = None,
         mask_token_id: int,
         out_file: str | Path | None = None,
+        chat_template: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.prompts = prompts
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("callbacks.samples.chat_template is true but the tokenizer has no chat template")
+        texts = [_as_user_turn(tokenizer, p) for p in prompts] if chat_template else prompts
         # Tokenized once here rather than at every sample.
-        self.prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        self.prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         self.interval = batch_interval(interval, "callbacks.samples.interval")
         self.gen_length, self.steps = gen_length, steps
         self.block_length = block_length or gen_length

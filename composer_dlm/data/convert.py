@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from streaming import MDSWriter
 
+from composer_dlm.data.embedded import resolve_tokenizer
 from composer_dlm.data.encode import EMPTY_ANSWER, Encoder, encode_in_worker, init_worker
 from composer_dlm.data.errors import DataError
 from composer_dlm.data.manifest import (
@@ -38,9 +39,16 @@ from composer_dlm.data.manifest import (
     tokenizer_info,
     write_manifest,
 )
-from composer_dlm.data.sources import Fields, Record, list_input_files, read_records
-from composer_dlm.data.tokenizer import load_tokenizer
-from composer_dlm.fsutil import staged_folder
+from composer_dlm.data.remote import (
+    check_remote_out,
+    is_remote,
+    remote_staging,
+    upload_manifest,
+    writer_out,
+)
+from composer_dlm.data.sources import Fields, HFDataset, InputSource, Record, open_inputs
+from composer_dlm.data.verify import HASH
+from composer_dlm.fsutil import remove_stale_staging, staged_folder
 
 MODES = ("pretrain", "sft")
 OVERLONG = ("drop", "truncate")
@@ -71,6 +79,7 @@ class ConvertConfig:
     shard_size: str = "64mb"
     chunk_size: int = 256
     progress: bool = True
+    hf_dataset: HFDataset | None = None  # instead of `inputs`
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -125,7 +134,7 @@ class SplitCounts:
 
 @dataclass
 class ConvertSummary:
-    out: Path
+    out: Path | str  # a local folder, or the remote URL
     mode: str
     seq_len: int
     splits: dict[str, SplitCounts]
@@ -149,7 +158,12 @@ class _SplitWriter:
         self.cfg = cfg
         self.counts = SplitCounts()
         self.writer = MDSWriter(
-            out=str(folder), columns=COLUMNS[cfg.mode], compression=cfg.compression, size_limit=cfg.shard_size
+            out=writer_out(folder, cfg.out),
+            keep_local=True,  # a remote's local staging folder is removed with the conversion's
+            columns=COLUMNS[cfg.mode],
+            compression=cfg.compression,
+            size_limit=cfg.shard_size,
+            hashes=[HASH],
         )
         self._pending: list[np.ndarray] = []
         self._pending_len = 0
@@ -266,7 +280,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _write_splits(
-    cfg: ConvertConfig, files: list[Path], encoder: Encoder, tmp: Path
+    cfg: ConvertConfig, source: InputSource, encoder: Encoder, tmp: Path
 ) -> dict[str, SplitCounts]:
     """Read, encode and write every record into `tmp/<split>`; return the counts per split."""
     from tqdm import tqdm
@@ -274,7 +288,7 @@ def _write_splits(
     with ExitStack() as stack:
         pool = stack.enter_context(_pool(cfg.num_proc, encoder)) if cfg.num_proc > 1 else None
         writers = {s: _SplitWriter(tmp / s, cfg) for s in ([TRAIN, VAL] if cfg.val_fraction > 0 else [TRAIN])}
-        records = read_records(files, mode=cfg.mode, fields=cfg.fields)
+        records = source.records(mode=cfg.mode, fields=cfg.fields)
         if cfg.max_samples is not None:
             records = itertools.islice(records, cfg.max_samples)
         index = 0
@@ -288,16 +302,31 @@ def _write_splits(
             bar.update(len(results))
             bar.set_postfix(sequences=sum(w.counts.samples for w in writers.values()), refresh=False)
     if index == 0:
-        raise DataError(f"empty input: no documents in {', '.join(map(str, files))}")
+        raise DataError(f"empty input: no documents in {source.describe()}")
     counts = {s: w.finish() for s, w in writers.items()}
     for split, c in counts.items():
         if c.samples == 0:
             raise DataError(
                 f"split {split!r} got no sample ({c.documents} documents, {c.dropped_tokens} tokens, "
-                f"{c.dropped_overlong} over-long, {c.dropped_empty_answers} empty answers): lower --seq-len, "
-                "give more data, or change --val-fraction / --overlong"
+                f"{c.dropped_overlong} over-long, {c.dropped_empty_answers} empty answers): {_no_sample_fix(cfg, c)}"
             )
     return counts
+
+
+def _no_sample_fix(cfg: ConvertConfig, c: SplitCounts) -> str:
+    """What to change when a split got no sample: the length limit is the usual cause, and which way it
+    must move depends on the mode (pretraining packs documents into sequences, SFT drops long samples)."""
+    if cfg.mode == "sft" and c.dropped_overlong:
+        return (
+            f"raise --seq-len above {cfg.seq_len}, or pass --overlong truncate to cut long answers, "
+            "or give more data"
+        )
+    if cfg.mode == "pretrain" and c.empty_documents < c.documents:
+        return (
+            f"lower --seq-len below {cfg.seq_len} (its documents do not fill one sequence), give more data, "
+            "or raise --val-fraction"
+        )
+    return "give more data, or change --val-fraction"
 
 
 def convert(cfg: ConvertConfig) -> ConvertSummary:
@@ -306,15 +335,21 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
     Raises DataError for bad input (naming file and line) before anything appears at `cfg.out`.
     """
     start = time.perf_counter()
+    remote = is_remote(cfg.out)
     out = Path(cfg.out).expanduser().absolute()
-    _check_out(out, cfg.overwrite)
-    files = list_input_files(cfg.inputs)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    if remote:
+        check_remote_out(cfg.out, cfg.overwrite)
+    else:
+        _check_out(out, cfg.overwrite)
+    source = open_inputs(cfg.inputs, cfg.hf_dataset)
+    tokenizer = resolve_tokenizer(cfg.tokenizer)
     # Fails on a tokenizer without EOS before any work.
     encoder = Encoder(tokenizer, mode=cfg.mode, drop_empty_answers=cfg.drop_empty_answers)
 
-    with staged_folder(out) as tmp:
-        counts = _write_splits(cfg, files, encoder, tmp)
+    if not remote:
+        remove_stale_staging(out)  # left by a conversion killed midway
+    with remote_staging() if remote else staged_folder(out) as tmp:
+        counts = _write_splits(cfg, source, encoder, tmp)
         info = tokenizer_info(tokenizer, cfg.tokenizer)
         for split, c in counts.items():
             manifest = build_manifest(
@@ -325,7 +360,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
                 compression=cfg.compression,
                 tokenizer=info,
                 counts=asdict(c),
-                inputs=[Path(i).name for i in cfg.inputs],
+                inputs=source.names(),
                 options={
                     "val_fraction": cfg.val_fraction,
                     "max_samples": cfg.max_samples,
@@ -333,9 +368,17 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
                     "drop_empty_answers": cfg.drop_empty_answers,
                     "fields": asdict(cfg.fields),
                 },
+                hashes=[HASH],
             )
             write_manifest(tmp / split, manifest)
-        _check_out(out, cfg.overwrite)  # again: an output may have appeared meanwhile
+            if remote:
+                upload_manifest(tmp / split, cfg.out, MANIFEST_NAME)
+        if not remote:
+            _check_out(out, cfg.overwrite)  # again: an output may have appeared meanwhile
     return ConvertSummary(
-        out=out, mode=cfg.mode, seq_len=cfg.seq_len, splits=counts, seconds=time.perf_counter() - start
+        out=cfg.out if remote else out,
+        mode=cfg.mode,
+        seq_len=cfg.seq_len,
+        splits=counts,
+        seconds=time.perf_counter() - start,
     )

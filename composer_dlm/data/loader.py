@@ -11,6 +11,7 @@ from composer_dlm.data.collate import SFTCollator, collate_pretrain
 from composer_dlm.data.config import LoaderConfig
 from composer_dlm.data.convert import MODES
 from composer_dlm.data.datasets import PretrainDataset, SFTDataset
+from composer_dlm.data.embedded_shards import check_run_tokenizer, ensure_embedded_corpus
 from composer_dlm.data.shm import clean_stale_shared_memory
 from composer_dlm.data.tokenizer import EMBEDDED
 
@@ -39,8 +40,7 @@ def build_dataloader(
             raise ValueError(
                 "loader: the embedded corpus has splits 'train' and 'val'; set `split` to one of them"
             )
-        from composer_dlm.data.embedded import ensure_embedded_corpus
-
+        check_run_tokenizer(tokenizer)
         local = str(ensure_embedded_corpus(max_seq_len, mode))
     dataset_cls = PretrainDataset if mode == "pretrain" else SFTDataset
     dataset = dataset_cls(

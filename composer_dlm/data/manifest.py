@@ -48,8 +48,10 @@ def build_manifest(
     counts: dict[str, int],
     inputs: list[str],
     options: dict[str, Any],
+    hashes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of one split; `tokenizer` comes from tokenizer_info, `counts` must hold 'samples'."""
+    """The manifest of one split; `tokenizer` comes from tokenizer_info, `counts` must hold 'samples';
+    `hashes` names the hash algorithms whose values index.json holds for every shard."""
     return {
         "format": FORMAT,
         "mode": mode,
@@ -61,6 +63,7 @@ def build_manifest(
         "counts": counts,
         "inputs": inputs,
         "options": options,
+        "hashes": hashes or [],
     }
 
 
@@ -114,13 +117,29 @@ def locate_manifest(
 
 
 def _check_local_folder(local: Path, split: str | None) -> None:
+    """Name what is wrong with a local shard folder that has no manifest for `split`.
+
+    The convention: convert_to_mds.py --out DIR writes DIR/train and DIR/val; a loader reads
+    `local: DIR` with `split: train` (or val).
+    """
     folder = local / (split or "")
     if (folder / INDEX_NAME).is_file():
         return
     fix = f"convert data there with `python scripts/convert_to_mds.py INPUT --out {local} ...` or fix the loader's local"
     if not local.is_dir():
         raise DataError(f"no shard folder {local}: {fix}")
+    if split and (local / INDEX_NAME).is_file():
+        raise DataError(
+            f"{local} is itself a split folder (shards and {INDEX_NAME}) and has no {split!r} inside; set the "
+            f"loader's local to {local.parent}, the folder convert_to_mds.py --out wrote (its split {split!r} "
+            f"is then read from {local.parent / split})"
+        )
     splits = sorted(p.name for p in local.iterdir() if (p / INDEX_NAME).is_file())
+    if split == "val" and splits:
+        raise DataError(
+            f"no split 'val' in {local} (it has {', '.join(splits)}); convert again with --val-fraction "
+            "(e.g. 0.01) to hold some data out for evaluation, or set eval_loader.split to one of them"
+        )
     if split and splits:
         raise DataError(
             f"no split {split!r} in {local} (it has {', '.join(splits)}); set the loader's split to one of them"

@@ -1,7 +1,8 @@
-"""Reading conversion input: plain-text, JSONL and Parquet files, or folders of them, into records.
+"""Reading conversion input into records: plain-text, JSONL and Parquet files (or folders of them), or
+a Hugging Face dataset (a hub id or loader name such as "json", or a `save_to_disk` folder).
 
-Every record carries `where` (`path:line` for text and JSONL, `path row N` for Parquet) so that any
-later error can name it. Pretraining records hold a text; SFT records hold a conversation as a list
+Every record carries `where` (`path:line` for text and JSONL, `path row N` for Parquet, `NAME[split]
+row N` for a dataset) so that any later error can name it. Pretraining records hold a text; SFT records hold a conversation as a list
 of {"role", "content"} messages whose last one is the assistant's answer (a prompt/response pair
 becomes [user: prompt, assistant: response]).
 """
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from composer_dlm.data.errors import DataError
 
@@ -39,6 +40,123 @@ class Record:
     where: str
     text: str | None = None
     messages: list[dict[str, str]] | None = None
+
+
+class InputSource(Protocol):
+    """What a conversion reads: files, or a Hugging Face dataset."""
+
+    def records(self, *, mode: str, fields: Fields) -> Iterator[Record]: ...
+
+    def describe(self) -> str:
+        """The input, for messages."""
+        ...
+
+    def names(self) -> list[str]:
+        """The input, for the manifest (file names, or the dataset's name/config/split)."""
+        ...
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """Local text, JSONL and Parquet files, read in order."""
+
+    files: list[Path]
+
+    def records(self, *, mode: str, fields: Fields) -> Iterator[Record]:
+        return read_records(self.files, mode=mode, fields=fields)
+
+    def describe(self) -> str:
+        return ", ".join(map(str, self.files))
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.files]
+
+
+@dataclass(frozen=True)
+class HFDataset:
+    """A Hugging Face dataset read with the `datasets` library (the `hf` extra).
+
+    `name` is a hub id (read from the hub, or from the local cache with HF_DATASETS_OFFLINE=1), a packaged
+    loader ("json", "parquet", "csv", "text") with `data_files`, or a folder written by `save_to_disk`.
+    `config` is the dataset's configuration (subset), `split` the split to convert. Datasets that allow it
+    are streamed (nothing is downloaded in full or cached as Arrow first).
+    """
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    data_files: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = [self.name, *([self.config] if self.config else [])]
+        return f"{'/'.join(parts)}[{self.split}]"
+
+    def names(self) -> list[str]:
+        return [self.describe(), *(Path(f).name for f in self.data_files)]
+
+    def records(self, *, mode: str, fields: Fields) -> Iterator[Record]:
+        rows = self._open()
+        columns = list(getattr(rows, "column_names", None) or [])
+        available = f"columns {columns}" if columns else "its columns"
+        for i, row in enumerate(rows, start=1):
+            yield _make_record(row, f"{self.describe()} row {i}", mode, fields, available=available)
+
+    def _open(self) -> Any:
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(
+                "--hf-dataset needs the `datasets` library: pip install 'composer-dlm[hf]'"
+            ) from None
+        folder = Path(self.name).expanduser()
+        if folder.is_dir() and not self.data_files:
+            return self._from_disk(datasets, folder)
+        kwargs: dict[str, Any] = {"data_files": self.data_files or None}
+        try:
+            try:
+                return datasets.load_dataset(
+                    self.name, self.config, split=self.split, streaming=True, **kwargs
+                )
+            except NotImplementedError:  # a dataset that cannot stream: load it (cached as Arrow) instead
+                return datasets.load_dataset(self.name, self.config, split=self.split, **kwargs)
+        except Exception as e:  # datasets raises many types (not found, offline, bad config/split, bad files)
+            raise DataError(
+                f"Hugging Face dataset {self.describe()}: {_first_line(e)}; check the name, --hf-config and "
+                "--hf-split (and --hf-data-files for 'json'/'parquet'/'csv'), and that it is cached when offline"
+            ) from None
+
+    def _from_disk(self, datasets: Any, folder: Path) -> Any:
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except Exception as e:  # FileNotFoundError for a folder save_to_disk did not write, and others
+            raise DataError(
+                f"{folder}: not a dataset folder written by save_to_disk ({_first_line(e)}); give a hub id, "
+                "or 'json'/'parquet' with --hf-data-files"
+            ) from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if self.split not in loaded:
+                raise DataError(
+                    f"{folder}: no split {self.split!r} (it has {', '.join(loaded)}); pass --hf-split"
+                )
+            return loaded[self.split]
+        return loaded
+
+
+def open_inputs(inputs: Sequence[str], hf_dataset: HFDataset | None) -> InputSource:
+    """The conversion's input: the files and folders `inputs`, or `hf_dataset` (exactly one of them)."""
+    if hf_dataset is None:
+        return InputFiles(list_input_files(inputs))
+    if inputs:
+        raise DataError(
+            f"give input files ({', '.join(inputs)}) or --hf-dataset {hf_dataset.name}, not both; to convert "
+            f"local JSONL/Parquet files as a dataset use --hf-dataset json --hf-data-files FILE"
+        )
+    return hf_dataset
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def list_input_files(inputs: Sequence[str]) -> list[Path]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from composer_dlm.data.errors import DataError
+from composer_dlm.models.hf_format import CheckpointError, resolve_folder
 
 EMBEDDED = "embedded"
 MASK_TOKEN = "<|mdm_mask|>"
@@ -33,25 +33,24 @@ CHAT_TEMPLATE = (
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load `embedded` (built and cached on first use) or a Hugging Face tokenizer folder.
+    """Load a Hugging Face tokenizer folder ('embedded' is resolved a layer above, in data/embedded.py).
 
-    Never downloads. The result is guaranteed to have a mask token: `tokenizer.mask_token` is set to
+    A hub id (``GSAI-ML/LLaDA-8B-Base``) is read from huggingface_hub's cache. Never downloads. The result is
+    guaranteed to have a mask token: `tokenizer.mask_token` is set to
     `<|mdm_mask|>` when the vocabulary has it but the tokenizer config does not name it (LLaDA's case).
     Raises DataError for a missing folder, an unloadable one, or a tokenizer without a mask token.
     """
-    if name_or_path == EMBEDDED:
-        from composer_dlm.data.embedded import ensure_embedded_tokenizer
-
-        path = ensure_embedded_tokenizer()
-    else:
-        path = Path(name_or_path).expanduser()
-        if not path.is_dir():
-            raise DataError(
-                f"tokenizer {name_or_path!r}: no such folder. Give 'embedded' or the path of a local "
-                "Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json); nothing is "
-                "downloaded, so fetch a hub tokenizer beforehand (e.g. `huggingface-cli download "
-                "GSAI-ML/LLaDA-8B-Base --local-dir DIR`)."
-            )
+    try:  # a hub id (GSAI-ML/LLaDA-8B-Base) is read from huggingface_hub's cache
+        path = resolve_folder(name_or_path, "tokenizer")
+    except CheckpointError as err:
+        raise DataError(str(err)) from None
+    if not path.is_dir():
+        raise DataError(
+            f"tokenizer {name_or_path!r}: no such folder. Give 'embedded' or the path of a local "
+            "Hugging Face tokenizer folder (tokenizer.json, tokenizer_config.json); nothing is "
+            "downloaded, so fetch a hub tokenizer beforehand (e.g. `huggingface-cli download "
+            "GSAI-ML/LLaDA-8B-Base --local-dir DIR`)."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:

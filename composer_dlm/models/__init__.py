@@ -1,5 +1,6 @@
-"""Models: the LLaDA transformer and its Composer wrapper."""
+"""Models: the LLaDA transformer, its Hugging Face folder format, and its Composer wrapper."""
 
-from composer_dlm.models.llada import CheckpointError, LLaDAConfig, LLaDAModel
+from composer_dlm.models.hf_format import CheckpointError
+from composer_dlm.models.llada import LLaDAConfig, LLaDAModel
 
 __all__ = ["CheckpointError", "LLaDAConfig", "LLaDAModel"]

@@ -4,25 +4,23 @@ The loss is computed inside ``LLaDAModel.forward`` (through its ``head`` argumen
 projection is gathered while it is used, and with ``loss_impl='fused'`` the (tokens x vocabulary) logits are
 never formed: the fused kernel scores only the masked rows.
 
-Noise is drawn from a generator seeded by (seed, rank, batch, microbatch) for training and by (eval_seed,
-batch contents) for evaluation. Training noise is therefore a function of the trainer's timestamp, which
-Composer checkpoints, so a resumed run draws exactly the noise the uninterrupted run would have; evaluation
-noise is the same for the same data in every run and at every checkpoint.
+Training noise of each sequence is drawn from a generator seeded by (seed, batch, row of the sequence in the
+global batch); the random truncation length by (seed, batch). Training noise is therefore a function of the
+trainer's timestamp, which Composer checkpoints, and not of how the batch is split into micro-batches or
+over processes: a resumed run draws exactly the noise of the uninterrupted run even when
+``device_train_microbatch_size: auto`` picks another split (or an out-of-memory retry does). Evaluation noise is seeded by (eval_seed, batch
+contents), so it is the same for the same data in every run and at every checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from composer.core import State, get_precision_context
 from composer.models import ComposerModel
-from composer.utils import dist
-from torch import nn
 from torchmetrics import Metric
 
 from composer_dlm.diffusion import (
@@ -32,7 +30,7 @@ from composer_dlm.diffusion import (
     loss_weights,
     random_truncation_length,
 )
-from composer_dlm.models.llada import LLaDABlock, LLaDAModel, eager_blocks
+from composer_dlm.models.llada import LLaDAModel, eager_blocks
 from kernels import masked_linear_cross_entropy
 
 LossImpl = Literal["fused", "plain"]
@@ -110,10 +108,6 @@ def _metrics() -> dict[str, Metric]:
     }
 
 
-def _is_block(module: nn.Module) -> bool:
-    return isinstance(module, LLaDABlock)
-
-
 # Segments that FSDP, activation checkpointing and torch.compile put inside parameter names of wrapped modules.
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -128,25 +122,6 @@ def llada_weights(composer_state: Mapping[str, torch.Tensor]) -> dict[str, torch
         if key.startswith("model."):
             out[key.removeprefix("model.")] = tensor
     return out
-
-
-def child_model(state: State) -> nn.Module:
-    """``state.model.model``, typed: the trainer's LLaDAModel (under FSDP1, its wrapper) inside ComposerLLaDA."""
-    return state.model.get_submodule("model")
-
-
-@contextlib.contextmanager
-def inference(state: State) -> Iterator[nn.Module]:
-    """For callbacks that run the model mid-training (samples, likelihood eval): yields the LLaDA child in eval
-    mode, under no_grad, the run's precision and eager blocks (see ``eager_blocks``); restores the mode after.
-    Under FSDP every rank must enter it, since each forward is collective."""
-    was_training = state.model.training
-    state.model.eval()
-    try:
-        with torch.no_grad(), get_precision_context(state.precision), eager_blocks():
-            yield child_model(state)
-    finally:
-        state.model.train(was_training)
 
 
 class ComposerLLaDA(ComposerModel):
@@ -171,27 +146,53 @@ class ComposerLLaDA(ComposerModel):
         self.seed = seed
         self.train_metrics = _metrics()
         self.val_metrics = _metrics()
-        # The noise clock: set to the trainer's batch index by NoiseClock; counts microbatches within a batch.
+        # The noise clock: the trainer's batch index (set by NoiseClock before each batch and each retry of it)
+        # and the global-batch row of the next sequence to noise.
         self.noise_step = 0
-        self.noise_microbatch = 0
-        # FSDP wraps and activation-checkpoints each transformer block (Composer reads these off the child).
-        model.fsdp_wrap_fn = _is_block
-        model.activation_checkpointing_fn = _is_block
+        self.noise_row = 0
 
     # --- noise ----------------------------------------------------------------------------------------------
-    def set_noise_step(self, step: int) -> None:
-        self.noise_step, self.noise_microbatch = step, 0
+    def set_noise_step(self, step: int, first_row: int = 0) -> None:
+        """Starts the noise of batch ``step``, whose first row on this process is row ``first_row`` of the
+        global batch (rank x rows per process)."""
+        self.noise_step, self.noise_row = step, first_row
 
-    def _train_generator(self, device: torch.device) -> torch.Generator:
-        seed = hash((self.seed, dist.get_global_rank(), self.noise_step, self.noise_microbatch)) % (2**62)
-        self.noise_microbatch += 1
-        return torch.Generator(device=device).manual_seed(seed)
+    def train_noise(
+        self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward_process`` of the next ``B`` rows of the current batch, global row ``r`` from its own
+        generator seeded by (seed, batch, r): the batch draws the same noise however it is split into
+        micro-batches or processes. Advances the row counter."""
+        device = input_ids.device
+        rows = []
+        for i in range(input_ids.shape[0]):
+            seed = hash((self.seed, self.noise_step, self.noise_row + i)) % (2**62)
+            rows.append(
+                forward_process(
+                    input_ids[i : i + 1],
+                    mask_token_id=self.mask_token_id,
+                    eps=self.diffusion.eps,
+                    prompt_lengths=None if prompt_lengths is None else prompt_lengths[i : i + 1],
+                    generator=torch.Generator(device=device).manual_seed(seed),
+                )
+            )
+        self.noise_row += input_ids.shape[0]
+        noisy, masked, p_mask = (torch.cat(parts) for parts in zip(*rows, strict=True))
+        return noisy, masked, p_mask
 
-    def _eval_generator(self, input_ids: torch.Tensor) -> torch.Generator:
+    def _eval_noise(
+        self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device, dtype=torch.float64)
         fingerprint = int((input_ids.to(torch.float64) * positions).sum().item()) % (2**31)
         seed = hash((self.diffusion.eval_seed, fingerprint, tuple(input_ids.shape))) % (2**62)
-        return torch.Generator(device=input_ids.device).manual_seed(seed)
+        return forward_process(
+            input_ids,
+            mask_token_id=self.mask_token_id,
+            eps=self.diffusion.eps,
+            prompt_lengths=prompt_lengths,
+            generator=torch.Generator(device=input_ids.device).manual_seed(seed),
+        )
 
     # --- forward --------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> DiffusionOutputs:
@@ -199,21 +200,17 @@ class ComposerLLaDA(ComposerModel):
         prompt_lengths = self._prompt_lengths(batch)
         if prompt_lengths is None and self.diffusion.random_length_prob > 0:
             length = random_truncation_length(
-                input_ids.shape[1],
-                self.diffusion.random_length_prob,
-                seed=self.seed,
-                step=self.noise_step,
-                microbatch=self.noise_microbatch,
+                input_ids.shape[1], self.diffusion.random_length_prob, seed=self.seed, step=self.noise_step
             )
             input_ids = input_ids[:, :length]
-        return self._score(input_ids, prompt_lengths, self._train_generator(input_ids.device))
+        return self._score(input_ids, prompt_lengths, self.train_noise(input_ids, prompt_lengths))
 
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> DiffusionOutputs:
         if outputs is not None:
             return outputs
-        input_ids = batch["input_ids"]
+        input_ids, prompt_lengths = batch["input_ids"], self._prompt_lengths(batch)
         with eager_blocks():
-            return self._score(input_ids, self._prompt_lengths(batch), self._eval_generator(input_ids))
+            return self._score(input_ids, prompt_lengths, self._eval_noise(input_ids, prompt_lengths))
 
     def _prompt_lengths(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if self.diffusion.mode == "pretrain":
@@ -223,15 +220,12 @@ class ComposerLLaDA(ComposerModel):
         return batch["prompt_lengths"]
 
     def _score(
-        self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None, generator: torch.Generator
+        self,
+        input_ids: torch.Tensor,
+        prompt_lengths: torch.Tensor | None,
+        noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> DiffusionOutputs:
-        noisy, masked, p_mask = forward_process(
-            input_ids,
-            mask_token_id=self.mask_token_id,
-            eps=self.diffusion.eps,
-            prompt_lengths=prompt_lengths,
-            generator=generator,
-        )
+        noisy, masked, p_mask = noise
         weights_N = loss_weights(masked, p_mask, prompt_lengths).reshape(-1)
         targets_N = input_ids.reshape(-1)
 

@@ -1,4 +1,4 @@
-"""The LLaDA transformer: a bidirectional Llama-style trunk, and its Hugging Face checkpoint format.
+"""The LLaDA transformer: a bidirectional Llama-style trunk, its configuration and its initialisation.
 
 Architecture (LLaDA's release): token embedding ``wte``; ``n_layers`` pre-norm blocks, each
 
@@ -15,63 +15,36 @@ Under ``torch.no_grad()`` on CUDA, ``model(..., fused=True)`` computes the same 
 in fused Triton kernels (:mod:`kernels.inference`), bitwise equal to the eager ops; the sampler uses it.
 
 Parameter names equal the tensor names in LLaDA's safetensors files (``model.transformer.blocks.0.q_proj.weight``
-...), so loading and saving need no renaming map.
+...), so loading and saving need no renaming map; the folder format itself lives in :mod:`.hf_format`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from composer_dlm.fsutil import staged_folder
+from composer_dlm.models import hf_format
+from composer_dlm.models.hf_format import CheckpointError
 from kernels import inference as fused_ops
 
 T = TypeVar("T")
 
-CONFIG_NAME = "config.json"
-SAFETENSORS_NAME = "model.safetensors"
-SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be used as it is; the message says what to change."""
-
-
-# Values of LLaDA config.json keys that this implementation does not cover. A folder whose config sets one of
-# them to anything else is refused rather than silently computed wrongly.
-_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "alibi": (False, None),
-    "block_type": ("llama", "sequential", None),
-    "layer_norm_type": ("rms", None),
-    "activation_type": ("silu", "swiglu", None),
-    "attention_layer_norm": (False, None),
-    "input_emb_norm": (False, None),
-    "scale_logits": (False, None),
-    "clip_qkv": (None,),
-    "rope": (True, None),
-    "include_qkv_bias": (False, None),
-    "multi_query_attention": (False, None),
-}
-
 
 @dataclasses.dataclass
 class LLaDAConfig:
-    """The fields of LLaDA's ``config.json`` that define the network.
+    """The fields of LLaDA's ``config.json`` that define the network; also the schema of a run's ``model.config``
+    (where ``mask_token_id`` and ``eos_token_id`` are taken from the tokenizer).
 
     Keys of the file that are not fields (``architectures``, ``auto_map``, ``init_device`` ...) are kept in
-    ``extra`` and written back unchanged by :meth:`to_json`, so a released folder round-trips.
+    ``extra`` and written back unchanged by an export, so a released folder round-trips.
     """
 
     d_model: int
@@ -119,10 +92,6 @@ class LLaDAConfig:
                 problems.append(
                     f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})"
                 )
-            if not 0 <= self.mask_token_id < self.embedding_size:
-                problems.append(
-                    f"mask_token_id ({self.mask_token_id}) is outside the embedding (size {self.embedding_size})"
-                )
         if self.include_bias:
             problems.append("include_bias=true is not supported: LLaDA's blocks have no biases")
         if problems:
@@ -134,13 +103,9 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> LLaDAConfig:
-        """Builds a config from a ``config.json`` mapping, refusing settings this implementation lacks."""
-        for key, allowed in _UNSUPPORTED.items():
-            if key in data and data[key] not in allowed:
-                raise CheckpointError(
-                    f"{source}: {key}={data[key]!r} is not supported by composer-dlm's LLaDA implementation "
-                    f"(supported: {', '.join(repr(a) for a in allowed if a is not None)})"
-                )
+        """Builds a config from a ``config.json`` mapping, refusing settings this implementation lacks; keys that
+        are not fields are kept in ``extra``."""
+        hf_format.check_supported(data, source)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         required = ("d_model", "n_layers", "n_heads", "vocab_size")
         missing = [name for name in required if data.get(name) is None]
@@ -149,32 +114,27 @@ class LLaDAConfig:
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
         try:
-            return cls(**known, extra=extra)
+            config = cls(**known, extra=extra)
         except ValueError as err:
             raise CheckpointError(f"{source}: {err}") from None
+        assert config.embedding_size is not None  # filled in by __post_init__
+        if not 0 <= config.mask_token_id < config.embedding_size:
+            # Checked here rather than in __post_init__: a run's model.config leaves the id to the tokenizer.
+            raise CheckpointError(
+                f"{source}: mask_token_id ({config.mask_token_id}) is outside the embedding "
+                f"(size {config.embedding_size})"
+            )
+        return config
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> LLaDAConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such config file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: expected a JSON object at the top level")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(hf_format.read_config(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields and the ``extra`` keys as one mapping (what :meth:`from_dict` reads back)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         data.update(self.extra)
-        data.setdefault("model_type", "llada")
-        data.setdefault("architectures", ["LLaDAModelLM"])
         return data
-
-    def to_json(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def num_params(self, *, include_embedding: bool = True) -> int:
         """Parameter count from the shapes alone; ``include_embedding=False`` leaves out the input embedding
@@ -193,16 +153,21 @@ class LLaDAConfig:
             total += embedding_size * h  # the input embedding, a lookup with no matrix work
         return total
 
-    def training_flops(self, batch_size: int, seq_len: int) -> float:
-        """FLOPs of one training step (forward + backward) by the standard formula:
+    def training_flops(self, batch_size: int, seq_len: int, projected_tokens: float | None = None) -> float:
+        """FLOPs of one training step (forward + backward) by the standard formula, the numerator of MFU:
         3 * (2 * params * tokens + 4 * n_layers * d_model * L^2 * B).
 
         ``params`` excludes the input embedding (a lookup) and includes the output projection; the attention
-        term counts the full L x L score and value products (attention here is bidirectional).
+        term counts the full L x L score and value products (attention here is bidirectional). With
+        ``projected_tokens``, the output projection counts only that many rows (the fused loss projects the
+        masked rows only): the FLOPs actually executed, 6 * embedding_size * d_model per row fewer.
         """
         tokens = batch_size * seq_len
-        forward = 2 * self.num_params(include_embedding=False) * tokens
+        forward = 2.0 * self.num_params(include_embedding=False) * tokens
         forward += 4 * self.n_layers * self.d_model * seq_len * tokens
+        if projected_tokens is not None:
+            assert self.embedding_size is not None  # filled in by __post_init__
+            forward -= 2 * self.embedding_size * self.d_model * (tokens - projected_tokens)
         return float(3 * forward)
 
 
@@ -388,20 +353,30 @@ class LLaDAModel(nn.Module):
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_config(
-        cls, config: LLaDAConfig | Mapping[str, Any] | str | os.PathLike[str], *, seed: int | None = None
+        cls,
+        config: LLaDAConfig | Mapping[str, Any] | str | os.PathLike[str],
+        *,
+        seed: int | None = None,
+        device: str | torch.device | None = None,
     ) -> LLaDAModel:
-        """A freshly initialised model for pretraining from scratch.
+        """A freshly initialised model for pretraining from scratch, in fp32 on ``device`` (default CPU).
 
         Initialisation: every linear and embedding weight ~ N(0, init_std); the two projections that write
         into the residual stream (``attn_out`` and the blocks' ``ff_out``) use init_std / sqrt(2 * n_layers) so
-        the residual's variance does not grow with depth; RMSNorm weights are 1.
+        the residual's variance does not grow with depth; RMSNorm weights are 1. The values depend on ``seed``
+        only (drawn on the CPU, parameter by parameter), not on the device. ``device="meta"``: shapes only, for
+        the ranks that receive their weights from rank 0 (see :meth:`param_init_fn`).
         """
         if isinstance(config, (str, os.PathLike)):
             config = LLaDAConfig.from_json(config)
         elif not isinstance(config, LLaDAConfig):
             config = LLaDAConfig.from_dict(config)
-        model = cls(config)
-        model.reset_parameters(seed=seed)
+        with torch.device("meta"):  # no memory and no default init that reset_parameters would overwrite
+            model = cls(config)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type != "meta":
+            model.to_empty(device=device)
+            model.reset_parameters(seed=seed)
         return model
 
     def init_std(self, name: str) -> float | None:
@@ -506,7 +481,7 @@ class LLaDAModel(nn.Module):
             return FusedInference()
         return FusedInference(qkv_weights=[stacked] + [b.qkv_weight() for b in blocks[1:]])
 
-    # --- Hugging Face format --------------------------------------------------------------------------------
+    # --- Hugging Face folders (the format itself: :mod:`.hf_format`) ----------------------------------------
     @classmethod
     def from_pretrained(
         cls,
@@ -517,47 +492,34 @@ class LLaDAModel(nn.Module):
     ) -> LLaDAModel:
         """Loads a LLaDA Hugging Face folder (config.json + safetensors, one file or sharded with an index).
 
-        The model is built on the meta device and each shard's tensors are moved into it as the shard is read,
-        so peak host memory is about one shard beyond the model itself. ``dtype`` defaults to the stored dtype.
+        The model is built on the meta device and each tensor is moved into it as it is read, so peak host memory
+        is about one tensor beyond the model itself. ``dtype`` defaults to the stored dtype. ``device="meta"``
+        reads config.json only and leaves the parameters on the meta device (shapes, no storage): the ranks that
+        receive their weights from another rank (FSDP's ``sync_module_states``) start that way.
         """
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise CheckpointError(f"{folder}: not a folder; pass the Hugging Face folder holding config.json")
-        if not (folder / CONFIG_NAME).is_file():
-            raise CheckpointError(
-                f"{folder}: no {CONFIG_NAME}; a LLaDA checkpoint folder needs config.json next to its safetensors"
-            )
-        config = LLaDAConfig.from_json(folder / CONFIG_NAME)
-        shards = _safetensors_files(folder)
+        folder = hf_format.check_folder(folder)
+        config = LLaDAConfig.from_json(folder / hf_format.CONFIG_NAME)
         device = torch.device(device) if device is not None else torch.device("cpu")
         with torch.device("meta"):
             model = cls(config)
+        if device.type == "meta":
+            hf_format.safetensors_files(folder)  # the same errors as a full load for a folder without weights
+            return model.to(dtype) if dtype is not None else model
         expected = dict(model.named_parameters())
         loaded: set[str] = set()
-        for shard in shards:
-            try:
-                with safe_open(str(shard), framework="pt", device=str(device)) as f:
-                    for name in f.keys():
-                        if name not in expected:
-                            raise CheckpointError(
-                                f"{shard}: tensor {name!r} is not a parameter of a LLaDA model with this config"
-                            )
-                        tensor = f.get_tensor(name)
-                        param = expected[name]
-                        if tuple(tensor.shape) != tuple(param.shape):
-                            raise CheckpointError(
-                                f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                f"config.json implies {tuple(param.shape)}"
-                            )
-                        if dtype is not None:
-                            tensor = tensor.to(dtype)
-                        _assign_parameter(model, name, tensor)
-                        loaded.add(name)
-            except SafetensorError as err:
+        for shard, name, tensor in hf_format.read_tensors(folder, device):
+            if name not in expected:
                 raise CheckpointError(
-                    f"{shard}: cannot be read as safetensors ({err}); the file is probably truncated or corrupt, "
-                    "copy or export it again"
-                ) from None
+                    f"{shard}: tensor {name!r} is not a parameter of a LLaDA model with this config"
+                )
+            param = expected[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{shard}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"config.json implies {tuple(param.shape)}"
+                )
+            _assign_parameter(model, name, tensor if dtype is None else tensor.to(dtype))
+            loaded.add(name)
         missing = sorted(set(expected) - loaded)
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -572,101 +534,35 @@ class LLaDAModel(nn.Module):
         *,
         max_shard_size: int | str = "5GB",
         dtype: torch.dtype | None = None,
+        tokenizer: hf_format.SavesPretrained | None = None,
+        source: str | os.PathLike[str] | None = None,
     ) -> None:
-        """Writes config.json and safetensors shards (with an index when sharded) under LLaDA's tensor names.
+        """Writes a drop-in LLaDA folder (:func:`.hf_format.write_folder`): config.json stating every architecture
+        key, safetensors under LLaDA's tensor names, generation_config.json, ``tokenizer``'s files, and the
+        modeling files of ``source`` (the folder this model was loaded from) with their ``auto_map``.
 
-        The files are written into a temporary folder beside ``folder`` and renamed into place at the end, so a
-        crash leaves either the previous folder or the new one, never a half-written one.
+        Atomic: a crash leaves either the previous folder or the new one, never a half-written one.
         """
-        write_pretrained(self.config, self.state_dict(), folder, max_shard_size=max_shard_size, dtype=dtype)
-
-
-def write_pretrained(
-    config: LLaDAConfig,
-    state_dict: Mapping[str, torch.Tensor],
-    folder: str | os.PathLike[str],
-    *,
-    max_shard_size: int | str = "5GB",
-    dtype: torch.dtype | None = None,
-) -> None:
-    """Writes ``state_dict`` (LLaDA tensor names) as a Hugging Face folder, atomically; see ``save_pretrained``."""
-    folder = Path(folder)
-    limit = _parse_size(max_shard_size)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        if config.weight_tying and name.endswith("transformer.ff_out.weight"):
-            continue
-        # One copy: onto the host, in the target dtype, contiguous, in storage of its own (safetensors refuses
-        # shared storage, and the caller's tensors must not be aliased).
-        tensors[name] = tensor.detach().to(
-            device="cpu", dtype=dtype, copy=True, memory_format=torch.contiguous_format
+        hf_format.write_folder(
+            self.config.to_dict(),
+            self.state_dict(),
+            folder,
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            source=source,
         )
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
 
-    with staged_folder(folder) as tmp:
-        tmp.mkdir()
-        stored = dataclasses.replace(config, extra=dict(config.extra))
-        first = next(iter(tensors.values()), None)
-        if first is not None:
-            stored.extra["torch_dtype"] = str(first.dtype).removeprefix("torch.")
-        stored.to_json(tmp / CONFIG_NAME)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / SAFETENSORS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / SAFETENSORS_INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err!r})") from None
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
-        absent = [str(f) for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(f"{index} lists shard(s) that are not there: {', '.join(absent)}")
-        return files
-    single = folder / SAFETENSORS_NAME
-    if single.is_file():
-        return [single]
-    pickles = sorted(p.name for p in folder.glob("*.bin"))
-    if pickles:
-        raise CheckpointError(
-            f"{folder}: only pickle weights ({', '.join(pickles)}); composer-dlm loads safetensors only, because "
-            "unpickling runs arbitrary code. Convert the folder to safetensors with a tool you trust and retry."
-        )
-    raise CheckpointError(f"{folder}: no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}")
+    @torch.no_grad()
+    def param_init_fn(self, module: nn.Module) -> None:
+        """FSDP's initialiser for the parameters of ``module`` that a rank built on the meta device (Composer calls
+        it after moving them to the GPU uninitialised). Their values come from rank 0 by ``sync_module_states``;
+        until then they hold NaN, so a rank that missed the broadcast fails loudly instead of training garbage."""
+        for param in module.parameters(recurse=False):
+            param.fill_(float("nan"))
 
 
 def _assign_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, param_name = name.rpartition(".")
     module = model.get_submodule(module_name)
     module._parameters[param_name] = nn.Parameter(tensor, requires_grad=True)
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    text = size.strip().upper()
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)

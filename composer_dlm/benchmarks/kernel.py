@@ -1,34 +1,46 @@
 """Benchmark of the fused masked cross-entropy: `python scripts/benchmark.py kernel [--out PATH] ...`.
 
 One GPU, one run, every method on the same inputs: B*L rows of bf16 hidden, a bf16 (V, H) weight, half
-the rows weighted (1 / p_mask-like weights). For each shape and method: median ms of forward + backward,
+the rows weighted (1 / p_mask-like weights), targets uniform over the vocabulary or SFT-shaped (90% of the
+weighted rows on one id, as EOS padding gives). Ours runs on each torch branch asked for: `native` (what
+this torch offers) and `torch27` (COMPOSER_DLM_FORCE_TORCH27=1: no matmul out_dtype, as the pinned torch
+2.7 takes). For each shape, targets, method and branch: median ms of forward + backward, the GEMMs'
+TFLOP/s (6·M·V·H over that time),
 transient memory (peak allocated minus inputs and outputs: loss and the two gradients), and relative
 errors of the loss and both gradients against the float32 reference (kernels.masked_ce_reference on
 upcast copies, TF32 off). Liger-Kernel and Cut Cross-Entropy have no per-row weights: they get the
 weighted rows with unit weights, and their errors are taken against the unit-weight reference.
-Writes the table as markdown and JSON (PATH with .md and .json suffixes) when --out is given.
+Writes the table as markdown and the raw figures, with the environment, as JSON (PATH with .md and .json
+suffixes) when --out is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
-import json
+import os
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from composer_dlm.benchmarks import environment, write_json
+from composer_dlm.cli import ArgumentParser, fail
 from kernels import (
     KernelConfig,
     masked_ce,
     masked_linear_cross_entropy,
     masked_linear_cross_entropy_reference,
 )
+
+BRANCHES = ("native", "torch27")
+TARGETS = ("uniform", "sft")
+SFT_SHARE = 0.9  # share of the weighted rows on one target in SFT-shaped inputs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -182,19 +194,11 @@ def _profile(h, w, t, rw, cfg: KernelConfig) -> dict[str, float]:
         f()
         return _cuda_ms(lambda: [f() for _ in range(3)]) / 3
 
+    from kernels import masked_ce_triton
+
     def rows_kernel(block_v: int, warps: int) -> Callable[[], object]:
-        return lambda: masked_ce._softmax_grad_rows_kernel[(chunk,)](
-            buf,
-            buf.stride(0),
-            tc,
-            wc,
-            aux[0],
-            aux[1],
-            aux[2],
-            vocab,
-            WRITE_GRAD=True,
-            BLOCK_V=block_v,
-            num_warps=warps,
+        return lambda: masked_ce_triton.softmax_grad_rows(
+            buf, tc, wc, aux[0], aux[1], aux[2], write_grad=True, block_v=block_v, num_warps=warps
         )
 
     k = num_w / chunk
@@ -206,7 +210,48 @@ def _profile(h, w, t, rw, cfg: KernelConfig) -> dict[str, float]:
         out[f"rows_kernel_v{bv}_w{nw}"] = k * time_ms(rows_kernel(bv, nw))
     out["dh_gemm"] = k * time_ms(lambda: masked_ce._mm_f32(buf, w.detach()))
     out["dw_gemm_acc"] = k * time_ms(lambda: masked_ce._accumulate(dw, buf.t(), hc, first=False))
+    sorted_t, order = torch.sort(t[rows], stable=True)
+    g_sorted = -torch.rand(num_w, device=w.device)
+    out["target_terms"] = time_ms(
+        lambda: masked_ce_triton.add_target_terms(
+            dw,
+            h.detach(),
+            sorted_t,
+            rows[order],
+            g_sorted,
+            segment_rows=cfg.segment_rows,
+            block_h=cfg.block_h,
+        )
+    )
     return out
+
+
+@contextlib.contextmanager
+def _branch(name: str) -> Iterator[None]:
+    """Runs the body on torch branch `name`: 'torch27' sets COMPOSER_DLM_FORCE_TORCH27=1, 'native' clears it."""
+    old = os.environ.get(masked_ce.FORCE_TORCH27_ENV)
+    os.environ[masked_ce.FORCE_TORCH27_ENV] = "1" if name == "torch27" else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[masked_ce.FORCE_TORCH27_ENV]
+        else:
+            os.environ[masked_ce.FORCE_TORCH27_ENV] = old
+
+
+def make_targets(kind: str, rw: torch.Tensor, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Targets (N,): 'uniform' over the vocabulary, or 'sft': SFT_SHARE of the weighted rows on one id (EOS
+    padding), the other rows uniform."""
+    n = rw.numel()
+    t = torch.randint(0, vocab, (n,), device=rw.device, generator=generator)
+    if kind == "sft":
+        weighted = rw.nonzero().squeeze(1)
+        pick = torch.randperm(weighted.numel(), device=rw.device, generator=generator)
+        t[weighted[pick[: round(SFT_SHARE * weighted.numel())]]] = vocab // 2
+    elif kind != "uniform":
+        raise ValueError(f"targets must be 'uniform' or 'sft', not {kind!r}")
+    return t
 
 
 def _config(spec: str) -> KernelConfig:
@@ -279,13 +324,74 @@ def _peaked_accuracy(dim: int, vocab: int, n: int, frac: float) -> dict[str, lis
     return out
 
 
+def _methods(args: argparse.Namespace, num_w: int) -> list[tuple[str, str, Callable[[], LossFn], str, str]]:
+    """(key, label, factory, weighting, branch) of every method asked for; ours once per branch."""
+    methods: list[tuple[str, str, Callable[[], LossFn], str, str]] = []
+    for branch in args.branches.split(","):
+        for spec in args.variants.split(","):
+            cfg = _config(spec)
+            chunk = masked_ce._chunk_rows(num_w, args.vocab, 2, cfg)
+            label = "" if spec == "default" else f", {spec}"
+            factory = functools.partial(_ours, cfg)
+            methods.append((f"ours_{spec}", f"ours (C={chunk}{label})", factory, "weighted", branch))
+        methods += [
+            (
+                "ours_fp32acc",
+                "ours, float32 dW accumulator",
+                lambda: _ours(KernelConfig(fp32_weight_grad=True)),
+                "weighted",
+                branch,
+            ),
+            (
+                "ours_master",
+                "ours, fp32 master weight under autocast",
+                lambda: _ours_master(KernelConfig()),
+                "weighted",
+                branch,
+            ),
+        ]
+    methods += [
+        ("full", "full logits + F.cross_entropy", lambda: _full_logits, "weighted", "-"),
+        ("eager", "masked rows only, eager", lambda: _masked_eager, "weighted", "-"),
+        (
+            "compile",
+            f"torch.compile, chunked over masked rows ({args.compile_chunk})",
+            lambda: _compiled_chunked(args.compile_chunk),
+            "weighted",
+            "-",
+        ),
+        ("liger", "Liger-Kernel fused linear CE (masked rows)", _liger, "unit", "-"),
+        ("cce", "Cut Cross-Entropy (masked rows)", _cce, "unit", "-"),
+    ]
+    wanted = None if args.methods == "all" else set(args.methods.split(","))
+    return [m for m in methods if wanted is None or m[0] in wanted or m[0].split("_")[0] in wanted]
+
+
+def _library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("liger-kernel", "cut-cross-entropy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="benchmark.py kernel", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="benchmark.py kernel", description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=126464)
     p.add_argument("--hidden", type=str, default="4096,2048", help="comma-separated hidden sizes (8B, 1B)")
     p.add_argument("--frac", type=float, default=0.5, help="fraction of rows weighted")
+    p.add_argument(
+        "--targets", type=str, default="uniform,sft", help="comma-separated: uniform, sft (90%% on one id)"
+    )
+    p.add_argument(
+        "--branches", type=str, default="native,torch27", help="torch branches of ours: native, torch27"
+    )
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-chunk", type=int, default=1024)
@@ -303,8 +409,16 @@ def main(argv: list[str]) -> None:
     p.add_argument("--peaked", action="store_true", help="also check accuracy on peaked logits, Zipf targets")
     p.add_argument("--out", type=str, default=None, help="write PATH.md and PATH.json")
     args = p.parse_args(argv)
+    for flag, given, allowed in (
+        ("--targets", args.targets, TARGETS),
+        ("--branches", args.branches, BRANCHES),
+    ):
+        if not set(given.split(",")) <= set(allowed):
+            fail(f"{flag} takes a comma-separated subset of {', '.join(allowed)}, not {given!r}")
     if not torch.cuda.is_available():
-        raise SystemExit("the kernel benchmark needs a CUDA GPU")
+        fail(
+            "the kernel benchmark needs a CUDA GPU (it times cuBLAS and Triton kernels); run it on a GPU machine"
+        )
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
@@ -316,95 +430,63 @@ def main(argv: list[str]) -> None:
         g = torch.Generator(device="cuda").manual_seed(dim)
         h = torch.randn(n, dim, device="cuda", generator=g).bfloat16().requires_grad_()
         w = (torch.randn(args.vocab, dim, device="cuda", generator=g) / dim**0.5).bfloat16().requires_grad_()
-        t = torch.randint(0, args.vocab, (n,), device="cuda", generator=g)
         order = torch.randperm(n, device="cuda", generator=g)
         rw = torch.zeros(n, device="cuda")
         num_w = int(n * args.frac)
         rw[order[:num_w]] = 1.0 / (torch.rand(num_w, device="cuda", generator=g) * 0.999 + 1e-3) / n
         unit = (rw != 0).float()
-        refs = {"weighted": _reference(h, w, t, rw), "unit": _reference(h, w, t, unit)}
-
-        methods: list[tuple[str, str, Callable[[], LossFn], str]] = []
-        for spec in args.variants.split(","):
-            cfg = _config(spec)
-            chunk = masked_ce._chunk_rows(num_w, args.vocab, 2, cfg)
-            label = "" if spec == "default" else f", {spec}"
-            methods.append(
-                (f"ours_{spec}", f"ours (C={chunk}{label})", functools.partial(_ours, cfg), "weighted")
-            )
-        methods += [
-            (
-                "ours_fp32acc",
-                "ours, float32 dW accumulator",
-                lambda: _ours(KernelConfig(fp32_weight_grad=True)),
-                "weighted",
-            ),
-            (
-                "ours_master",
-                "ours, fp32 master weight under autocast",
-                lambda: _ours_master(KernelConfig()),
-                "weighted",
-            ),
-            ("full", "full logits + F.cross_entropy", lambda: _full_logits, "weighted"),
-            ("eager", "masked rows only, eager", lambda: _masked_eager, "weighted"),
-            (
-                "compile",
-                f"torch.compile, chunked over masked rows ({args.compile_chunk})",
-                lambda: _compiled_chunked(args.compile_chunk),
-                "weighted",
-            ),
-            ("liger", "Liger-Kernel fused linear CE (masked rows)", _liger, "unit"),
-            ("cce", "Cut Cross-Entropy (masked rows)", _cce, "unit"),
-        ]
-        wanted = None if args.methods == "all" else set(args.methods.split(","))
-        for key, name, make, weighting in methods:
-            if wanted is not None and key not in wanted and key.split("_")[0] not in wanted:
-                continue
-            row: dict[str, object] = {"hidden": dim, "method": name, "weighting": weighting}
-            try:
-                fn = make()
-                w_in = w
-                if key == "ours_master":
-                    w_in = w.detach().float().requires_grad_()
-                row.update(
-                    _measure(
-                        fn,
-                        h,
-                        w_in,
-                        t,
-                        rw if weighting == "weighted" else unit,
-                        refs[weighting],
-                        args.reps,
-                        args.warmup,
+        gemm_flops = 6.0 * num_w * args.vocab * dim
+        for kind in args.targets.split(","):
+            t = make_targets(kind, rw, args.vocab, g)
+            refs = {"weighted": _reference(h, w, t, rw), "unit": _reference(h, w, t, unit)}
+            for key, name, make, weighting, branch in _methods(args, num_w):
+                row: dict[str, object] = {
+                    "hidden": dim,
+                    "targets": kind,
+                    "method": name,
+                    "branch": branch,
+                    "weighting": weighting,
+                }
+                try:
+                    with _branch(branch if branch != "-" else "native"):
+                        fn = make()
+                        w_in = w.detach().float().requires_grad_() if key == "ours_master" else w
+                        inputs = (h, w_in, t, rw if weighting == "weighted" else unit)
+                        row.update(_measure(fn, *inputs, refs[weighting], args.reps, args.warmup))
+                        row["gemm_tflops"] = gemm_flops / (float(row["ms"]) * 1e-3) / 1e12  # type: ignore[arg-type]
+                        del w_in, inputs
+                except ImportError as e:
+                    row["note"] = f"skipped: {e}"
+                except Exception as e:  # report and go on: one failing method must not lose the others
+                    row["note"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+                results.append(row)
+                print(_format_row(row), flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+            if args.profile:
+                for branch in args.branches.split(","):
+                    with _branch(branch):
+                        stages = _profile(h, w, t, rw, KernelConfig())
+                    profiles[f"H={dim} {kind} {branch}"] = stages
+                    print(
+                        f"profile H={dim} {kind} {branch}: "
+                        + ", ".join(f"{k}={v:.3f}" for k, v in stages.items()),
+                        flush=True,
                     )
-                )
-                del w_in
-            except ImportError as e:
-                row["note"] = f"skipped: {e}"
-            except Exception as e:  # report and go on: one failing method must not lose the others
-                row["note"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-            results.append(row)
-            print(_format_row(row), flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+            if args.trace:
+                _trace(_ours(KernelConfig()), h, w, t, rw)
+            del t, refs
         if args.peaked:
             peaked[str(dim)] = _peaked_accuracy(dim, args.vocab, n, args.frac)
             print(f"peaked H={dim}: {peaked[str(dim)]}", flush=True)
-        if args.trace:
-            _trace(_ours(KernelConfig()), h, w, t, rw)
-        if args.profile:
-            profiles[str(dim)] = _profile(h, w, t, rw, KernelConfig())
-            print(
-                f"profile H={dim}: " + ", ".join(f"{k}={v:.2f}" for k, v in profiles[str(dim)].items()),
-                flush=True,
-            )
-        del h, w, t, rw, unit, refs
+        del h, w, rw, unit
         gc.collect()
         torch.cuda.empty_cache()
 
+    env = environment()
     header = (
-        f"B*L={n}, V={args.vocab}, {args.frac:.0%} rows weighted, bf16, {torch.cuda.get_device_name()}, "
-        f"torch {torch.__version__}"
+        f"B*L={n}, V={args.vocab}, {args.frac:.0%} rows weighted, bf16, {env['device']}, "
+        f"torch {env['torch']}, Triton {env['triton']}"
     )
     table = _markdown(results)
     print("\n" + header + "\n" + table)
@@ -412,33 +494,41 @@ def main(argv: list[str]) -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
-        out.with_suffix(".json").write_text(
-            json.dumps(
-                {"header": header, "results": results, "profiles": profiles, "peaked": peaked}, indent=1
-            )
-        )
+        payload = {
+            "benchmark": "kernel",
+            "command": "python scripts/benchmark.py kernel " + " ".join(argv),
+            "libraries": _library_versions(),
+            "header": header,
+            "results": results,
+            "profiles": profiles,
+            "peaked": peaked,
+        }
+        write_json(out.with_suffix(".json"), payload)
 
 
 def _format_row(row: dict[str, object]) -> str:
+    what = f"H={row['hidden']} {row['targets']} {row['method']} [{row['branch']}]"
     if "ms" not in row:
-        return f"H={row['hidden']} {row['method']}: {row.get('note')}"
+        return f"{what}: {row.get('note')}"
     return (
-        f"H={row['hidden']} {row['method']}: {row['ms']:.2f} ms, {row['transient_gib']:.3f} GiB, "
+        f"{what}: {row['ms']:.2f} ms, {row['gemm_tflops']:.0f} TFLOP/s, {row['transient_gib']:.3f} GiB, "
         f"err loss {row['err_loss']:.1e} dh {row['err_dh']:.1e} dw {row['err_dw']:.1e}"
     )
 
 
 def _markdown(results: list[dict[str, object]]) -> str:
     lines = [
-        "| H | method | ms | transient GiB | rel err loss | rel err dh | rel err dW | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| H | targets | method | torch branch | ms | GEMM TFLOP/s | transient GiB | rel err loss | rel err dh "
+        "| rel err dW | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        what = f"| {r['hidden']} | {r['targets']} | {r['method']} | {r['branch']} |"
         if "ms" in r:
             lines.append(
-                f"| {r['hidden']} | {r['method']} | {r['ms']:.2f} | {r['transient_gib']:.3f} | "
+                f"{what} {r['ms']:.2f} | {r['gemm_tflops']:.0f} | {r['transient_gib']:.3f} | "
                 f"{r['err_loss']:.1e} | {r['err_dh']:.1e} | {r['err_dw']:.1e} | |"
             )
         else:
-            lines.append(f"| {r['hidden']} | {r['method']} | | | | | | {r.get('note', '')} |")
+            lines.append(f"{what} | | | | | | {r.get('note', '')} |")
     return "\n".join(lines)

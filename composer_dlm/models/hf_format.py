@@ -1,0 +1,330 @@
+"""LLaDA's Hugging Face folders: config.json keys, safetensors shards, and what ships beside the weights.
+
+A release folder (``GSAI-ML/LLaDA-8B-Base``) holds ``config.json``, safetensors shards (with
+``model.safetensors.index.json`` when sharded), the tokenizer files, ``generation_config.json`` and LLaDA's own
+modeling files, which ``config.json``'s ``auto_map`` points at for ``AutoModel.from_pretrained(...,
+trust_remote_code=True)``. Tensor names equal our parameter names (``model.transformer.blocks.0.q_proj.weight``),
+so no renaming map is needed.
+
+LLaDA's configuration class fills every key missing from ``config.json`` with a default that describes another
+network (fused "sequential" blocks, layer norm, no RoPE, tied weights, dropout 0.1). An export therefore states
+every architecture key with the value of LLaDA's release (:data:`RELEASE_ARCHITECTURE`). This module knows the
+format only; it deals in plain mappings and tensors and does not import the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from composer_dlm.fsutil import staged_folder
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+
+# Modes of exported files and folders: readable by everyone (the safetensors writer alone would leave 0600).
+FILE_MODE = 0o644
+FOLDER_MODE = 0o755
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be used as it is; the message says what to change."""
+
+
+# The keys of LLaDA's release config.json that are the same for every network this implementation builds: a
+# Llama-style block (separate q/k/v/up/gate projections), SiLU-gated MLP, RMSNorm with a weight and no bias,
+# RoPE in fp32, no ALiBi, no biases anywhere, no dropout. Written into every export so LLaDA's configuration
+# class, whose defaults differ for almost every one of them, builds the same network.
+RELEASE_ARCHITECTURE: dict[str, Any] = {
+    "model_type": "llada",
+    "architectures": ["LLaDAModelLM"],
+    "block_type": "llama",
+    "activation_type": "silu",
+    "layer_norm_type": "rms",
+    "layer_norm_with_affine": True,
+    "bias_for_layer_norm": False,
+    "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True,
+    "rope": True,
+    "rope_full_precision": True,
+    "alibi": False,
+    "alibi_bias_max": 8.0,
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "multi_query_attention": None,
+    "clip_qkv": None,
+    "input_emb_norm": False,
+    "scale_logits": False,
+    "block_group_size": 1,
+    "attention_dropout": 0.0,
+    "residual_dropout": 0.0,
+    "embedding_dropout": 0.0,
+    "flash_attention": False,
+    "use_cache": False,
+}
+
+# Values of the keys above that this implementation does not compute. A folder that sets one of them to
+# anything else is refused rather than silently computed wrongly; an absent key is read as our network's
+# (exports written before every key was stated lack them).
+_SUPPORTED: dict[str, tuple[Any, ...]] = {
+    "alibi": (False,),
+    "block_type": ("llama",),
+    "layer_norm_type": ("rms",),
+    "activation_type": ("silu", "swiglu"),
+    "attention_layer_norm": (False,),
+    "input_emb_norm": (False,),
+    "scale_logits": (False,),
+    "clip_qkv": (None,),
+    "rope": (True,),
+    "include_bias": (False,),
+    "include_qkv_bias": (False,),
+    "multi_query_attention": (False, None),
+    "layer_norm_with_affine": (True,),
+    "bias_for_layer_norm": (False, None),
+    "block_group_size": (1,),
+}
+
+
+def check_supported(data: Mapping[str, Any], source: str) -> None:
+    """Raises :class:`CheckpointError` when ``data`` (a config.json mapping) asks for a network we do not build."""
+    for key, allowed in _SUPPORTED.items():
+        if key in data and data[key] is not None and data[key] not in allowed:
+            raise CheckpointError(
+                f"{source}: {key}={data[key]!r} is not supported by composer-dlm's LLaDA implementation "
+                f"(supported: {', '.join(repr(a) for a in allowed if a is not None)})"
+            )
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in a config.json file, with unsupported architecture settings refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such config file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    check_supported(data, str(path))
+    return data
+
+
+def export_config(fields: Mapping[str, Any], *, with_auto_map: bool) -> dict[str, Any]:
+    """The config.json of an export: :data:`RELEASE_ARCHITECTURE`, overridden by ``fields`` (the network's
+    own values plus any keys a loaded release folder carried, which are kept as they were).
+
+    ``pad_token_id`` defaults to the EOS id (as in LLaDA's release); ``auto_map`` is kept only when the modeling
+    files it names are written beside it (``with_auto_map``).
+    """
+    data = {**RELEASE_ARCHITECTURE, **fields}
+    if data.get("pad_token_id") is None:
+        data["pad_token_id"] = data.get("eos_token_id")
+    if not with_auto_map:
+        data.pop("auto_map", None)
+    return data
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors shards of ``folder``: those its index lists, else ``model.safetensors``."""
+    index = folder / SAFETENSORS_INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err!r})") from None
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} lists shard(s) that are not there: {', '.join(absent)}")
+        return files
+    single = folder / SAFETENSORS_NAME
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: only pickle weights ({', '.join(pickles)}); composer-dlm loads safetensors only, because "
+            "unpickling runs arbitrary code. Convert the folder to safetensors with a tool you trust and retry."
+        )
+    raise CheckpointError(f"{folder}: no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}")
+
+
+def check_folder(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` as a Path, if it is a folder with a config.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; pass the Hugging Face folder holding config.json")
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"{folder}: no {CONFIG_NAME}; a LLaDA checkpoint folder needs config.json next to its safetensors"
+        )
+    return folder
+
+
+def read_tensors(
+    folder: Path, device: str | torch.device = "cpu"
+) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(shard, name, tensor) for every tensor of the folder, one at a time (each read when it is yielded)."""
+    for shard in safetensors_files(folder):
+        try:
+            with safe_open(str(shard), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    yield shard, name, f.get_tensor(name)
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{shard}: cannot be read as safetensors ({err}); the file is probably truncated or corrupt, "
+                "copy or export it again"
+            ) from None
+
+
+class SavesPretrained(Protocol):
+    """A tokenizer (anything with ``save_pretrained(folder)``), written beside the weights."""
+
+    def save_pretrained(self, save_directory: str) -> Any: ...
+
+
+def write_folder(
+    config: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    folder: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    tokenizer: SavesPretrained | None = None,
+    source: str | os.PathLike[str] | None = None,
+) -> None:
+    """Writes a LLaDA folder atomically (a temporary sibling renamed into place): config.json
+    (:func:`export_config`), safetensors shards under LLaDA's tensor names (an index when there are several),
+    generation_config.json, the tokenizer's files, and, when ``source`` (the folder the run started from) holds
+    modeling ``*.py`` files and ``config`` an ``auto_map``, those files with the map. Files are world-readable.
+
+    ``config`` is the network's config.json mapping (``LLaDAConfig.to_dict()``); ``state_dict`` has LLaDA's
+    tensor names. With ``weight_tying`` the output projection is not stored.
+    """
+    folder = Path(folder)
+    limit = parse_size(max_shard_size)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if config.get("weight_tying") and name.endswith("transformer.ff_out.weight"):
+            continue
+        # One copy: onto the host, in the target dtype, contiguous, in storage of its own (safetensors refuses
+        # shared storage, and the caller's tensors must not be aliased).
+        tensors[name] = tensor.detach().to(
+            device="cpu", dtype=dtype, copy=True, memory_format=torch.contiguous_format
+        )
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+
+    modeling = _modeling_files(Path(source)) if source is not None and "auto_map" in config else []
+    data = export_config(config, with_auto_map=bool(modeling))
+    first = next(iter(tensors.values()), None)
+    if first is not None:
+        data["torch_dtype"] = str(first.dtype).removeprefix("torch.")
+
+    with staged_folder(folder) as tmp:
+        tmp.mkdir()
+        _write_json(tmp / CONFIG_NAME, data)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            _write_json(tmp / SAFETENSORS_INDEX_NAME, index)
+        for path in modeling:
+            shutil.copyfile(path, tmp / path.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        source_generation = Path(source) / GENERATION_CONFIG_NAME if source is not None else None
+        if source_generation is not None and source_generation.is_file():
+            shutil.copyfile(source_generation, tmp / GENERATION_CONFIG_NAME)
+        else:
+            _write_json(tmp / GENERATION_CONFIG_NAME, generation_config(data, tokenizer))
+        for path in tmp.iterdir():
+            path.chmod(FILE_MODE if path.is_file() else FOLDER_MODE)
+        tmp.chmod(FOLDER_MODE)
+
+
+def generation_config(config: Mapping[str, Any], tokenizer: object | None) -> dict[str, Any]:
+    """generation_config.json from the model's special token ids (and the tokenizer's BOS, when it has one)."""
+    import transformers  # the version string only; transformers is a dependency of the tokenizer stack
+
+    data: dict[str, Any] = {"_from_model_config": True}
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        data["bos_token_id"] = bos
+    data["eos_token_id"] = config.get("eos_token_id")
+    data["pad_token_id"] = config.get("pad_token_id", config.get("eos_token_id"))
+    data["transformers_version"] = transformers.__version__
+    return data
+
+
+def _modeling_files(source: Path) -> list[Path]:
+    """The modeling ``*.py`` files of a source folder (LLaDA's configuration_llada.py, modeling_llada.py)."""
+    return sorted(p for p in source.glob("*.py") if p.is_file())
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def parse_size(size: int | str) -> int:
+    """A shard size limit: bytes, or a string like ``"5GB"`` / ``"500MiB"``."""
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    text = size.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+# --- Hugging Face hub ids -------------------------------------------------------------------------------------
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def resolve_folder(name: str, what: str) -> Path:
+    """A local folder for ``name``: the path itself when it exists, else, for a hub id (``GSAI-ML/LLaDA-8B-Base``),
+    its snapshot in huggingface_hub's cache (``HF_HUB_CACHE`` / ``HF_HOME``). Never downloads: every rank of a
+    run reads the same cache, filled beforehand with ``huggingface-cli download NAME``. ``what`` names the setting
+    in errors. A name that is neither is returned as a path, for the caller's own "no such folder" message.
+    """
+    path = Path(name).expanduser()
+    if path.exists() or not _HUB_ID.match(name):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{what}: {name!r} is neither a local folder nor in the Hugging Face cache; nothing is downloaded "
+            f"during a run, so fetch it first (`huggingface-cli download {name}`) or give a local folder"
+        ) from None
+    except (HFValidationError, OSError) as err:
+        raise CheckpointError(f"{what}: cannot read {name!r} from the Hugging Face cache ({err})") from None
