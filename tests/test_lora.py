@@ -13,8 +13,8 @@ import torch
 
 pytest.importorskip("peft")
 
-from composer.core import Callback  # noqa: E402
 from peft import PeftModel  # noqa: E402
+from test_train import LossTrace  # noqa: E402
 
 from composer_dlm import builders, generate_cli, train  # noqa: E402
 from composer_dlm.callbacks.hf_export import HuggingFaceExport  # noqa: E402
@@ -75,14 +75,6 @@ def lora_overrides(base: Path, run_root: Path, **extra: str) -> list[str]:
         "logging.console_interval": "1ba",
     } | extra
     return [f"{k}={v}" for k, v in over.items()]
-
-
-class LossTrace(Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def batch_end(self, state, logger) -> None:
-        self.losses.append(float(state.loss))
 
 
 def fit(base: Path, run_root: Path, **extra: str):
