@@ -9,6 +9,7 @@ over the same remote, whose batches the interrupted-and-resumed run must repeat 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -161,3 +162,74 @@ def read_remote_count(s3) -> list[int]:
     """The bucket's training split, one entry per batch of 4 (from its manifest's sample count)."""
     body = s3["client"].get_object(Bucket=BUCKET, Key="run/train/manifest.json")["Body"].read()
     return list(range(json.loads(body)["counts"]["samples"] // 4))
+
+
+@pytest.mark.world_size(2)
+def test_two_processes_train_on_a_mixture_from_s3_killed_and_resumed_with_a_fresh_cache(
+    s3, tmp_path: Path
+) -> None:
+    """The user's path for issue 18 with `composer -n 2`: one stream in the bucket, one on local disk; the run is
+    SIGKILLed (launcher and both ranks) after 3 batches, its cache deleted, and restarted: every batch's loss and the
+    final weights equal an uninterrupted two-process run's, and both ranks log the per-stream counts."""
+    from faults import kill_after_batches, kill_group, launch_ranks
+    from test_multiprocess import ENV, QUICKSTART, STEPS, TRAIN, final_weights, rank0_metrics
+
+    convert(
+        ConvertConfig(
+            inputs=[s3["src"]], out=f"s3://{BUCKET}/mp", tokenizer=s3["tok"], seq_len=SEQ, progress=False
+        )
+    )
+    convert(
+        ConvertConfig(
+            inputs=[s3["src"]], out=str(tmp_path / "disk"), tokenizer=s3["tok"], seq_len=SEQ, progress=False
+        )
+    )
+
+    def args(base: Path) -> list[str]:
+        return tiny_run_overrides(base, "mix", s3["tok"], f"{STEPS}ba", SEQ) + [
+            "device_train_microbatch_size=2",  # 4 sequences a batch over 2 processes
+            "logging.console_interval=1ba",
+            "train_loader.local=null",
+            "train_loader.split=train",
+            f"train_loader.streams.bucket.remote=s3://{BUCKET}/mp",
+            f"train_loader.streams.bucket.local={base / 'cache'}",
+            f"train_loader.streams.disk.local={tmp_path / 'disk'}",
+            "train_loader.streams.disk.repeat=0.5",
+        ]
+
+    reference = launch_ranks(2, [TRAIN, QUICKSTART, *args(tmp_path / "ref")], ENV)
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+
+    base = tmp_path / "killed"
+    p = launch_ranks(2, [TRAIN, QUICKSTART, *args(base)], ENV)
+    kill_after_batches(p, 3, group=True)  # after the checkpoint at batch 2
+    shutil.rmtree(base / "cache")  # the restart downloads again from the bucket
+    p = launch_ranks(2, [TRAIN, QUICKSTART, *args(base)], ENV)
+    try:
+        out, _ = p.communicate(timeout=600)
+    finally:
+        kill_group(p)
+    assert p.returncode == 0, out
+
+    _first, restart = sorted((base / "mix" / "logs").glob("rank0-*.txt"), key=lambda f: f.stat().st_mtime)
+    resumed = {
+        int(b) for b in re.findall(r"\[metric\]\[batch=(\d+)\]: loss/train/total", restart.read_text())
+    }
+    assert resumed == set(
+        range(2, STEPS)
+    )  # the restart resumed from the batch-2 checkpoint, not from scratch
+    assert (base / "cache" / "train" / "index.json").is_file()  # and filled the deleted cache from the bucket
+    ref_w, got_w = final_weights(tmp_path / "ref" / "mix"), final_weights(base / "mix")
+    assert ref_w.keys() == got_w.keys()
+    for name in ref_w:
+        assert torch.equal(ref_w[name], got_w[name]), name
+    ref_loss = rank0_metrics(tmp_path / "ref" / "mix", "loss/train/total")
+    assert (
+        sorted(ref_loss) == list(range(STEPS)) and rank0_metrics(base / "mix", "loss/train/total") == ref_loss
+    )
+    for rank in (0, 1):
+        (log,) = sorted((tmp_path / "ref" / "mix" / "logs").glob(f"rank{rank}-*.txt"))
+        text = log.read_text()
+        assert "train_loader/streams/bucket/samples_per_epoch" in text
+        assert "train_loader/streams/disk/samples_per_epoch" in text
