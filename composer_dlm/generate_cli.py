@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # after --help and flag errors, which answer without loading torch
 
     from composer_dlm.data import load_tokenizer, mask_token_id
+    from composer_dlm.data.tokenizer import user_turn
     from composer_dlm.generate import generate, left_pad
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -249,12 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if chat:
             if not tokenizer.chat_template:
                 raise ValueError(f"--chat: tokenizer {tokenizer_name!r} has no chat template")
-            texts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
-                )
-                for t in texts
-            ]
+            texts = [user_turn(tokenizer, t) for t in texts]
         rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         longest = max(len(r) for r in rows)
         limit = model.config.max_sequence_length

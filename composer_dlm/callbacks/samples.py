@@ -12,18 +12,11 @@ from composer.utils import dist
 from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.config import batch_interval
+from composer_dlm.data.tokenizer import user_turn
 from composer_dlm.generate import generate
 from composer_dlm.parallel import inference
 
 log = logging.getLogger(__name__)
-
-
-def _as_user_turn(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
-    assert isinstance(text, str)  # tokenize=False renders text
-    return text
 
 
 class SampleText(Callback):
@@ -54,7 +47,7 @@ class SampleText(Callback):
         self.prompts = prompts
         if chat_template and not getattr(tokenizer, "chat_template", None):
             raise ValueError("callbacks.samples.chat_template is true but the tokenizer has no chat template")
-        texts = [_as_user_turn(tokenizer, p) for p in prompts] if chat_template else prompts
+        texts = [user_turn(tokenizer, p) for p in prompts] if chat_template else prompts
         # Tokenized once here rather than at every sample.
         self.prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         self.interval = batch_interval(interval, "callbacks.samples.interval")

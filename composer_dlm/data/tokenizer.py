@@ -131,3 +131,13 @@ def train_bpe_tokenizer(
         chat_template=CHAT_TEMPLATE if chat else None,
         clean_up_tokenization_spaces=False,
     )
+
+
+def user_turn(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """``prompt`` as one user turn of the tokenizer's chat template, ending where the assistant's answer starts
+    (how an SFT model saw its prompts in training)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    assert isinstance(text, str)  # tokenize=False renders text
+    return text
