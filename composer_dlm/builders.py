@@ -51,7 +51,7 @@ from composer_dlm.data.streams import stream_hyperparameters
 from composer_dlm.data.tokenizer import tokenizer_fingerprint
 from composer_dlm.models import LLaDAConfig, LLaDAModel
 from composer_dlm.models.composer_llada import ComposerLLaDA
-from composer_dlm.models.hf_format import resolve_folder
+from composer_dlm.models.hf_format import CONFIG_NAME, resolve_folder
 from composer_dlm.models.lora import apply_lora, drop_frozen_weights
 from composer_dlm.parallel import parallelize
 from composer_dlm.run_lock import RunLock, RunLockedError
@@ -73,10 +73,24 @@ def pretrained_folder(cfg: TrainConfig) -> Path | None:
 
 def receives_weights(cfg: TrainConfig) -> bool:
     """Whether this rank builds the model on the meta device and gets its weights from FSDP's broadcast
-    (``fsdp.sync_module_states``): every rank but local rank 0, so a node reads and holds one host copy."""
+    (``fsdp.sync_module_states``): every rank but local rank 0, so a node reads the folder once."""
     fsdp = cfg.fsdp
     on_fsdp = fsdp is not None and fsdp.sync_module_states and torch.cuda.is_available()
     return on_fsdp and dist.get_local_rank() != 0
+
+
+def read_device(cfg: TrainConfig, folder: Path, dtype: torch.dtype) -> torch.device:
+    """Where the rank that reads a pretrained folder puts the weights (``model.load_on_gpu``): its own GPU when
+    the model fits there with room to spare, so tensors go from the page cache to the GPU one at a time and no host
+    copy is held (8B in fp32 would be 32 GB of host RAM); the CPU otherwise."""
+    if not torch.cuda.is_available() or cfg.model.load_on_gpu is False:
+        return torch.device("cpu")
+    gpu = torch.device("cuda", dist.get_local_rank())
+    if cfg.model.load_on_gpu:
+        return gpu
+    need = LLaDAConfig.from_json(folder / CONFIG_NAME).num_params() * dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(gpu)
+    return gpu if need < 0.8 * free else torch.device("cpu")
 
 
 def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> ComposerLLaDA:
@@ -91,7 +105,9 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
     device = "meta" if receives_weights(cfg) else None
     folder = pretrained_folder(cfg)
     if folder is not None:
-        model = LLaDAModel.from_pretrained(folder, dtype=dtype, device=device)
+        model = LLaDAModel.from_pretrained(
+            folder, dtype=dtype, device=device or read_device(cfg, folder, dtype)
+        )
         if model.config.mask_token_id != mask_id:
             raise ConfigError(
                 f"model.pretrained: {cfg.model.pretrained} uses mask_token_id {model.config.mask_token_id} but the "
@@ -157,11 +173,22 @@ def device_batch_size(cfg: TrainConfig) -> int:
     return batch
 
 
-def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, norm weights (1-D) do not. Fused on GPU unless configured otherwise."""
+def build_optimizer(
+    cfg: OptimizerConfig, model: torch.nn.Module, *, sharded_fp16: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, norm weights (1-D) do not. Fused on GPU unless configured otherwise.
+
+    ``sharded_fp16`` (FSDP with amp_fp16): torch's ShardedGradScaler hands the optimizer a one-element
+    ``found_inf`` that fused AdamW cannot subtract from its 0-d step counters ("output with shape [] doesn't
+    match the broadcast shape [1]" at the first step), so the default there is the foreach implementation."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    fused = torch.cuda.is_available() if cfg.fused is None else cfg.fused
+    if cfg.fused and sharded_fp16:
+        raise ConfigError(
+            "optimizer.fused: true fails under fsdp with precision amp_fp16 (torch's ShardedGradScaler and fused "
+            "AdamW disagree on a tensor shape); leave optimizer.fused unset, or use precision amp_bf16"
+        )
+    fused = torch.cuda.is_available() and not sharded_fp16 if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
@@ -450,7 +477,9 @@ def _assemble_trainer(
         eval_dataloader=evaluators,
         eval_interval=cfg.eval_interval,
         eval_subset_num_batches=cfg.eval_subset_num_batches,
-        optimizers=build_optimizer(cfg.optimizer, model),
+        optimizers=build_optimizer(
+            cfg.optimizer, model, sharded_fp16=cfg.fsdp is not None and precision == "amp_fp16"
+        ),
         schedulers=build_scheduler(cfg.scheduler),
         max_duration=cfg.max_duration,
         device_train_microbatch_size=microbatch,

@@ -67,7 +67,11 @@ class ModelConfig:
 
     ``master_weights``: the dtype of the trained parameters and so of the optimizer state. ``fp32`` (default)
     whatever the checkpoint stores; ``precision`` sets only the compute dtype. ``bf16`` halves their memory, but
-    updates smaller than bf16's resolution are lost (most of them at fine-tuning learning rates)."""
+    updates smaller than bf16's resolution are lost (most of them at fine-tuning learning rates).
+
+    ``load_on_gpu``: where the rank that reads ``pretrained`` puts the weights. Unset: on its GPU when the whole
+    model (in ``master_weights``) takes under 80% of the GPU's free memory, so no host copy is ever made;
+    otherwise on the CPU, from where FSDP moves it one block at a time. ``false`` forces the CPU."""
 
     config_path: str | None = None
     config: LLaDAConfig | None = None
@@ -76,6 +80,7 @@ class ModelConfig:
     loss_impl: Literal["fused", "plain"] = "fused"
     compile_blocks: bool = False
     init_seed: int = 0
+    load_on_gpu: bool | None = None
     lora: LoRAConfig | None = None  # adapters on a frozen pretrained base (models/lora.py)
 
     def __post_init__(self) -> None:
@@ -100,7 +105,7 @@ class OptimizerConfig:
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
-    fused: bool | None = None  # None: fused on GPU, plain on CPU
+    fused: bool | None = None  # None: fused on GPU (not under FSDP with amp_fp16), plain on CPU
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -140,8 +145,8 @@ class FSDPConfig:
     state_dict_type: Literal["full", "sharded"] = "full"
     limit_all_gathers: bool = True
     use_orig_params: bool = True
-    # Rank 0 of each node reads the weights (or initialises them) and FSDP broadcasts them while sharding; the
-    # other ranks build the model on the meta device, so a node holds one host copy instead of one per rank.
+    # Rank 0 of each node reads the weights (straight onto its GPU) or initialises them, and FSDP broadcasts them
+    # while sharding; the other ranks build the model on the meta device, so a node reads the folder once.
     sync_module_states: bool = True
 
     def __post_init__(self) -> None:

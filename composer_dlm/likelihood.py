@@ -19,11 +19,13 @@ same rounding, has the same slight tilt, and ``n`` a multiple of ``A`` by an odd
 scores answers and choices this way (its ``get_log_likelihood.py``).
 
 How the work is done (:func:`mc_log_likelihoods`): the Monte-Carlo rows of many requests are packed into
-forwards of up to ``batch_tokens`` tokens (right-padded, padding hidden from attention by the key mask), only
-the masked answer positions go through the output projection and the cross-entropy, on CUDA the model runs its
-fused inference forward, and the per-request sums stay on the device until the end. The masks are drawn per
-request exactly as one request alone draws them, so the estimate of a request does not depend on what it is
-packed with (up to floating-point rounding of differently shaped matrix products).
+forwards of up to ``batch_tokens`` tokens (right-padded, padding hidden from attention by the key mask), the last
+block of a :class:`LLaDAModel` computes its output only over each row's answer span (the widest answer of the
+forward; its keys and values still cover every position), only the masked answer positions go through the output
+projection and the cross-entropy, on CUDA the model runs its fused inference forward, and the per-request sums
+stay on the device until the end. The masks are drawn per request exactly as one request alone draws them, so
+the estimate of a request does not depend on what it is packed with (up to floating-point rounding of
+differently shaped matrix products).
 """
 
 from __future__ import annotations
@@ -233,13 +235,17 @@ def _pack(
 @dataclasses.dataclass(frozen=True)
 class _Batch:
     """One packed forward: the noised rows ``x_NW`` (guidance: followed by their unconditional copies), the key
-    mask where rows differ in length, and per masked answer position its row, column, target token, weight
-    ``A / k`` and request."""
+    mask where rows differ in length, each row's answer span ``span_NR`` (its columns ``prompt + 0 .. R-1`` for
+    the widest answer R of the forward, clamped to the row width: the positions whose last-block output is
+    computed), and per masked answer position its row, column, index in the span, target token, weight ``A / k``
+    and request."""
 
     x_NW: torch.Tensor
     mask_NW: torch.Tensor | None
+    span_NR: torch.Tensor
     row_M: torch.Tensor
     col_M: torch.Tensor
+    slot_M: torch.Tensor
     target_M: torch.Tensor
     weight_M: torch.Tensor
     request_M: torch.Tensor
@@ -259,7 +265,7 @@ class _Batch:
         x_NW = torch.full((num_rows, width), mask_token_id, dtype=torch.long)
         lengths_N = torch.empty(num_rows, dtype=torch.long)
         prompt_N = torch.empty(num_rows, dtype=torch.long)
-        rows, cols, targets, weights, owners = [], [], [], [], []
+        rows, cols, slots, targets, weights, owners = [], [], [], [], [], []
         n = 0
         for r, first, end in chunk:
             prompt, answer = prompts[r], answers[r]
@@ -271,21 +277,27 @@ class _Batch:
             row, col = masked_NA.nonzero(as_tuple=True)
             rows.append(row + n)
             cols.append(col + p)
+            slots.append(col)
             targets.append(answer[col])
             weights.append(a / k_N[row].double())
             owners.append(torch.full_like(row, r))
             n += count
         columns = torch.arange(width)
         mask_NW = (columns < lengths_N[:, None]) if bool((lengths_N < width).any()) else None
+        widest = max(answers[r].numel() for r, _, _ in chunk)
+        span_NR = (prompt_N[:, None] + torch.arange(widest)).clamp(max=width - 1)
         if cfg:
             uncond = x_NW.masked_fill(columns < prompt_N[:, None], mask_token_id)
             x_NW = torch.cat([x_NW, uncond])
             mask_NW = torch.cat([mask_NW, mask_NW]) if mask_NW is not None else None
+            span_NR = torch.cat([span_NR, span_NR])
         return cls(
             x_NW=x_NW,
             mask_NW=mask_NW,
+            span_NR=span_NR,
             row_M=torch.cat(rows),
             col_M=torch.cat(cols),
+            slot_M=torch.cat(slots),
             target_M=torch.cat(targets),
             weight_M=torch.cat(weights),
             request_M=torch.cat(owners),
@@ -297,16 +309,20 @@ def _masked_nll(
 ) -> torch.Tensor:
     """-log p(target) at every masked position (M,), float32, with guidance when ``cfg_scale > 0``.
 
-    A :class:`LLaDAModel` projects only those positions' hidden states (inside its forward, where FSDP would
-    have the output weight gathered); other modules return full logits, which are then indexed."""
+    A :class:`LLaDAModel` computes its last block over the answer spans only and projects only the masked
+    positions' hidden states (inside its forward, where FSDP would have the output weight gathered); other modules
+    return full logits, which are then indexed."""
     x_NW = batch.x_NW.to(device, non_blocking=True)
     mask_NW = batch.mask_NW.to(device, non_blocking=True) if batch.mask_NW is not None else None
-    row_M, col_M = batch.row_M.to(device), batch.col_M.to(device)
+    row_M = batch.row_M.to(device)
     target_M = batch.target_M.to(device)
     half = x_NW.shape[0] // 2 if cfg_scale > 0 else 0
 
-    def nll(project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy at the masked positions, ``project(rows, cols)`` giving their logits, a slice at a time."""
+    def nll(
+        project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], col_M: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy at the masked positions, ``project(rows, cols)`` giving the logits at those rows and
+        columns ``col_M`` (of the full logits or of the answer spans), a slice at a time."""
         pieces = [torch.zeros(0, device=device)]
         for s in range(0, row_M.numel(), HEAD_ROWS):
             rows, cols = row_M[s : s + HEAD_ROWS], col_M[s : s + HEAD_ROWS]
@@ -317,14 +333,15 @@ def _masked_nll(
         return torch.cat(pieces)
 
     if isinstance(model, LLaDAModel):
+        span_NR, slot_M = batch.span_NR.to(device, non_blocking=True), batch.slot_M.to(device)
 
-        def head(hidden_NWH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
-            return nll(lambda rows, cols: F.linear(hidden_NWH[rows, cols], weight_VH))
+        def head(hidden_NRH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
+            return nll(lambda rows, slots: F.linear(hidden_NRH[rows, slots], weight_VH), slot_M)
 
-        return model(x_NW, attention_mask=mask_NW, head=head, fused=fused)
+        return model(x_NW, attention_mask=mask_NW, head=head, fused=fused, positions=span_NR)
     out = model(x_NW) if mask_NW is None else model(x_NW, attention_mask=mask_NW)
     logits_NWV = getattr(out, "logits", out)
-    return nll(lambda rows, cols: logits_NWV[rows, cols])
+    return nll(lambda rows, cols: logits_NWV[rows, cols], batch.col_M.to(device))
 
 
 @torch.no_grad()

@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 from composer.core import State, get_precision_context
+from composer.utils import dist
 from torch import nn
 from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
-from composer_dlm.config import FSDPConfig
+from composer_dlm.config import ConfigError, FSDPConfig
 from composer_dlm.models.composer_llada import ComposerLLaDA
 from composer_dlm.models.llada import LLaDABlock, LLaDAModel, eager_blocks
 from composer_dlm.models.lora import adapter_linears
@@ -101,6 +102,17 @@ def _is_block(module: nn.Module) -> bool:
     return isinstance(module, LLaDABlock)
 
 
+def _shards(fsdp: FSDPConfig, world_size: int) -> bool:
+    """Whether FSDP actually shards parameters: torch runs every strategy as NO_SHARD on one process, and
+    HYBRID_SHARD over shard groups of one process is NO_SHARD too."""
+    if fsdp.sharding_strategy == "NO_SHARD" or world_size == 1:
+        return False
+    if fsdp.sharding_strategy != "HYBRID_SHARD":
+        return True
+    shard = fsdp.data_parallel_shard_degree
+    return (shard if shard != -1 else world_size // (fsdp.data_parallel_replicate_degree or 1)) > 1
+
+
 def parallelize(model: ComposerLLaDA, fsdp: FSDPConfig | None, *, on_gpu: bool) -> dict[str, Any] | None:
     """The builder step that makes the parallel choices for ``model``; returns Composer's ``parallelism_config``.
 
@@ -121,6 +133,18 @@ def parallelize(model: ComposerLLaDA, fsdp: FSDPConfig | None, *, on_gpu: bool) 
         return None
     trunk = model.model
     adapters = {id(m) for m in adapter_linears(trunk)}  # LoRA runs: each adapter matrix is a unit too
+    if adapters and not _shards(fsdp, dist.get_world_size()):
+        # A unit with only frozen parameters has no post-backward hook; unsharded, nothing else turns its
+        # parameters back from the forward's tensor views, and state dicts then miss them (torch's FSDP1).
+        raise ConfigError(
+            "fsdp with model.lora must shard the model over 2 or more processes: unsharded (NO_SHARD, or any "
+            "strategy on one process) torch's FSDP loses the frozen base weights from checkpoints after the "
+            "first step. On one GPU remove the fsdp section (LoRA needs no sharding there); otherwise use "
+            "FULL_SHARD or SHARD_GRAD_OP"
+        )
     trunk.fsdp_wrap_fn = lambda module: _is_block(module) or id(module) in adapters
     trunk.activation_checkpointing_fn = _is_block
-    return {"fsdp": dataclasses.asdict(fsdp)}
+    config = dataclasses.asdict(fsdp)
+    if adapters:  # the frozen embedding's output needs no grad: reentrant checkpoints would drop the graph
+        config["activation_checkpointing_reentrant"] = False
+    return {"fsdp": config}

@@ -91,6 +91,17 @@ MODES = {
 def test_every_parallel_mode_trains_samples_exports_and_resumes(tmp_path, mode):
     """Two GPUs: 4 batches with samples, eval, likelihood eval and HF export in each parallel mode, saving
     checkpoints in its state-dict type; then the same run resumed from them to 6 batches."""
+    _modes_run(tmp_path, mode, 2)
+
+
+@pytest.mark.parametrize("mode", ["full_shard-sharded", "full_shard-checkpointing"])
+def test_fsdp_wrapped_model_on_one_gpu_trains_samples_exports_and_resumes(tmp_path, mode):
+    """One GPU (torch runs every sharding strategy as NO_SHARD there): the callbacks reach the model through the
+    FSDP wrapper (and activation-checkpoint wrappers), sharded checkpoints save and resume."""
+    _modes_run(tmp_path, mode, 1)
+
+
+def _modes_run(tmp_path: Path, mode: str, nproc: int) -> None:
     mc = tmp_path / "mc.jsonl"
     mc.write_text(json.dumps({"prompt": "import", "choices": [" os", " sys"], "answer": 0}) + "\n")
     callbacks = {
@@ -104,14 +115,14 @@ def test_every_parallel_mode_trains_samples_exports_and_resumes(tmp_path, mode):
         "callbacks.likelihood_eval.num_samples": "4",
     }
     args = overrides(tmp_path, "modes", MODES[mode], **callbacks)
-    run(2, [TRAIN, QUICKSTART, *args, "max_duration=4ba"])
+    run(nproc, [TRAIN, QUICKSTART, *args, "max_duration=4ba"])
     folder = tmp_path / "modes"
     samples = (folder / "samples.txt").read_text().splitlines()
     assert [line.split("]")[0] for line in samples] == ["[sample @ batch 2", "[sample @ batch 4"]
     exported = LLaDAModel.from_pretrained(folder / "hf" / "final")
     ids = torch.randint(0, 4000, (1, 16))
     assert torch.isfinite(exported(ids)).all()
-    out = run(2, [TRAIN, QUICKSTART, *args, "max_duration=6ba"])
+    out = run(nproc, [TRAIN, QUICKSTART, *args, "max_duration=6ba"])
     assert "No previous autoresume checkpoint found" not in out
     curve = losses(folder)
     assert sorted(curve) == list(range(6))  # batch k logged under step k - 1; 4..5 by the resumed run

@@ -23,11 +23,20 @@ from composer_dlm.benchmarks import likelihood as bench
 from composer_dlm.callbacks.eval_likelihood import LikelihoodEval
 from composer_dlm.data import DataError, load_tokenizer
 from composer_dlm.diffusion import DiffusionConfig
-from composer_dlm.likelihood import mask_counts, mc_log_likelihood, mc_log_likelihoods, score_choices
+from composer_dlm.likelihood import (
+    draw_masks,
+    mask_counts,
+    mc_log_likelihood,
+    mc_log_likelihoods,
+    score_choices,
+)
 from composer_dlm.models import LLaDAModel
 from composer_dlm.models.composer_llada import ComposerLLaDA
 
 MASK = 5  # vocabulary of the fake models: 0..4 words, 5 = mask
+TRITON = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="Triton"
+)
 
 
 class PerColumn(nn.Module):
@@ -181,9 +190,7 @@ def test_packed_requests_score_as_each_alone(cfg_scale):
     assert len(set(packed)) == len(packed)
 
 
-@pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="Triton"
-)
+@TRITON
 def test_fused_forward_gives_the_eager_estimates():
     # The fused inference forward (Triton elementwise kernels; in the CPU interpreter here, fp32) on packed rows
     # of different lengths, with guidance: the estimates of the eager forward.
@@ -197,6 +204,103 @@ def test_fused_forward_gives_the_eager_estimates():
         for fused in (False, True)
     ]  # fmt: skip
     assert runs[1] == pytest.approx(runs[0], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=TRITON)])
+def test_hidden_states_at_positions_equal_the_full_forward_there(fused):
+    # Grouped-query attention, rows right-padded to different lengths (random tokens in the padding, hidden by the
+    # key mask), positions out of order, repeated and not 0..R-1 (so RoPE at the wrong positions would show).
+    device = "cuda" if fused and torch.cuda.is_available() else "cpu"
+    config = dict(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=16, mlp_hidden_size=64)
+    model = LLaDAModel.from_config(config | dict(mask_token_id=15), seed=5).eval().to(device)
+    ids = torch.randint(0, 15, (4, 11), generator=torch.Generator().manual_seed(0)).to(device)
+    lengths = torch.tensor([11, 7, 4, 9], device=device)
+    mask = torch.arange(11, device=device) < lengths[:, None]
+    positions = torch.tensor([[10, 0, 5], [6, 2, 6], [3, 1, 3], [4, 8, 7]], device=device)
+    rows = torch.arange(4, device=device)[:, None]
+    with torch.no_grad():
+        full = model.hidden_states(ids, mask, fused=fused)
+        at = model.hidden_states(ids, mask, fused=fused, positions=positions)
+        expected = full[rows, positions]
+        assert at.shape == (4, 3, 32)
+        torch.testing.assert_close(at, expected, atol=1e-5, rtol=0)
+        # The comparison is sensitive to the key mask and to the positions' order: a forward that let the padding
+        # be attended, or the hidden states of other positions, differ by far more than the tolerance.
+        unmasked = model.hidden_states(ids, fused=fused)[rows, positions]
+        assert (unmasked - expected)[1:3].abs().max() > 1e-2
+        assert (full[:, :3] - expected).abs().max() > 1e-2
+        # Logits through forward(positions=...) are the full logits there.
+        logits = model(ids, mask, fused=fused, positions=positions)
+        torch.testing.assert_close(logits, model(ids, mask)[rows, positions], atol=1e-5, rtol=0)
+
+
+def test_positions_must_be_a_batch_of_long_indices():
+    model = tiny_llada()
+    ids = torch.zeros((2, 5), dtype=torch.long)
+    for bad in (torch.zeros(2, dtype=torch.long), torch.zeros((3, 1), dtype=torch.long), torch.zeros((2, 1))):
+        with pytest.raises(ValueError, match="positions must be"):
+            model.hidden_states(ids, positions=bad)
+
+
+def full_forward_estimate(
+    model: nn.Module, prompt: list[int], answer: list[int], *, mask_id: int, num_samples: int, batch_size: int,
+    cfg_scale: float, seed: int,
+) -> float:  # fmt: skip
+    """The estimator written out plainly: the same masks (the same seed), one request at a time, every row's full
+    logits (no key mask, no packing), guidance on the full logits, the loss in float64."""
+    masked_NA, k_N = draw_masks(
+        len(answer),
+        num_samples=num_samples,
+        batch_size=batch_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    p, a = len(prompt), len(answer)
+    x = torch.tensor(prompt + answer).repeat(num_samples, 1)
+    x[:, p:] = torch.where(masked_NA, mask_id, x[:, p:])
+    with torch.no_grad():
+        logits = model(x).double()
+        if cfg_scale > 0:
+            uncond = x.clone()
+            uncond[:, :p] = mask_id
+            un = model(uncond).double()
+            logits = un + (cfg_scale + 1) * (logits - un)
+    logp_NAV = F.log_softmax(logits[:, p:], dim=-1)
+    target_NA = torch.tensor(answer).expand(num_samples, -1)
+    nll_NA = -logp_NAV.gather(-1, target_NA[..., None])[..., 0]
+    loss_N = (nll_NA * masked_NA).sum(1) * a / k_N.double()
+    return -float(loss_N.mean())
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=TRITON)])
+def test_packed_estimates_equal_a_plain_full_forward_computation(cfg_scale, fused):
+    # Requests of different prompt and answer lengths packed together (padding, a key mask, answer spans of the
+    # widest answer clamped at the row's end), rows split over forwards: the last block runs over the answer spans
+    # only, and each estimate is the plainly computed one with the same masks.
+    device = "cuda" if fused and torch.cuda.is_available() else "cpu"
+    model = tiny_llada().to(device)
+    requests = [
+        ([1, 2, 3], [7, 4, 9]),
+        ([5], [6, 8, 1, 2, 3]),
+        ([2, 2, 4, 4, 6, 6], [9]),
+        ([3, 1], [4, 1, 5]),
+    ]
+    kw = dict(num_samples=12, batch_size=5, cfg_scale=cfg_scale)
+    widths = []
+    last_mlp = model.blocks[-1].ff_proj.register_forward_hook(
+        lambda m, args, out: widths.append(args[0].shape[1])
+    )
+    generators = [torch.Generator().manual_seed(i) for i in range(len(requests))]
+    packed = mc_log_likelihoods(
+        model, requests, mask_token_id=15, generators=generators, batch_tokens=40, fused=fused, **kw
+    )
+    last_mlp.remove()
+    assert widths and max(widths) <= 5  # the last block's MLP saw the answer spans, never a whole row
+    expected = [
+        full_forward_estimate(model.cpu(), p, a, mask_id=15, seed=i, **kw)
+        for i, (p, a) in enumerate(requests)
+    ]
+    assert packed == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
 def test_llada_loop_transcription_is_the_same_estimator():

@@ -3,10 +3,14 @@ corpus, adapter-only checkpoints, exact kill-and-resume, and the adapter / merge
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -196,51 +200,64 @@ def test_lora_needs_a_pretrained_base(tmp_path, capsys):
     assert "model.lora adapts a pretrained model: set model.pretrained" in capsys.readouterr().err
 
 
-def test_fsdp_units_hold_one_dtype_each(tmp_path):
-    """``parallelize``'s FSDP wrap choice for a LoRA model: FSDP1 flattens each unit into one tensor of one dtype,
-    so the fp32 adapters must be units apart from the bf16 blocks. Checked with torch's FSDP1 itself (one CPU
-    process, gloo) under bf16 autocast, as Composer runs ``amp_bf16``: it wraps, and only the adapters get grads."""
-    import functools
+def tiny_lora_model(base_dtype: torch.dtype) -> LLaDAModel:
+    """A 2-block LLaDA with r=4 adapters on every block projection."""
+    from composer_dlm.models.lora import LoRAConfig, apply_lora
 
+    fields = {"d_model": 32, "n_layers": 2, "n_heads": 2, "mlp_hidden_size": 64, "vocab_size": 128}
+    model = LLaDAModel.from_config(fields | {"mask_token_id": 127}, seed=0)
+    apply_lora(model, LoRAConfig(r=4, alpha=8), base_dtype=base_dtype)
+    return model
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    """``parallelize`` as on rank 0 of two (LoRA under FSDP is refused where nothing is sharded)."""
+    from composer_dlm import parallel
+
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)
+
+
+@contextlib.contextmanager
+def fsdp1_on_one_process(model: LLaDAModel, tmp_path: Path, **options: Any) -> Iterator[torch.nn.Module]:
+    """torch's FSDP1 over ``model`` with the units ``parallelize`` chose (``fsdp_wrap_fn``), in a one-process
+    gloo group on the CPU (so run as NO_SHARD), use_orig_params as Composer sets it."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import MixedPrecision
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-    from composer_dlm.config import FSDPConfig
-    from composer_dlm.diffusion import DiffusionConfig
-    from composer_dlm.models.composer_llada import ComposerLLaDA
-    from composer_dlm.models.lora import LoRAConfig, apply_lora
-    from composer_dlm.parallel import parallelize
-
-    model = LLaDAModel.from_config(
-        {
-            "d_model": 32,
-            "n_layers": 2,
-            "n_heads": 2,
-            "mlp_hidden_size": 64,
-            "vocab_size": 128,
-            "mask_token_id": 127,
-        },
-        seed=0,
-    )
-    apply_lora(model, LoRAConfig(r=4, alpha=8), base_dtype=torch.bfloat16)
-    parallelize(ComposerLLaDA(model, DiffusionConfig()), FSDPConfig(), on_gpu=True)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        wrapped = FSDP(
+        yield FSDP(
             model,
             auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=model.fsdp_wrap_fn),
             use_orig_params=True,
             device_id=torch.device("cpu"),
-            mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16),
+            **options,
         )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_units_hold_one_dtype_each(tmp_path, two_processes):
+    """``parallelize``'s FSDP wrap choice for a LoRA model: FSDP1 flattens each unit into one tensor of one dtype,
+    so the fp32 adapters must be units apart from the bf16 blocks. Checked with torch's FSDP1 itself (one CPU
+    process, gloo) under bf16 autocast, as Composer runs ``amp_bf16``: it wraps, and only the adapters get grads."""
+    from torch.distributed.fsdp import MixedPrecision
+
+    from composer_dlm.config import FSDPConfig
+    from composer_dlm.diffusion import DiffusionConfig
+    from composer_dlm.models.composer_llada import ComposerLLaDA
+    from composer_dlm.parallel import parallelize
+
+    model = tiny_lora_model(torch.bfloat16)
+    parallelize(ComposerLLaDA(model, DiffusionConfig()), FSDPConfig(), on_gpu=True)
+    mixed = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    with fsdp1_on_one_process(model, tmp_path, mixed_precision=mixed) as wrapped:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = wrapped(torch.randint(0, 128, (2, 8))).float().square().mean()
         loss.backward()
         grads = {n: p.grad is not None for n, p in wrapped.named_parameters()}
-    finally:
-        dist.destroy_process_group()
     assert grads and all(has == (".lora_" in n) for n, has in grads.items()), grads
 
 
@@ -306,3 +323,74 @@ def test_half_precision_base_saves_no_second_copy_of_adapter_inputs():
     peft_default, reference = saved_bytes_and_output(peft_cast=True)
     assert torch.equal(out, reference)
     assert ours < peft_default  # measured here: 26.8 vs 31.0 MB, 4 x d_model bf16 values per token per block
+
+
+@pytest.mark.parametrize("impl", ["chosen", "reentrant"])
+def test_activation_checkpointing_keeps_the_adapter_gradients(impl, two_processes):
+    """The frozen embedding's output needs no grad, so a reentrant checkpoint (Composer's default) returns block
+    outputs without a graph and nothing trains; ``parallelize`` asks Composer for non-reentrant ones in LoRA runs.
+    Checked with torch's checkpoint wrapper, which Composer applies."""
+    import functools
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    from composer_dlm.config import FSDPConfig
+    from composer_dlm.diffusion import DiffusionConfig
+    from composer_dlm.models.composer_llada import ComposerLLaDA
+    from composer_dlm.parallel import parallelize
+
+    model = tiny_lora_model(torch.float32)
+    config = parallelize(
+        ComposerLLaDA(model, DiffusionConfig()), FSDPConfig(activation_checkpointing=True), on_gpu=True
+    )
+    assert config is not None
+    reentrant = impl == "reentrant" or config["fsdp"]["activation_checkpointing_reentrant"]
+    wrapper = functools.partial(
+        checkpoint_wrapper,
+        checkpoint_impl=CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT,
+    )
+    apply_activation_checkpointing(
+        model, checkpoint_wrapper_fn=wrapper, check_fn=model.activation_checkpointing_fn
+    )
+    loss = model(torch.randint(0, 128, (2, 8))).square().mean()
+    if impl == "reentrant":
+        assert loss.grad_fn is None
+        return
+    loss.backward()
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all(p.grad is not None for p in adapters)
+    assert any(p.grad.abs().sum() > 0 for p in adapters)
+
+
+def test_unsharded_fsdp_loses_frozen_parameters_so_lora_refuses_it(tmp_path, monkeypatch):
+    """Why LoRA under FSDP needs real sharding, shown with torch's FSDP1 itself (one CPU process, where every
+    strategy runs as NO_SHARD): after one backward the frozen units' parameters are no longer parameters and a
+    state dict misses them. ``parallelize`` refuses that setting before any step, naming the fix."""
+
+    from composer_dlm import parallel
+    from composer_dlm.config import ConfigError, FSDPConfig
+    from composer_dlm.diffusion import DiffusionConfig
+    from composer_dlm.models.composer_llada import ComposerLLaDA
+
+    model = tiny_lora_model(torch.float32)
+    composer_model = ComposerLLaDA(model, DiffusionConfig())
+    for world, fsdp in [
+        (1, FSDPConfig()),
+        (2, FSDPConfig(sharding_strategy="NO_SHARD")),
+        (2, FSDPConfig(sharding_strategy="HYBRID_SHARD", data_parallel_replicate_degree=2)),
+    ]:
+        monkeypatch.setattr(parallel.dist, "get_world_size", lambda w=world: w)
+        with pytest.raises(ConfigError, match="fsdp with model.lora must shard the model over 2 or more"):
+            parallel.parallelize(composer_model, fsdp, on_gpu=True)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)
+    assert parallel.parallelize(composer_model, FSDPConfig(), on_gpu=True) is not None
+
+    with fsdp1_on_one_process(model, tmp_path) as wrapped:
+        norm = model.model.transformer.blocks[0].attn_norm
+        assert isinstance(norm.weight, torch.nn.Parameter)
+        wrapped(torch.randint(0, 128, (2, 8))).square().mean().backward()
+        assert not isinstance(norm.weight, torch.nn.Parameter)  # torch's behaviour behind the refusal

@@ -334,3 +334,26 @@ def test_lock_is_free_once_its_holder_dies_even_with_forked_children_alive(tmp_p
     finally:
         proc.kill()
         os.kill(child, signal.SIGKILL)
+
+
+def test_optimizer_under_fsdp_amp_fp16_takes_the_shape_of_found_inf_the_sharded_scaler_hands_it():
+    """torch's ShardedGradScaler (FSDP + amp_fp16) passes a one-element ``found_inf`` to the optimizer step: fused
+    AdamW rejects it, so there the default is the foreach implementation, and an explicit fused choice is refused."""
+    from composer_dlm.config import OptimizerConfig
+
+    def step(opt: torch.optim.Optimizer) -> None:
+        opt.grad_scale, opt.found_inf = None, torch.full((1,), 0.0)  # what GradScaler.step sets for fused
+        opt.step()
+
+    model = torch.nn.Linear(4, 4)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="shape"):  # torch's behaviour the choice works around
+        step(torch.optim.AdamW(model.parameters(), fused=True))
+    opt = builders.build_optimizer(OptimizerConfig(), model, sharded_fp16=True)
+    assert not opt.defaults["fused"]
+    before = model.weight.detach().clone()
+    opt.step()  # the foreach implementation never takes found_inf: GradScaler unscales and skips for it
+    assert not torch.equal(before, model.weight)
+    with pytest.raises(ConfigError, match="optimizer.fused: true fails under fsdp with precision amp_fp16"):
+        builders.build_optimizer(OptimizerConfig(fused=True), model, sharded_fp16=True)

@@ -10,18 +10,18 @@ reference scores one request at a time the way LLaDA's evaluator does: ``M / 32`
 full logits of every position, the mask counts stratified from one offset per forward and each row's positions
 chosen by its own ``randperm``, the loss of the masked positions divided by their mask ratio and read back to the
 host after every forward. Ours scores all R requests in one call (rows of many requests packed into forwards of
-up to ``--batch-tokens`` tokens, only the masked answer positions projected, the fused inference forward on
-CUDA). Both stratify the counts within batches of 32 rows; the mean estimate over the requests is printed for
-each, and for one-token answers (where the estimate is exact) the largest difference per request. Time is per
-request: one whole call's wall time over R, after a warm-up call of each. ``--reference-requests`` times the
-reference on fewer requests (it does each alone, so its time per request does not depend on R).
+up to ``--batch-tokens`` tokens, the last block computed over the answer positions only, only the masked answer
+positions projected, the fused inference forward on CUDA). Both stratify the counts within batches of 32 rows;
+the mean estimate over the requests is printed for each, and for one-token answers (where the estimate is
+exact) the largest difference per request. Time is per request: one whole call's wall time over R, after a
+warm-up call of each. ``--reference-requests`` times the reference on fewer requests (it does each alone, so
+its time per request does not depend on R).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer_dlm.benchmarks import write_json
 from composer_dlm.benchmarks.sampler import MASK_ID, SHAPES, build_model
 from composer_dlm.generate import guide
 from composer_dlm.likelihood import mc_log_likelihoods
@@ -178,15 +179,18 @@ def main(argv: list[str]) -> list[dict[str, float]]:
             worst = max(abs(r - o) for r, o in zip(ref_scores, our_scores, strict=False))
             note = f"; max difference {worst:.3g}"
         anchor = ANCHORS_MS.get((prompt_length, answer_length, mc_num))
-        anchor_text = f" (LLaDA's code: {anchor:g})" if anchor is not None and args.shape == "8b" else ""
+        anchor_text = (
+            f" (LLaDA's code, not this run: {anchor:g})" if anchor is not None and args.shape == "8b" else ""
+        )
         print(f"| {prompt_length} | {answer_length} | {mc_num} | {num_requests} | {ref_ms:.1f}{anchor_text} | "
               f"{our_ms:.1f} | {ref_ms / our_ms:.2f}x | {ref_mean:.3f} / {our_mean:.3f}{note} |", flush=True)  # fmt: skip
         rows.append({"prompt": prompt_length, "answer": answer_length, "mc_num": mc_num, "reference_ms": ref_ms,
                      "ours_ms": our_ms})  # fmt: skip
     print(f"total {time.perf_counter() - began:.0f}s", flush=True)
     if args.out:
-        meta = {"device": name, "torch": torch.__version__, "shape": args.shape, "dtype": dtype_name}
-        Path(args.out).with_suffix(".json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
+        command = "python scripts/benchmark.py likelihood " + " ".join(argv)
+        meta = {"benchmark": "likelihood", "command": command, "shape": args.shape, "dtype": dtype_name}
+        write_json(Path(args.out).with_suffix(".json"), meta | {"rows": rows})
     return rows
 
 

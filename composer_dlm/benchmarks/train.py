@@ -10,7 +10,7 @@ weights, fused AdamW. ``--max-micro-batch`` finds the largest micro-batch our st
 
 ``--lora-r R`` fine-tunes with LoRA (rank R on every block projection, models/lora.py) instead: a random model
 of the shape is first written as a bf16 release-style folder (on the GPU, cached beside the data) and is the
-frozen base. ``--mode sft`` trains on synthetic prompt/answer shards padded to ``--seq-len``.
+frozen base; ``--from-base`` fully fine-tunes that same folder (fp32 masters and AdamW state), LoRA's baseline. ``--mode sft`` trains on synthetic prompt/answer shards padded to ``--seq-len``.
 """
 
 from __future__ import annotations
@@ -118,12 +118,11 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
         "loss_impl": args.loss_impl,
         "compile_blocks": args.compile,
     }
-    if args.lora_r:
+    if args.lora_r or args.from_base:
         del model_section["config"]
-        model_section |= {
-            "pretrained": str(_base_folder(args, data_root)),
-            "lora": {"r": args.lora_r, "alpha": args.lora_r},
-        }
+        model_section["pretrained"] = str(_base_folder(args, data_root))
+    if args.lora_r:
+        model_section["lora"] = {"r": args.lora_r, "alpha": args.lora_r}
     raw = {
         "run_name": "bench",
         "base_path": str(out_root),
@@ -170,7 +169,7 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     tps = timer.batches * tokens_per_batch / dt
     masked_fraction = float(timer.masked) / timer.rows if timer.rows else 1.0
     projected = masked_fraction if args.loss_impl == "fused" else 1.0
-    lora = f"LoRA r{args.lora_r} " if args.lora_r else ""
+    lora = f"LoRA r{args.lora_r} " if args.lora_r else ("full fine-tune " if args.from_base else "")
     result = {
         "path": f"ours ({args.mode}, {lora}{args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, "
         f"ac={args.ac}, world={world}{', deterministic' if args.deterministic else ''})",
@@ -292,6 +291,11 @@ def main(argv: list[str]) -> None:
         "--mode", default="pretrain", choices=["pretrain", "sft"], help="diffusion.mode and shards"
     )
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on a bf16 base folder (0: full training)")
+    p.add_argument(
+        "--from-base",
+        action="store_true",
+        help="full fine-tuning (fp32 masters) of the same bf16 base folder --lora-r uses: LoRA's baseline",
+    )
     p.add_argument(
         "--reference", action="store_true", help="also time the reference step (rank 0 only, 1 GPU)"
     )

@@ -237,13 +237,22 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(mlp_hidden_size, h, bias=False)
 
     def attention(
-        self, h_BLH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask_B11L: torch.Tensor | None
+        self,
+        h_BLH: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_mask_B11L: torch.Tensor | None,
+        positions_BR: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention output (B, L, d_model), or (B, R, d_model) for the queries at ``positions_BR`` only."""
         b, length, _ = h_BLH.shape
-        q = self.q_proj(h_BLH).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+        h_BRH = select_positions(h_BLH, positions_BR)
+        q_cos, q_sin = _query_rope_tables(cos, sin, positions_BR)
+        q = self.q_proj(h_BRH).view(b, h_BRH.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h_BLH).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h_BLH).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return self.attn_out(self._attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, key_mask_B11L))
+        q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)
+        return self.attn_out(self._attend(q, k, v, key_mask_B11L))
 
     def _attend(
         self,
@@ -252,8 +261,8 @@ class LLaDABlock(nn.Module):
         v_BKLD: torch.Tensor,
         key_mask_B11L: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Bidirectional attention over (B, heads, L, head_dim) q and (B, kv_heads, L, head_dim) k, v, returned
-        as (B, L, d_model) for the output projection."""
+        """Bidirectional attention of (B, heads, R, head_dim) q over (B, kv_heads, L, head_dim) k, v (R = L, or
+        fewer queries than keys), returned as (B, R, d_model) for the output projection."""
         b, _, length, _ = q_BHLD.shape
         if self.n_kv_heads != self.n_heads:
             groups = self.n_heads // self.n_kv_heads
@@ -268,10 +277,15 @@ class LLaDABlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         key_mask_B11L: torch.Tensor | None = None,
+        positions_BR: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x_BLH = x_BLH + self.attention(self.attn_norm(x_BLH), cos, sin, key_mask_B11L)
-        h = self.ff_norm(x_BLH)
-        return x_BLH + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        """The block's output (B, L, d_model); with ``positions_BR`` (B, R) long, only at those positions of each
+        row, (B, R, d_model): keys and values still come from all L positions (an inference shortcut for the last
+        block, whose other outputs nobody reads)."""
+        x_BRH = select_positions(x_BLH, positions_BR)
+        x_BRH = x_BRH + self.attention(self.attn_norm(x_BLH), cos, sin, key_mask_B11L, positions_BR)
+        h = self.ff_norm(x_BRH)
+        return x_BRH + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
     def qkv_weight(self) -> torch.Tensor:
         """The q, k and v projection weights stacked (one product instead of three); a new tensor."""
@@ -280,27 +294,70 @@ class LLaDABlock(nn.Module):
     def forward_fused(
         self, x_BLH: torch.Tensor, sq_BLH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         key_mask_B11L: torch.Tensor | None = None, qkv_weight: torch.Tensor | None = None,
+        positions_BR: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """:meth:`forward` (no grad, CUDA) with its elementwise work fused, bit for bit equal to it.
 
-        Takes and returns the residual stream with its fp32 squares (``x.float() ** 2``, the next RMSNorm's input).
-        ``qkv_weight`` (:meth:`qkv_weight`) computes q, k and v in one product.
+        Takes and returns the residual stream with its fp32 squares (``x.float() ** 2``, the next RMSNorm's input);
+        with ``positions_BR`` it returns them at those positions only, as :meth:`forward` does. ``qkv_weight``
+        (:meth:`qkv_weight`) computes q, k and v in one product (not with ``positions_BR``, where q has fewer rows).
         """
         b, length, _ = x_BLH.shape
         h = _fused_norm(self.attn_norm, x_BLH, sq_BLH)
-        if qkv_weight is not None:
+        if qkv_weight is not None and positions_BR is None:
             kv_dim = self.n_kv_heads * self.head_dim
             q_lin, k_lin, v_lin = F.linear(h, qkv_weight).split(
                 [self.n_heads * self.head_dim, kv_dim, kv_dim], -1
             )
         else:
-            q_lin, k_lin, v_lin = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        q = fused_ops.rope(q_lin.view(b, length, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = fused_ops.rope(k_lin.view(b, length, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+            q_lin = self.q_proj(select_positions(h, positions_BR))
+            k_lin, v_lin = self.k_proj(h), self.v_proj(h)
+        q = _fused_rope(q_lin, self.n_heads, cos, sin, positions_BR)
+        k = _fused_rope(k_lin, self.n_kv_heads, cos, sin)
         v = v_lin.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        x_BLH, sq_BLH = fused_ops.add_square(x_BLH, self.attn_out(self._attend(q, k, v, key_mask_B11L)))
-        h = _fused_norm(self.ff_norm, x_BLH, sq_BLH)
-        return fused_ops.add_square(x_BLH, self.ff_out(fused_ops.silu_mul(self.ff_proj(h), self.up_proj(h))))
+        attn = self.attn_out(self._attend(q, k, v, key_mask_B11L))
+        x_BRH, sq_BRH = fused_ops.add_square(select_positions(x_BLH, positions_BR), attn)
+        h = _fused_norm(self.ff_norm, x_BRH, sq_BRH)
+        return fused_ops.add_square(x_BRH, self.ff_out(fused_ops.silu_mul(self.ff_proj(h), self.up_proj(h))))
+
+
+def select_positions(x_BLH: torch.Tensor, positions_BR: torch.Tensor | None) -> torch.Tensor:
+    """``x_BLH`` at ``positions_BR`` (B, R) long of each row, (B, R, H); ``x_BLH`` itself when None."""
+    if positions_BR is None:
+        return x_BLH
+    return x_BLH.gather(1, positions_BR[:, :, None].expand(-1, -1, x_BLH.shape[-1]))
+
+
+def _query_rope_tables(
+    cos_LD: torch.Tensor, sin_LD: torch.Tensor, positions_BR: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE tables of the queries at ``positions_BR``: (B, 1, R, head_dim), broadcasting over the heads of a
+    (B, heads, R, head_dim) q; the (L, head_dim) tables themselves when None (every position is a query)."""
+    if positions_BR is None:
+        return cos_LD, sin_LD
+    return cos_LD[positions_BR][:, None], sin_LD[positions_BR][:, None]
+
+
+def _fused_rope(
+    lin_BRX: torch.Tensor,
+    n_heads: int,
+    cos_LD: torch.Tensor,
+    sin_LD: torch.Tensor,
+    positions_BR: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`fused_ops.rope` of a (B, R, n_heads * head_dim) projection, returned as (B, n_heads, R, head_dim).
+
+    Row r of a batch is at position r, or at ``positions_BR[b, r]`` when given: the rows are then flattened into
+    one sequence of B * R rows whose tables are gathered, so the kernel's row i reads table row i."""
+    b, rows, width = lin_BRX.shape
+    head_dim = width // n_heads
+    if positions_BR is None:
+        out = fused_ops.rope(lin_BRX.view(b, rows, n_heads, head_dim), cos_LD, sin_LD)
+    else:
+        flat = lin_BRX.reshape(1, b * rows, n_heads, head_dim)
+        flat_positions = positions_BR.reshape(-1)
+        out = fused_ops.rope(flat, cos_LD[flat_positions], sin_LD[flat_positions])
+    return out.view(b, rows, n_heads, head_dim).transpose(1, 2)
 
 
 def _fused_norm(norm: RMSNorm, x: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
@@ -418,15 +475,27 @@ class LLaDAModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         fused: bool | FusedInference = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, L, d_model), after ``ln_f``, before the output projection.
 
         ``attention_mask`` (B, L), true/1 for real tokens: padded keys are excluded from every query's attention.
         ``fused=True`` (no grad, CUDA) runs the blocks' elementwise work in fused kernels (:mod:`kernels.inference`),
         with bitwise the same result; a :class:`FusedInference` from :meth:`fused_inference` also stacks q/k/v.
+        ``positions`` (B, R) long, indices into each row's L positions (repeats allowed): the hidden states at those
+        positions only, (B, R, d_model), equal to the full ones there up to rounding. The last block then computes
+        its queries, MLP and residual at those R positions only (keys and values still at all L); the others run
+        in full, since every position's output feeds the next block's keys and values.
         """
         t = self.model.transformer
-        _, length = input_ids.shape
+        batch, length = input_ids.shape
+        if positions is not None and (
+            positions.dim() != 2 or positions.shape[0] != batch or positions.dtype != torch.long
+        ):
+            raise ValueError(
+                f"positions must be a (batch={batch}, R) long tensor, got {positions.dtype} {tuple(positions.shape)}"
+            )
+        last = len(t.blocks) - 1  # the block computed at ``positions`` only
         x = t.wte(input_ids)
         cos, sin = rope_cos_sin(length, self.config.head_dim, self.config.rope_theta, input_ids.device)
         key_mask = None
@@ -440,10 +509,13 @@ class LLaDAModel(nn.Module):
             qkv = fused.qkv_weights if isinstance(fused, FusedInference) else None
             x, sq = fused_ops.add_square(x)
             for i, block in enumerate(t.blocks):
-                x, sq = block.forward_fused(x, sq, cos, sin, key_mask, qkv[i] if qkv is not None else None)
+                qkv_weight = qkv[i] if qkv is not None else None
+                x, sq = block.forward_fused(
+                    x, sq, cos, sin, key_mask, qkv_weight, positions if i == last else None
+                )
             return _fused_norm(t.ln_f, x, sq)
-        for block in t.blocks:
-            x = block(x, cos, sin, key_mask)
+        for i, block in enumerate(t.blocks):
+            x = block(x, cos, sin, key_mask, positions if i == last else None)
         return t.ln_f(x)
 
     def forward(
@@ -453,8 +525,11 @@ class LLaDAModel(nn.Module):
         head: Callable[[torch.Tensor, torch.Tensor], T] | None = None,
         *,
         fused: bool | FusedInference = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor | T:
-        hidden = self.hidden_states(input_ids, attention_mask, fused=fused)
+        """Logits (B, L, embedding_size), or ``head(hidden, output_weight)``; ``fused`` and ``positions`` as in
+        :meth:`hidden_states` (with ``positions``, the logits or the head's hidden states are (B, R, ...))."""
+        hidden = self.hidden_states(input_ids, attention_mask, fused=fused, positions=positions)
         if head is not None:
             return head(hidden, self.output_weight)
         return F.linear(hidden, self.output_weight)
