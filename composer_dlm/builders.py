@@ -135,7 +135,7 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
         apply_lora(
             model,
             cfg.model.lora,
-            base_dtype=lora_base_dtype(cfg),
+            base_dtype=dtype,
             seed=cfg.model.init_seed,
             base_model=str(folder.resolve()),
         )
@@ -147,11 +147,14 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
     )
 
 
+def run_precision(cfg: TrainConfig) -> str:
+    """The precision the run computes in: ``precision``, or fp32 on a machine without a GPU."""
+    return cfg.precision if torch.cuda.is_available() else "fp32"
+
+
 def lora_base_dtype(cfg: TrainConfig) -> torch.dtype:
     """The frozen base of a LoRA run is stored in the dtype the run computes in: no fp32 copy under AMP."""
-    if not torch.cuda.is_available():  # CPU runs compute in fp32 (see build_trainer's precision)
-        return torch.float32
-    return {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(cfg.precision, torch.float32)
+    return {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(run_precision(cfg), torch.float32)
 
 
 def device_batch_size(cfg: TrainConfig) -> int:
@@ -304,11 +307,6 @@ def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
     return loggers
 
 
-def build_parallelism(cfg: TrainConfig, model: ComposerLLaDA) -> dict | None:
-    """Composer's ``parallelism_config``, after ``parallelize`` made the FSDP wrap / checkpointing choices."""
-    return parallelize(model, cfg.fsdp, on_gpu=torch.cuda.is_available())
-
-
 def resolve_load_path(cfg: TrainConfig) -> str | None:
     """Composer unpickles checkpoints, so only the run's own folder or paths listed as trusted are loaded.
 
@@ -419,11 +417,11 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     if cfg.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
         reproducibility.configure_deterministic_mode()
     load_path = resolve_load_path(cfg)
-    device_batch_size(cfg)  # the batch geometry, checked before anything touches the disk
+    batch_size = device_batch_size(cfg)  # the batch geometry, checked before anything touches the disk
     created = not cfg.run_folder.exists()
     lock = start_run(cfg)
     try:
-        return _assemble_trainer(cfg, lock, load_path, extra_callbacks)
+        return _assemble_trainer(cfg, lock, load_path, batch_size, extra_callbacks)
     except BaseException:
         if created and dist.get_global_rank() == 0:
             shutil.rmtree(cfg.run_folder, ignore_errors=True)
@@ -432,7 +430,11 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
 
 
 def _assemble_trainer(
-    cfg: TrainConfig, lock: RunLock, load_path: str | None, extra_callbacks: list[Callback] | None
+    cfg: TrainConfig,
+    lock: RunLock,
+    load_path: str | None,
+    batch_size: int,
+    extra_callbacks: list[Callback] | None,
 ) -> Trainer:
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer)
@@ -442,7 +444,6 @@ def _assemble_trainer(
             f"max_seq_len ({cfg.max_seq_len}) is above the model's max_sequence_length ({max_len}); lower "
             f"max_seq_len to at most {max_len} (and convert the data with that --seq-len)"
         )
-    batch_size = device_batch_size(cfg)
     train_loader = build_dataloader(
         cfg.train_loader,
         tokenizer=tokenizer,
@@ -463,7 +464,7 @@ def _assemble_trainer(
         )
         evaluators = [Evaluator(label="eval", dataloader=eval_loader, metric_names=list(model.val_metrics))]
     on_gpu = torch.cuda.is_available()
-    precision = cfg.precision if on_gpu else "fp32"
+    precision = run_precision(cfg)
     if precision != cfg.precision:
         log.warning("precision %s needs a GPU; using fp32 on CPU", cfg.precision)
     microbatch = cfg.device_train_microbatch_size
@@ -487,7 +488,8 @@ def _assemble_trainer(
         algorithms=[GradientClipping("norm", cfg.grad_clip_norm)] if cfg.grad_clip_norm else [],
         callbacks=[lock, identity, *build_callbacks(cfg, tokenizer), *(extra_callbacks or [])],
         loggers=build_loggers(cfg),
-        parallelism_config=build_parallelism(cfg, model),
+        # parallelize: the builder step that makes the FSDP wrap / activation-checkpointing choices
+        parallelism_config=parallelize(model, cfg.fsdp, on_gpu=on_gpu),
         deterministic_mode=cfg.deterministic,
         save_folder=str(cfg.checkpoint_folder) if cfg.checkpoint.save else None,
         save_interval=cfg.checkpoint.save_interval,

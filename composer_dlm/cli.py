@@ -8,7 +8,10 @@ Imports nothing heavy, so a script can answer --help (or a bad flag) without loa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import NoReturn
 
 EXIT_USER_ERROR = 2
@@ -23,6 +26,17 @@ def report(message: str) -> int:
 def fail(message: str) -> NoReturn:
     """Print `composer-dlm: error: MESSAGE` (one line) on stderr and exit with code 2."""
     sys.exit(report(message))
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Inside, each Python warning (e.g. torch's on unpickling a checkpoint) is one `composer-dlm: warning:` line on
+    stderr instead of a file:line report with the source line."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(
+            f"composer-dlm: warning: {message}", file=sys.stderr
+        )
+        yield
 
 
 class ArgumentParser(argparse.ArgumentParser):

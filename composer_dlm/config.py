@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from composer_dlm.data import LoaderConfig
 from composer_dlm.diffusion import DiffusionConfig
+from composer_dlm.fsutil import write_text_atomic
 from composer_dlm.generate import BlockPlan
 from composer_dlm.models.llada import LLaDAConfig
 from composer_dlm.models.lora import LoRAConfig
@@ -480,10 +481,7 @@ def _one_line(err: Exception) -> str:
 def write_run_config(cfg: TrainConfig) -> None:
     """``cfg`` as YAML in ``{run_folder}/config.yaml`` (replaced atomically): a record of what ran, and how
     ``scripts/generate.py`` knows a checkpoint's tokenizer and whether its run was SFT."""
-    path = cfg.run_config_file
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(cfg.run_config_file, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
@@ -62,14 +61,13 @@ try:
 except ModuleNotFoundError as err:  # the optional extra
     raise ModuleNotFoundError(f"composer_dlm.eval needs lm-eval ({err}): pip install -e '.[eval]'") from err
 
+from composer_dlm.cli import report, warnings_as_lines
 from composer_dlm.data.embedded import resolve_tokenizer
 from composer_dlm.generate import Remasking, generate
 from composer_dlm.generate_cli import find_run_config, load_model
 from composer_dlm.likelihood import mc_log_likelihoods
 from composer_dlm.models.hf_format import resolve_folder
 from composer_dlm.models.llada import LLaDAConfig
-
-PROG = "composer-dlm"
 
 
 class EvalArgumentError(ValueError):
@@ -396,8 +394,7 @@ def _load(
     if name not in dtypes:
         raise EvalArgumentError(f"dtype must be bf16 or fp32, got {dtype!r}")
     path = resolve_folder(pretrained, "pretrained")
-    with warnings.catch_warnings():  # the unpickling warning of a .pt, as one line on stderr
-        warnings.showwarning = lambda message, *_, **__: print(f"{PROG}: warning: {message}", file=sys.stderr)
+    with warnings_as_lines():  # the unpickling warning of a .pt
         model = load_model(path, config=config, dtype=dtypes[name], device=device)
     if tokenizer is None:
         # A .pt's tokenizer is the one beside the config.json that gave its shape (the run's HF export).
@@ -419,12 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["lm-eval", *args]
     try:
         cli_evaluate()
-    except (
-        ValueError,
-        FileNotFoundError,
-    ) as err:  # EvalArgumentError, CheckpointError, DataError, lm-eval's own
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as err:  # EvalArgumentError, CheckpointError, DataError, lm-eval's
+        return report(str(err))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""Filesystem helpers shared by the writers of whole folders (HF exports, MDS conversions, the embedded cache)."""
+"""Filesystem helpers shared by the writers of whole folders (HF exports, MDS conversions, the embedded cache)
+and of single files (the run's config.yaml, generated YAMLs)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ def replace_folder(new: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a hidden sibling then renamed over it: readers see the old file or the
+    new one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_stale_staging(target: Path) -> list[Path]:

@@ -142,7 +142,7 @@ def guided_logits(
     """Logits (B, R, V) of ``model`` on ``x`` (B, L) at the columns ``cols`` (R,), with LLaDA's unsupervised
     classifier-free guidance when ``cfg_scale = s > 0``: ``l_uncond + (s + 1) * (l_cond - l_uncond)``, the
     unconditional pass seeing the first ``prompt_length`` columns replaced by ``mask_token_id`` (both passes run
-    as one batch). Shared by the sampler and :func:`composer_dlm.likelihood.mc_log_likelihood`.
+    as one batch). The sampler's (the likelihood estimate guides its per-position losses with :func:`guide`).
 
     ``head_rows="candidates"`` sends only the rows at ``cols`` of a :class:`LLaDAModel` through the output
     projection; ``fused`` is passed to its forward. Other modules return full logits, which are then indexed.
@@ -179,8 +179,7 @@ def _column_logits(
             return F.linear(hidden_BLH.index_select(1, cols), weight_VH)
 
         return model(x, attention_mask=attention_mask, head=head, fused=fused)
-    out = model(x) if attention_mask is None else model(x, attention_mask=attention_mask)
-    return getattr(out, "logits", out).index_select(1, cols)
+    return full_logits(model, x, attention_mask).index_select(1, cols)
 
 
 @dataclasses.dataclass
@@ -482,6 +481,13 @@ def _graph_safe(model: nn.Module) -> bool:
         if any(isinstance(m, sharded) for m in model.modules()):
             return False
     return True
+
+
+def full_logits(model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, V) logits of any module mapping ids to logits (or to an output with ``.logits``, as Hugging Face
+    models return), passing the key mask only when there is one: the path for models other than LLaDAModel."""
+    out = model(x) if attention_mask is None else model(x, attention_mask=attention_mask)
+    return getattr(out, "logits", out)
 
 
 def model_device(model: nn.Module, fallback: torch.device) -> torch.device:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from composer_dlm.cli import ArgumentParser, report
+from composer_dlm.cli import ArgumentParser, report, warnings_as_lines
 
 if TYPE_CHECKING:  # imported where used: `--help` and a bad flag answer without loading torch
     import torch
@@ -229,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer_name = args.tokenizer or default_tokenizer(args.checkpoint, run)
         tokenizer = load_tokenizer(tokenizer_name)
-        with warnings.catch_warnings():  # the unpickling warning, as one line on stderr
-            warnings.showwarning = lambda message, *_, **__: print(
-                f"composer-dlm: warning: {message}", file=sys.stderr
-            )
+        with warnings_as_lines():  # the unpickling warning
             model = load_model(args.checkpoint, config=args.config, dtype=dtype, device=device)
         mask_id = mask_token_id(tokenizer)
         if mask_id != model.config.mask_token_id:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_dlm.generate import fused_by_default, guide, model_device
+from composer_dlm.generate import full_logits, fused_by_default, guide, model_device
 from composer_dlm.models.llada import FusedInference, LLaDAModel
 
 TokenIds = torch.Tensor | Sequence[int]
@@ -339,8 +339,7 @@ def _masked_nll(
             return nll(lambda rows, slots: F.linear(hidden_NRH[rows, slots], weight_VH), slot_M)
 
         return model(x_NW, attention_mask=mask_NW, head=head, fused=fused, positions=span_NR)
-    out = model(x_NW) if mask_NW is None else model(x_NW, attention_mask=mask_NW)
-    logits_NWV = getattr(out, "logits", out)
+    logits_NWV = full_logits(model, x_NW, mask_NW)
     return nll(lambda rows, cols: logits_NWV[rows, cols], batch.col_M.to(device))
 
 
@@ -363,16 +362,12 @@ def score_choices(
     """
     if not choices:
         raise ValueError("choices is empty")
-    return [
-        mc_log_likelihood(
-            model,
-            prompt_ids,
-            choice,
-            mask_token_id=mask_token_id,
-            num_samples=num_samples,
-            batch_size=batch_size,
-            cfg_scale=cfg_scale,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        for choice in choices
-    ]
+    return mc_log_likelihoods(  # all choices in the same packed forwards
+        model,
+        [(prompt_ids, choice) for choice in choices],
+        mask_token_id=mask_token_id,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        cfg_scale=cfg_scale,
+        generators=[torch.Generator().manual_seed(seed) for _ in choices],
+    )

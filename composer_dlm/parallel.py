@@ -32,7 +32,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from composer_dlm.config import ConfigError, FSDPConfig
-from composer_dlm.models.composer_llada import ComposerLLaDA
+from composer_dlm.models.composer_llada import WRAPPER_ATTRS, ComposerLLaDA
 from composer_dlm.models.llada import LLaDABlock, LLaDAModel, eager_blocks
 from composer_dlm.models.lora import adapter_linears
 
@@ -47,7 +47,7 @@ def _inner(module: nn.Module) -> nn.Module | None:
         return module._orig_mod
     # FSDP1 and the activation-checkpoint wrapper keep the wrapped module under these names; looked up by name
     # so that this module needs neither torch.distributed.fsdp nor the checkpoint wrapper importable.
-    for name in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
+    for name in WRAPPER_ATTRS:
         inner = module._modules.get(name)
         if inner is not None:
             return inner

@@ -7,7 +7,8 @@ MODE ``save``: the N-th checkpoint write of this process stops halfway (the file
 MODE ``relink``: at the N-th checkpoint, the process dies after Composer removed ``latest`` and before it
 created the new one. MODE ``dcp`` (sharded FSDP checkpoints): at the N-th checkpoint each rank truncates its
 shard file once written and dies. MODE ``none``: no fault. Random-time kills are done from outside by the test
-(:func:`kill_after_batches`); :func:`launch_ranks` starts N processes through Composer's launcher.
+(:func:`kill_after_batches`); :func:`launch_ranks` starts N processes through Composer's launcher,
+:func:`run_ranks` runs them to a successful end, :func:`rank0_metrics` reads the metrics rank 0 logged.
 """
 
 from __future__ import annotations
@@ -53,6 +54,29 @@ def kill_group(p: subprocess.Popen) -> None:
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def run_ranks(nproc: int, args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> str:
+    """:func:`launch_ranks`, waited for (every process of the group killed afterwards, even on a timeout); asserts
+    that it succeeded and returns rank 0's output."""
+    p = launch_ranks(nproc, args, env)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    finally:
+        kill_group(p)
+    assert p.returncode == 0, out[-8000:]
+    return out
+
+
+def rank0_metrics(run_folder: Path, name: str) -> dict[int, float]:
+    """batch -> value of the metric ``name`` in rank 0's log files (all attempts; the last one wins)."""
+    out: dict[int, float] = {}
+    for log in sorted((run_folder / "logs").glob("rank0-*.txt"), key=lambda p: p.stat().st_mtime):
+        for batch, value in re.findall(
+            rf"\[metric\]\[batch=(\d+)\]: {re.escape(name)}: (\S+)", log.read_text()
+        ):
+            out[int(batch)] = float(value)
+    return out
 
 
 def kill_after_batches(p: subprocess.Popen, k: int, *, group: bool = False) -> str:

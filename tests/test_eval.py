@@ -305,16 +305,15 @@ def test_lm_eval_config_checks():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.world_size(2))])
 def test_callback_under_fsdp(tmp_path, nproc):
     """The training callback on a FULL_SHARD model (every rank runs every request: each forward is collective)
     logs the same accuracy as the same weights give through the CLI's model class after the run."""
     import re
 
-    from test_gpu_multigpu import QUICKSTART, TRAIN, overrides, run
+    from faults import run_ranks
+    from test_gpu_multigpu import ENV, QUICKSTART, TRAIN, overrides
 
-    if torch.cuda.device_count() < nproc:
-        pytest.skip(f"needs {nproc} GPUs")
     lm_eval_cfg = (
         "{tasks: [quickstart_capitals], include_path: yamls/lm_eval, include_defaults: false, interval: 2ba, "
         "mc_num: 8, batch_size: 8, limit: 8}"
@@ -323,7 +322,7 @@ def test_callback_under_fsdp(tmp_path, nproc):
     args = overrides(
         tmp_path, "fsdp_eval", fsdp, **{"callbacks.lm_eval": lm_eval_cfg, "callbacks.hf_export": "{}"}
     )
-    run(nproc, [TRAIN, QUICKSTART, *args, "max_duration=4ba"])
+    run_ranks(nproc, [TRAIN, QUICKSTART, *args, "max_duration=4ba"], ENV)
     folder = tmp_path / "fsdp_eval"
     logs = "".join(p.read_text() for p in (folder / "logs").glob("rank0-*.txt"))
     logged = dict(re.findall(r"\[metric\]\[batch=(\d+)\]: lm_eval/quickstart_capitals/acc: (\S+)", logs))

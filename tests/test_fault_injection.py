@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from faults import kill_after_batches
+from faults import kill_after_batches, rank0_metrics
 
 from composer_dlm.checkpoints import is_complete_checkpoint, repair_checkpoint_folder
 
@@ -65,17 +64,6 @@ def final_weights(base: Path) -> dict[str, torch.Tensor]:
     return state["state"]["model"]
 
 
-def loss_curve(base: Path) -> dict[int, str]:
-    """batch -> logged loss, the last attempt's value winning (all attempts' log files are kept)."""
-    curve: dict[int, str] = {}
-    for log in sorted((base / "crash" / "logs").glob("rank0-*.txt"), key=lambda p: p.stat().st_mtime):
-        for batch, value in re.findall(
-            r"\[metric\]\[batch=(\d+)\]: loss/train/total: (\S+)", log.read_text()
-        ):
-            curve[int(batch)] = value
-    return curve
-
-
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     reference = launch(tmp_path / "ref")
     out, _ = reference.communicate(timeout=600)
@@ -111,7 +99,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert ref_w.keys() == got_w.keys()
     for name in ref_w:
         assert torch.equal(ref_w[name], got_w[name]), name
-    ref_curve, got_curve = loss_curve(tmp_path / "ref"), loss_curve(faulty)
+    ref_curve = rank0_metrics(tmp_path / "ref" / "crash", "loss/train/total")
+    got_curve = rank0_metrics(faulty / "crash", "loss/train/total")
     assert sorted(ref_curve) == list(range(STEPS))  # Composer logs batch k under step k - 1
     assert got_curve == ref_curve
 

@@ -11,12 +11,11 @@ tests/test_multiprocess.py.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from faults import ROOT, kill_after_batches, kill_group, launch_ranks
+from faults import ROOT, kill_after_batches, kill_group, launch_ranks, rank0_metrics, run_ranks
 
 from composer_dlm.models import LLaDAModel
 
@@ -26,6 +25,7 @@ QUICKSTART = str(ROOT / "yamls" / "quickstart.yaml")
 TRAIN = str(ROOT / "composer_dlm" / "train.py")
 FAULTS = str(ROOT / "tests" / "faults.py")
 ENV = {"TRITON_INTERPRET": "0"}
+LOSS = "loss/train/total"
 
 
 def overrides(base: Path, run: str, fsdp: dict[str, str] | None, **extra: str) -> list[str]:
@@ -47,27 +47,6 @@ def overrides(base: Path, run: str, fsdp: dict[str, str] | None, **extra: str) -
     if fsdp is not None:
         over |= {f"fsdp.{k}": v for k, v in fsdp.items()}
     return [f"{k}={v}" for k, v in (over | extra).items()]
-
-
-def losses(run_folder: Path) -> dict[int, float]:
-    """batch -> training loss from rank 0's log files (all attempts; the last one wins)."""
-    out: dict[int, float] = {}
-    for log in sorted((run_folder / "logs").glob("rank0-*.txt"), key=lambda p: p.stat().st_mtime):
-        for batch, value in re.findall(
-            r"\[metric\]\[batch=(\d+)\]: loss/train/total: (\S+)", log.read_text()
-        ):
-            out[int(batch)] = float(value)
-    return out
-
-
-def run(nproc: int, args: list[str]) -> str:
-    p = launch_ranks(nproc, args, ENV)
-    try:
-        out, _ = p.communicate(timeout=600)
-    finally:
-        kill_group(p)
-    assert p.returncode == 0, out
-    return out
 
 
 MODES = {
@@ -115,16 +94,16 @@ def _modes_run(tmp_path: Path, mode: str, nproc: int) -> None:
         "callbacks.likelihood_eval.num_samples": "4",
     }
     args = overrides(tmp_path, "modes", MODES[mode], **callbacks)
-    run(nproc, [TRAIN, QUICKSTART, *args, "max_duration=4ba"])
+    run_ranks(nproc, [TRAIN, QUICKSTART, *args, "max_duration=4ba"], ENV)
     folder = tmp_path / "modes"
     samples = (folder / "samples.txt").read_text().splitlines()
     assert [line.split("]")[0] for line in samples] == ["[sample @ batch 2", "[sample @ batch 4"]
     exported = LLaDAModel.from_pretrained(folder / "hf" / "final")
     ids = torch.randint(0, 4000, (1, 16))
     assert torch.isfinite(exported(ids)).all()
-    out = run(nproc, [TRAIN, QUICKSTART, *args, "max_duration=6ba"])
+    out = run_ranks(nproc, [TRAIN, QUICKSTART, *args, "max_duration=6ba"], ENV)
     assert "No previous autoresume checkpoint found" not in out
-    curve = losses(folder)
+    curve = rank0_metrics(folder, LOSS)
     assert sorted(curve) == list(range(6))  # batch k logged under step k - 1; 4..5 by the resumed run
     assert curve[5] < curve[0]
 
@@ -154,7 +133,7 @@ def _kill_and_resume(tmp_path: Path, nproc: int, deterministic: bool) -> None:
         "max_duration": f"{STEPS}ba",
         "deterministic": str(deterministic),
     }
-    run(nproc, [TRAIN, QUICKSTART, *overrides(tmp_path / "ref", "kr", fsdp, **extra)])
+    run_ranks(nproc, [TRAIN, QUICKSTART, *overrides(tmp_path / "ref", "kr", fsdp, **extra)], ENV)
     args = overrides(tmp_path / "faulty", "kr", fsdp, **extra)
     p = launch_ranks(nproc, [FAULTS, "dcp", "2", QUICKSTART, *args], ENV)
     out, _ = p.communicate(timeout=600)
@@ -163,9 +142,9 @@ def _kill_and_resume(tmp_path: Path, nproc: int, deterministic: bool) -> None:
     p = launch_ranks(nproc, [TRAIN, QUICKSTART, *args], ENV)
     out = kill_after_batches(p, 3, group=True)  # resumed from ba2: killed at batch 5, after saving ba4
     assert "No previous autoresume checkpoint found" not in out, out
-    run(nproc, [TRAIN, QUICKSTART, *args])
+    run_ranks(nproc, [TRAIN, QUICKSTART, *args], ENV)
 
-    ref, got = losses(tmp_path / "ref" / "kr"), losses(tmp_path / "faulty" / "kr")
+    ref, got = rank0_metrics(tmp_path / "ref" / "kr", LOSS), rank0_metrics(tmp_path / "faulty" / "kr", LOSS)
     assert sorted(ref) == sorted(got) == list(range(STEPS))
     ref_w = _final_model_weights(tmp_path / "ref" / "kr", STEPS, tmp_path)
     got_w = _final_model_weights(tmp_path / "faulty" / "kr", STEPS, tmp_path)

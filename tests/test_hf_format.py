@@ -9,6 +9,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import test_llada
 import torch
 from safetensors.torch import load_file
 from test_llada import RELEASE_CONFIG, release_tensors, write_release_folder
@@ -60,8 +61,8 @@ SIZE_KEYS = (
 
 
 def tiny(**overrides) -> LLaDAModel:
-    cfg = dict(d_model=32, n_layers=2, n_heads=4, vocab_size=50, mlp_hidden_size=48, mask_token_id=49)
-    return LLaDAModel.from_config(cfg | {"eos_token_id": 48} | overrides, seed=0)
+    """test_llada's tiny model, with an EOS id inside its vocabulary."""
+    return test_llada.tiny(**{"eos_token_id": 48} | overrides)
 
 
 def embedded_sized(tokenizer) -> LLaDAModel:

@@ -265,15 +265,16 @@ def test_fsdp_units_hold_one_dtype_each(tmp_path, two_processes):
 def test_two_processes_through_the_launcher(base_folder, tmp_path):
     """``composer -n 2`` on CPU (gloo, DDP): both ranks train the same adapters; the checkpoint holds only them and
     the adapter export equals the checkpoint's adapters."""
-    from faults import launch_ranks
+    from faults import run_ranks
     from safetensors.torch import load_file
 
     over = lora_overrides(base_folder, tmp_path, max_duration="2ba", **{"checkpoint.save_interval": "2ba"})
-    p = launch_ranks(
-        2, [str(ROOT / "composer_dlm" / "train.py"), str(QUICKSTART), *over], {"TRITON_INTERPRET": "0"}
+    run_ranks(
+        2,
+        [str(ROOT / "composer_dlm" / "train.py"), str(QUICKSTART), *over],
+        {"TRITON_INTERPRET": "0"},
+        timeout=300,
     )
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out[-4000:]
     run = tmp_path / "lora"
     model_state = torch.load(
         run / "checkpoints" / "ep0-ba2-rank0.pt", map_location="cpu", weights_only=False

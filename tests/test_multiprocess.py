@@ -7,12 +7,11 @@ here an ``fsdp:`` section runs as DDP; every FSDP mode is run in tests/test_gpu_
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from faults import ROOT, kill_after_batches, kill_group, launch_ranks
+from faults import ROOT, kill_after_batches, launch_ranks, rank0_metrics, run_ranks
 from test_train import tiny_overrides
 
 from composer_dlm.checkpoints import is_complete_checkpoint
@@ -31,17 +30,6 @@ ENV = {"TRITON_INTERPRET": "0"}
 def tiny(base: Path, run: str, **extra: str) -> list[str]:
     """test_train's tiny quickstart (2 layers, 32 tokens, global batch 8: 4 rows per process), as ``run``."""
     return tiny_overrides(base, run_name=run, **{"diffusion.random_length_prob": "0.3"} | extra)
-
-
-def rank0_metrics(run_folder: Path, name: str) -> dict[int, float]:
-    """batch -> value of ``name`` in rank 0's log files (all attempts; the last one wins)."""
-    out: dict[int, float] = {}
-    for log in sorted((run_folder / "logs").glob("rank0-*.txt"), key=lambda p: p.stat().st_mtime):
-        for batch, value in re.findall(
-            rf"\[metric\]\[batch=(\d+)\]: {re.escape(name)}: (\S+)", log.read_text()
-        ):
-            out[int(batch)] = float(value)
-    return out
 
 
 def test_quickstart_with_two_processes(tmp_path):
@@ -70,9 +58,7 @@ def test_quickstart_with_two_processes(tmp_path):
             "callbacks.likelihood_eval.num_samples": "2",
         },
     )
-    p = launch_ranks(2, [TRAIN, QUICKSTART, *args], ENV)
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out
+    run_ranks(2, [TRAIN, QUICKSTART, *args], ENV)
     run = tmp_path / "qs"
     # Both ranks trained (each writes its own log), rank 0 alone reported.
     assert len(list((run / "logs").glob("rank1-*.txt"))) == 1
@@ -105,9 +91,7 @@ def test_killed_mid_save_and_mid_run_resumes_bit_identical(tmp_path):
     at once), restarted each time: the final weights equal an uninterrupted two-process run's, bit for bit."""
     args = dict(max_duration=f"{STEPS}ba", eval_interval="1000ba")
     args |= {"checkpoint.save_interval": "2ba", "callbacks.samples": "null", "callbacks.hf_export": "null"}
-    reference = launch_ranks(2, [TRAIN, QUICKSTART, *tiny(tmp_path / "ref", "crash", **args)], ENV)
-    out, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, out
+    run_ranks(2, [TRAIN, QUICKSTART, *tiny(tmp_path / "ref", "crash", **args)], ENV)
 
     base = tmp_path / "faulty"
     # 1: rank 0 dies halfway through writing its 2nd checkpoint (ba4); the launcher takes rank 1 down.
@@ -120,12 +104,7 @@ def test_killed_mid_save_and_mid_run_resumes_bit_identical(tmp_path):
     out = kill_after_batches(p, 1, group=True)
     assert "resuming from the last complete checkpoint ep0-ba2-rank0.pt" in out, out
     # 3: runs to the end.
-    p = launch_ranks(2, [TRAIN, QUICKSTART, *tiny(base, "crash", **args)], ENV)
-    try:
-        out, _ = p.communicate(timeout=600)
-    finally:
-        kill_group(p)
-    assert p.returncode == 0, out
+    run_ranks(2, [TRAIN, QUICKSTART, *tiny(base, "crash", **args)], ENV)
 
     ref_w, got_w = final_weights(tmp_path / "ref" / "crash"), final_weights(base / "crash")
     assert ref_w.keys() == got_w.keys()

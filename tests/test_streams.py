@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,20 +103,28 @@ def release(loader) -> None:
     gc.collect()
 
 
+def split_3_1(n: dict[str, int]) -> dict[str, int]:
+    """An epoch of all samples on disk split 3:1, rounded down (Streaming gives what is left over to a stream
+    drawn by its seed)."""
+    total = n["web"] + n["code"]
+    return {"web": total * 3 // 4, "code": total // 4}
+
+
 @pytest.mark.parametrize(
     ("weights", "expected"),
     [
-        ({"web": {"repeat": 0.5}, "code": {"repeat": 2.0}}, {"web": None, "code": None}),  # filled below
-        ({"web": {"choose": 10}, "code": {}}, {"web": 10, "code": None}),
-        ({"web": {"proportion": 3.0}, "code": {"proportion": 1.0}}, {}),  # checked below
+        (
+            {"web": {"repeat": 0.5}, "code": {"repeat": 2.0}},
+            lambda n: {"web": n["web"] // 2, "code": 2 * n["code"]},
+        ),
+        ({"web": {"choose": 10}, "code": {}}, lambda n: {"web": 10, "code": n["code"]}),
+        ({"web": {"proportion": 3.0}, "code": {"proportion": 1.0}}, split_3_1),
     ],
 )
-def test_each_stream_gives_its_share(data: dict[str, str], weights: dict, expected: dict) -> None:
+def test_each_stream_gives_its_share(data: dict[str, str], weights: dict, expected: Callable) -> None:
     web, code = rows(f"{data['root']}/web/train"), rows(f"{data['root']}/code/train")
     on_disk = {"web": len(web), "code": len(code)}
-    if "repeat" in weights["web"]:
-        expected = {"web": on_disk["web"] // 2, "code": 2 * on_disk["code"]}
-    expected = {k: on_disk[k] if v is None else v for k, v in expected.items()}
+    want = expected(on_disk)
     cfg = mixture(data, **weights)
     cfg.drop_last = False
     loader = loader_for(cfg, data, batch=1)
@@ -123,13 +132,14 @@ def test_each_stream_gives_its_share(data: dict[str, str], weights: dict, expect
     counts = loader.dataset.stream_counts
     release(loader)
     drawn = {"web": sum(r in web for r in got), "code": sum(r in code for r in got)}
-    if "proportion" in weights["web"]:  # an epoch of all samples on disk split 3:1: floors, then Streaming
-        total = on_disk["web"] + on_disk["code"]  # gives the one left over to a stream drawn by its seed
-        floors = {"web": total * 3 // 4, "code": total // 4}
-        assert sum(drawn.values()) == total and all(drawn[n] - floors[n] in (0, 1) for n in floors)
-        expected = drawn
-    assert drawn == expected and len(got) == sum(expected.values())
-    assert counts == [{"stream": n, "samples": on_disk[n], "per_epoch": expected[n]} for n in ("web", "code")]
+    if "proportion" in weights["web"]:  # the floors, and the one left over to either stream
+        total = on_disk["web"] + on_disk["code"]
+        assert sum(want.values()) == total - 1
+        assert sum(drawn.values()) == total and all(drawn[n] - want[n] in (0, 1) for n in want)
+    else:
+        assert drawn == want
+    assert len(got) == sum(drawn.values())
+    assert counts == [{"stream": n, "samples": on_disk[n], "per_epoch": drawn[n]} for n in ("web", "code")]
 
 
 def test_mid_epoch_resume_across_a_mixture_is_exact(data: dict[str, str]) -> None:

@@ -10,6 +10,7 @@ placeholders (``/data/...``, ``/models/...``): the test's temporary folder stand
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from composer_dlm.models import LLaDAModel
 README = ROOT / "README.md"
 
 
+@functools.cache
 def table() -> dict[str, list[str]]:
     """Case -> the messages quoted in its row (markdown's ``\\|`` unescaped)."""
     section = README.read_text().split("\n## Troubleshooting\n", 1)[1].split("\n## ", 1)[0]
@@ -188,7 +190,7 @@ ELSEWHERE = {
     "SFT prompt longer than the sequence": "tests/test_data_convert.py::test_overlong_sft_advice_says_raise_seq_len",
     "config.json with missing or unsupported fields": "tests/test_hf_format.py::test_bad_config_errors",
     "truncated safetensors file": "tests/test_hf_format.py::test_truncated_safetensors_is_a_clear_error",
-    "pickle weights (`pytorch_model.bin`)": "tests/test_hf_format.py::test_bad_config_errors",
+    "pickle weights (`pytorch_model.bin`)": "tests/test_hf_format.py::test_folder_errors",
     "run folder in use by another run": (
         "tests/test_reliability.py::test_a_second_run_in_the_same_folder_is_refused_until_the_first_dies"
     ),
@@ -264,6 +266,7 @@ def word_runs(pieces: list[str]) -> set[tuple[str, ...]]:
     return runs
 
 
+@functools.cache
 def source_literals() -> list[str]:
     """The text of every string literal in composer_dlm/, f-string fields cut out (each literal part apart)."""
     pieces = []

@@ -24,7 +24,6 @@ import argparse
 import functools
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from composer_dlm.benchmarks import write_json
-from composer_dlm.benchmarks.sampler import MASK_ID, SHAPES, build_model
+from composer_dlm.benchmarks.sampler import SHAPES, setup, timed
+from composer_dlm.cli import ArgumentParser
 from composer_dlm.generate import guide
 from composer_dlm.likelihood import mc_log_likelihoods
 
@@ -114,7 +114,7 @@ def _shape(text: str) -> tuple[int, int, int, int]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmark.py likelihood", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="benchmark.py likelihood", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
@@ -126,29 +126,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _timed(fn: Callable[[], list[float]], device: torch.device) -> tuple[list[float], float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
-
-
 def main(argv: list[str]) -> list[dict[str, float]]:
     args = parse_args(argv)
     began = time.perf_counter()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda but CUDA is not available; pass --device cpu (with --shape tiny)")
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    mask_id = MASK_ID[args.shape]
-    model = build_model(args.shape, device, dtype, args.seed)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}, torch {torch.__version__}, {args.shape} {dtype_name}, model built in "
-          f"{time.perf_counter() - began:.1f}s", flush=True)  # fmt: skip
+    device, dtype_name, mask_id, model, _ = setup(args)
     print("| prompt | answer | mc_num | requests | LLaDA loop ms/request | ours ms/request | speed-up | "
           "mean estimate (LLaDA loop / ours) |\n|---|---|---|---|---|---|---|---|", flush=True)  # fmt: skip
     vocab_ids = min(SHAPES[args.shape]["vocab_size"], mask_id) - 2
@@ -170,8 +151,8 @@ def main(argv: list[str]) -> list[dict[str, float]]:
         )  # fmt: skip
         _reference_all(model, requests[:1], mc_num=mc_num, mask_id=mask_id, batch_size=batch)  # warm-up
         ours(requests[:2])  # warm-up: kernels, cuBLAS handles, allocator
-        ref_scores, ref_s = _timed(reference, device)
-        our_scores, our_s = _timed(functools.partial(ours, requests), device)
+        ref_scores, ref_s = timed(reference, device)
+        our_scores, our_s = timed(functools.partial(ours, requests), device)
         ref_ms, our_ms = 1000 * ref_s / ref_n, 1000 * our_s / num_requests
         ref_mean, our_mean = sum(ref_scores) / ref_n, sum(our_scores[:ref_n]) / ref_n
         note = ""

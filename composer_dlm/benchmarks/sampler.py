@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypedDict
+from typing import NamedTuple, TypedDict, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ from composer_dlm.benchmarks import int_list, write_json
 from composer_dlm.cli import ArgumentParser, fail
 from composer_dlm.generate import generate
 from composer_dlm.models.llada import LLaDAConfig, LLaDAModel
+
+T = TypeVar("T")
 
 
 class _Shape(TypedDict):
@@ -122,9 +124,15 @@ def reference_generate(
 
 # --- setup ----------------------------------------------------------------------------------------------------------
 def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> LLaDAModel:
-    """Random weights by the model's own initialisation rule (:meth:`LLaDAModel.init_std`), drawn in ``dtype``
-    directly on ``device`` without a host copy: an 8B model is 16 GB in bf16."""
+    """A random model of the benchmark ``shape`` (see :func:`random_model`)."""
     config = LLaDAConfig(**SHAPES[shape], mask_token_id=MASK_ID[shape], eos_token_id=MASK_ID[shape] - 1)
+    return random_model(config, device, dtype, seed)
+
+
+def random_model(config: LLaDAConfig, device: torch.device, dtype: torch.dtype, seed: int) -> LLaDAModel:
+    """Random weights by the model's own initialisation rule (:meth:`LLaDAModel.init_std`, norm weights 1), drawn
+    in ``dtype`` directly on ``device`` from one generator seeded with ``seed``, without a host copy: an 8B
+    model is 16 GB in bf16. In eval mode."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -149,7 +157,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """``fn()`` and its wall time in seconds, the device synchronised before and after."""
     _sync(device)
     start = time.perf_counter()
     out = fn()
@@ -194,18 +203,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str]) -> None:
-    args = parse_args(argv)
+class Setup(NamedTuple):
+    device: torch.device
+    dtype_name: str
+    mask_id: int
+    model: LLaDAModel
+    device_name: str
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """The device, dtype and random model of ``--device --dtype --shape --seed`` (the sampler and likelihood
+    benchmarks); prints what was built and how long it took."""
     began = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but CUDA is not available; pass --device cpu (with --shape tiny)")
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    mask_id = MASK_ID[args.shape]
     model = build_model(args.shape, device, dtype, args.seed)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{name}, torch {torch.__version__}, model built in {time.perf_counter() - began:.1f}s", flush=True)
+    print(f"{name}, torch {torch.__version__}, {args.shape} {dtype_name}, model built in "
+          f"{time.perf_counter() - began:.1f}s", flush=True)  # fmt: skip
+    return Setup(device, dtype_name, MASK_ID[args.shape], model, name)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    began = time.perf_counter()
+    device, dtype_name, mask_id, model, name = setup(args)
 
     env_out = os.environ.get("OUT")
     out_base = Path(args.out) if args.out else (Path(env_out) / "sampler" if env_out else None)
@@ -268,7 +293,7 @@ def main(argv: list[str]) -> None:
                     )
                     continue
                 try:
-                    out, seconds = _timed(functools.partial(fn, steps), device)
+                    out, seconds = timed(functools.partial(fn, steps), device)
                 except Exception as err:  # keep the table: report the failure in its row
                     emit(f"| {batch} | {steps} | {label} | failed: {type(err).__name__}: {err} | | | |")
                     continue

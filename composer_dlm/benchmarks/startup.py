@@ -77,36 +77,19 @@ class StartupProbe(Callback):
         self.record.setdefault("peak_rss_gib_after_batch", peak_rss_gib())
 
 
-def write_random_folder(config: LLaDAConfig, out: Path) -> None:
-    """A release-style folder (bf16 safetensors, every config key, the embedded tokenizer) with random weights
-    drawn as ``LLaDAModel.init_std`` says (norm weights 1), generated on the GPU when there is one (8B in seconds,
-    not minutes)."""
-    from composer_dlm.data import load_tokenizer
-    from composer_dlm.models import LLaDAModel
-
-    with torch.device("meta"):
-        model = LLaDAModel(config)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = torch.Generator(device).manual_seed(0)
-    weights = {}
-    for name, param in model.named_parameters():
-        std = model.init_std(name)
-        w = torch.ones(param.shape, device=device, dtype=torch.bfloat16)
-        weights[name] = w if std is None else w.normal_(0.0, std, generator=generator)
-    model.load_state_dict(weights, assign=True)
-    model.save_pretrained(out, tokenizer=load_tokenizer("embedded"))
-    print(f"wrote {out} ({config.num_params() / 1e9:.2f}B parameters, bf16)")
-
-
-def write_folder(out: Path, shape: str) -> None:
+def write_random_folder(shape: dict[str, Any], out: Path) -> None:
+    """A release-style folder (bf16 safetensors, every config key, the embedded tokenizer) of a random model with
+    the fields ``shape`` and the embedded tokenizer's mask and EOS ids, drawn as ``LLaDAModel.init_std`` says
+    (norm weights 1), on the GPU when there is one (8B in seconds, not minutes)."""
+    from composer_dlm.benchmarks.sampler import random_model
     from composer_dlm.data import load_tokenizer, mask_token_id
 
     tokenizer = load_tokenizer("embedded")
-    fields = SHAPES[shape] | {
-        "mask_token_id": mask_token_id(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    write_random_folder(LLaDAConfig.from_dict(fields), out)
+    ids = {"mask_token_id": mask_token_id(tokenizer), "eos_token_id": tokenizer.eos_token_id}
+    config = LLaDAConfig.from_dict(shape | ids)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    random_model(config, device, torch.bfloat16, seed=0).save_pretrained(out, tokenizer=tokenizer)
+    print(f"wrote {out} ({config.num_params() / 1e9:.2f}B parameters, bf16)")
 
 
 def run(folder: Path, out: Path, seq_len: int, extra: list[str]) -> None:
@@ -172,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "write" or any("=" not in r for r in rest):
         args = p.parse_args(argv)  # reports anything unknown
     if args.command == "write":
-        write_folder(args.out, args.shape)
+        write_random_folder(SHAPES[args.shape], args.out)
     else:
         run(args.folder, args.out, args.seq_len, args.overrides + rest)
 

@@ -195,16 +195,13 @@ def _base_folder(args: argparse.Namespace, data_root: Path) -> Path:
     from composer.utils import dist
 
     from composer_dlm.benchmarks.startup import write_random_folder
-    from composer_dlm.data import load_tokenizer, mask_token_id
 
     shape = _model_config(args)
     folder = data_root.parent / "llada-{d_model}x{n_layers}-h{n_heads}-mlp{mlp_hidden_size}-bf16".format(
         **shape
     )
     if dist.get_global_rank() == 0 and not (folder / "config.json").is_file():
-        tokenizer = load_tokenizer("embedded")
-        fields = shape | {"weight_tying": False, "mask_token_id": mask_token_id(tokenizer)}
-        write_random_folder(LLaDAConfig.from_dict(fields | {"eos_token_id": tokenizer.eos_token_id}), folder)
+        write_random_folder(shape | {"weight_tying": False}, folder)
         _free()
     if dist.get_world_size() > 1:
         dist.barrier()

@@ -10,3 +10,9 @@ class DataError(ValueError):
     so that callers catching user mistakes generically still catch it. Carries only its message, so it
     pickles across the tokenisation worker processes.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """``TypeName: first line of the message``: a library's exception, short enough to quote in one of ours."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"

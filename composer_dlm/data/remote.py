@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from composer_dlm.data.errors import DataError
+from composer_dlm.data.errors import DataError, first_line
 
 
 def is_remote(out: str) -> bool:
@@ -25,7 +25,12 @@ def is_remote(out: str) -> bool:
 
 def writer_out(folder: Path, out: str) -> str | tuple[str, str]:
     """MDSWriter's `out` for the split written into local `folder`: the folder, or (folder, remote split)."""
-    return (str(folder), f"{out.rstrip('/')}/{folder.name}") if is_remote(out) else str(folder)
+    return (str(folder), _split_url(out, folder)) if is_remote(out) else str(folder)
+
+
+def _split_url(out: str, folder: Path) -> str:
+    """Where the split written into local ``folder`` goes under the remote ``out``."""
+    return f"{out.rstrip('/')}/{folder.name}"
 
 
 @contextmanager
@@ -47,7 +52,7 @@ def check_remote_out(out: str, overwrite: bool) -> None:
             existing = []
         except Exception as e:  # the cloud clients raise their own error types
             raise DataError(
-                f"cannot write to {out} ({_one_line(e)}); check that the bucket exists and the credentials in the "
+                f"cannot write to {out} ({first_line(e)}); check that the bucket exists and the credentials in the "
                 "environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, S3_ENDPOINT_URL for an S3-compatible "
                 "server)"
             ) from None
@@ -62,7 +67,7 @@ def upload_manifest(folder: Path, out: str, filename: str) -> None:
     """Upload `folder/filename` to `out/<split>/filename` with Streaming's uploader (the split's last file)."""
     from streaming.base.storage import CloudUploader
 
-    remote = f"{out.rstrip('/')}/{folder.name}"
+    remote = _split_url(out, folder)
     with tempfile.TemporaryDirectory() as tmp:  # the uploader wants a folder of its own
         try:
             uploader = CloudUploader.get((tmp, remote), keep_local=True)
@@ -70,10 +75,5 @@ def upload_manifest(folder: Path, out: str, filename: str) -> None:
             uploader.upload_file(filename)
         except Exception as e:  # the cloud clients raise their own error types
             raise DataError(
-                f"could not upload {filename} to {remote} ({_one_line(e)}); check the bucket and credentials"
+                f"could not upload {filename} to {remote} ({first_line(e)}); check the bucket and credentials"
             ) from e
-
-
-def _one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"

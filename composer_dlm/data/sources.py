@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from composer_dlm.data.errors import DataError
+from composer_dlm.data.errors import DataError, first_line
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -121,7 +121,7 @@ class HFDataset:
                 return datasets.load_dataset(self.name, self.config, split=self.split, **kwargs)
         except Exception as e:  # datasets raises many types (not found, offline, bad config/split, bad files)
             raise DataError(
-                f"Hugging Face dataset {self.describe()}: {_first_line(e)}; check the name, --hf-config and "
+                f"Hugging Face dataset {self.describe()}: {first_line(e)}; check the name, --hf-config and "
                 "--hf-split (and --hf-data-files for 'json'/'parquet'/'csv'), and that it is cached when offline"
             ) from None
 
@@ -130,7 +130,7 @@ class HFDataset:
             loaded = datasets.load_from_disk(str(folder))
         except Exception as e:  # FileNotFoundError for a folder save_to_disk did not write, and others
             raise DataError(
-                f"{folder}: not a dataset folder written by save_to_disk ({_first_line(e)}); give a hub id, "
+                f"{folder}: not a dataset folder written by save_to_disk ({first_line(e)}); give a hub id, "
                 "or 'json'/'parquet' with --hf-data-files"
             ) from None
         if isinstance(loaded, datasets.DatasetDict):
@@ -152,11 +152,6 @@ def open_inputs(inputs: Sequence[str], hf_dataset: HFDataset | None) -> InputSou
             f"local JSONL/Parquet files as a dataset use --hf-dataset json --hf-data-files FILE"
         )
     return hf_dataset
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def list_input_files(inputs: Sequence[str]) -> list[Path]:
@@ -208,11 +203,11 @@ def read_records(files: Sequence[Path], *, mode: str, fields: Fields) -> Iterato
             yield from _read_parquet(path, mode, fields)
 
 
-def _decode(data: bytes, path: Path, first_line: int) -> str:
+def _decode(data: bytes, path: Path, start_line: int) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = first_line + data[: e.start].count(b"\n")
+        line = start_line + data[: e.start].count(b"\n")
         raise DataError(
             f"{path}:{line}: bytes that are not valid UTF-8 ({e.reason} at {data[e.start : e.start + 4]!r}); "
             "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"

@@ -108,8 +108,10 @@ def _metrics() -> dict[str, Metric]:
     }
 
 
-# Segments that FSDP, activation checkpointing and torch.compile put inside parameter names of wrapped modules.
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# The attributes under which FSDP1 and the activation-checkpoint wrapper hold the module they wrap (and torch.compile
+# under ``_orig_mod``): segments of the parameter names of wrapped modules.
+WRAPPER_ATTRS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+_WRAPPER_SEGMENTS = tuple(f"{name}." for name in (*WRAPPER_ATTRS, "_orig_mod"))
 
 
 def llada_weights(composer_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,19 +165,11 @@ class ComposerLLaDA(ComposerModel):
         """``forward_process`` of the next ``B`` rows of the current batch, global row ``r`` from its own
         generator seeded by (seed, batch, r): the batch draws the same noise however it is split into
         micro-batches or processes. Advances the row counter."""
-        device = input_ids.device
         rows = []
         for i in range(input_ids.shape[0]):
             seed = hash((self.seed, self.noise_step, self.noise_row + i)) % (2**62)
-            rows.append(
-                forward_process(
-                    input_ids[i : i + 1],
-                    mask_token_id=self.mask_token_id,
-                    eps=self.diffusion.eps,
-                    prompt_lengths=None if prompt_lengths is None else prompt_lengths[i : i + 1],
-                    generator=torch.Generator(device=device).manual_seed(seed),
-                )
-            )
+            row_prompt = None if prompt_lengths is None else prompt_lengths[i : i + 1]
+            rows.append(self._noise(input_ids[i : i + 1], row_prompt, seed))
         self.noise_row += input_ids.shape[0]
         noisy, masked, p_mask = (torch.cat(parts) for parts in zip(*rows, strict=True))
         return noisy, masked, p_mask
@@ -186,6 +180,12 @@ class ComposerLLaDA(ComposerModel):
         positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device, dtype=torch.float64)
         fingerprint = int((input_ids.to(torch.float64) * positions).sum().item()) % (2**31)
         seed = hash((self.diffusion.eval_seed, fingerprint, tuple(input_ids.shape))) % (2**62)
+        return self._noise(input_ids, prompt_lengths, seed)
+
+    def _noise(
+        self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward_process`` of ``input_ids`` with a generator on their device seeded with ``seed``."""
         return forward_process(
             input_ids,
             mask_token_id=self.mask_token_id,

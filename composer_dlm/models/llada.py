@@ -398,7 +398,7 @@ class LLaDAModel(nn.Module):
     inside ``forward``, where FSDP has the output projection gathered, and without materialising logits.
     """
 
-    # Composer's FSDP / activation-checkpointing hooks; ComposerLLaDA sets them, plain models leave them unset.
+    # Composer's FSDP / activation-checkpointing hooks; parallel.parallelize sets them, plain models leave them unset.
     fsdp_wrap_fn: Callable[[nn.Module], bool]
     activation_checkpointing_fn: Callable[[nn.Module], bool]
 

@@ -166,14 +166,19 @@ def _adapted_layers(weights: Mapping[str, torch.Tensor]) -> list[str]:
     return [k.removesuffix(suffix) for k in weights if k.endswith(suffix)]
 
 
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """What an adapter adds to its layer's weight: ``scaling * B @ A``, in fp32."""
+    return scaling * (b.float() @ a.float())
+
+
 def merge_adapters(weights: Mapping[str, torch.Tensor], cfg: LoRAConfig) -> dict[str, torch.Tensor]:
     """Plain LLaDA weights from adapted ones: ``W + scaling * B @ A`` (in fp32) for every adapted layer."""
     merged = {k: v for k, v in weights.items() if not is_adapter_weight(k) and ".base_layer." not in k}
     for layer in _adapted_layers(weights):
         base = weights[f"{layer}.base_layer.weight"]
-        a = weights[f"{layer}.lora_A.{ADAPTER_NAME}.weight"].float()
-        b = weights[f"{layer}.lora_B.{ADAPTER_NAME}.weight"].float()
-        merged[f"{layer}.weight"] = base.float() + cfg.scaling * (b @ a)
+        a = weights[f"{layer}.lora_A.{ADAPTER_NAME}.weight"]
+        b = weights[f"{layer}.lora_B.{ADAPTER_NAME}.weight"]
+        merged[f"{layer}.weight"] = base.float() + lora_delta(a, b, cfg.scaling)
     return merged
 
 
@@ -227,5 +232,5 @@ def load_merged(
                 continue
             layer = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
             b = adapters[f"{PEFT_PREFIX}{layer}.lora_B.weight"]
-            params[f"{layer}.weight"].add_(scaling * (b.float() @ a.float()))
+            params[f"{layer}.weight"].add_(lora_delta(a, b, scaling))
     return model.to(dtype) if dtype is not None else model
