@@ -25,12 +25,15 @@ forward; its keys and values still cover every position), only the masked answer
 projection and the cross-entropy, on CUDA the model runs its fused inference forward, and the per-request sums
 stay on the device until the end. The masks are drawn per request exactly as one request alone draws them, so
 the estimate of a request does not depend on what it is packed with (up to floating-point rounding of
-differently shaped matrix products).
+differently shaped matrix products). Rows that are the same input -- the same prompt and the same noised answer,
+as every row of a one-token answer is after a shared context (MMLU's four choices), or a fully masked row of
+equal-length choices -- go through the model once, and each request reads its own targets from that forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -161,8 +164,12 @@ def mc_log_likelihoods(
     ]
     totals = torch.zeros(len(requests), dtype=torch.float64, device=device)
     fused_options: FusedInference | bool = use_fused
-    for chunk in _pack(prompts, answers, num_samples, batch_tokens, cfg_scale > 0):
-        batch = _Batch.build(chunk, prompts, answers, draws, mask_token_id, cfg_scale > 0)
+    groups = _identical_rows(prompts, answers, draws, mask_token_id)
+    lengths = [prompts[g[0][0]].numel() + answers[g[0][0]].numel() for g in groups]
+    for chunk in _pack(lengths, batch_tokens, cfg_scale > 0):
+        batch = _Batch.build(
+            [groups[i] for i in chunk], prompts, answers, draws, mask_token_id, cfg_scale > 0
+        )
         if use_fused and isinstance(model, LLaDAModel) and fused_options is True:
             fused_options = model.fused_inference(batch.x_NW.to(device))  # stacked q/k/v where exact
         nll_M = _masked_nll(model, batch, device, cfg_scale, fused_options)
@@ -200,33 +207,43 @@ def _check(
             )
 
 
-Segment = tuple[int, int, int]
-"""(request, first row, end row) of the Monte-Carlo rows of one request inside a packed forward."""
+Row = tuple[int, int]
+"""(request, Monte-Carlo row) of one noised input."""
 
 
-def _pack(
-    prompts: list[torch.Tensor], answers: list[torch.Tensor], num_samples: int, batch_tokens: int, cfg: bool
-) -> list[list[Segment]]:
-    """Forwards of at most ``batch_tokens`` tokens, each a list of segments; requests in order of length (longest
-    first) so that rows packed together pad little."""
-    lengths = [p.numel() + a.numel() for p, a in zip(prompts, answers, strict=True)]
+def _identical_rows(
+    prompts: list[torch.Tensor],
+    answers: list[torch.Tensor],
+    draws: list[tuple[torch.Tensor, torch.Tensor]],
+    mask_token_id: int,
+) -> list[list[Row]]:
+    """Every Monte-Carlo row of every request, grouped by input: the rows of a group have the same prompt and the
+    same noised answer (hence the same masked positions), so one forward serves them all. Groups are in order of
+    their first row."""
+    prompt_ids: dict[bytes, int] = {}
+    groups: dict[tuple[int, bytes], list[Row]] = {}
+    for r, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        p = prompt_ids.setdefault(prompt.numpy().tobytes(), len(prompt_ids))
+        noised_NA = torch.where(draws[r][0], mask_token_id, answer).numpy()
+        for j, row in enumerate(noised_NA):
+            groups.setdefault((p, row.tobytes()), []).append((r, j))
+    return list(groups.values())
+
+
+def _pack(lengths: list[int], batch_tokens: int, cfg: bool) -> list[list[int]]:
+    """Forwards of at most ``batch_tokens`` tokens (rows times the widest row, doubled with guidance), each a list
+    of indices into ``lengths``, longest rows first so that rows packed together pad little; a row longer than
+    ``batch_tokens`` runs alone."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     passes = 2 if cfg else 1
-    chunks: list[list[Segment]] = []
-    current: list[Segment] = []
-    rows = width = 0
-    for r in order:
-        first = 0
-        while first < num_samples:
-            new_width = max(width, lengths[r])
-            room = batch_tokens // (new_width * passes) - rows
-            if room <= 0 and rows:
-                chunks.append(current)
-                current, rows, width = [], 0, 0
-                continue
-            take = min(max(room, 1), num_samples - first)
-            current.append((r, first, first + take))
-            rows, width, first = rows + take, new_width, first + take
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]  # the first row of a chunk is its widest
+        if current and (len(current) + 1) * width * passes > batch_tokens:
+            chunks.append(current)
+            current = []
+        current.append(i)
     if current:
         chunks.append(current)
     return chunks
@@ -253,38 +270,47 @@ class _Batch:
     @classmethod
     def build(
         cls,
-        chunk: list[Segment],
+        chunk: list[list[Row]],
         prompts: list[torch.Tensor],
         answers: list[torch.Tensor],
         draws: list[tuple[torch.Tensor, torch.Tensor]],
         mask_token_id: int,
         cfg: bool,
     ) -> _Batch:
-        width = max(prompts[r].numel() + answers[r].numel() for r, _, _ in chunk)
-        num_rows = sum(end - first for _, first, end in chunk)
-        x_NW = torch.full((num_rows, width), mask_token_id, dtype=torch.long)
-        lengths_N = torch.empty(num_rows, dtype=torch.long)
-        prompt_N = torch.empty(num_rows, dtype=torch.long)
+        """The forward of ``chunk``'s groups of identical rows, one model row per group (its first member's)."""
+        firsts = [group[0][0] for group in chunk]
+        width = max(prompts[r].numel() + answers[r].numel() for r in firsts)
+        x_NW = torch.full((len(chunk), width), mask_token_id, dtype=torch.long)
+        lengths_N = torch.empty(len(chunk), dtype=torch.long)
+        prompt_N = torch.empty(len(chunk), dtype=torch.long)
+        # Per request, the model rows (n) and Monte-Carlo rows (j) it writes and reads: the work below is then a
+        # few tensor operations per request rather than per row.
+        writes: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+        reads: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+        for n, group in enumerate(chunk):
+            writes[group[0][0]][0].append(n)
+            writes[group[0][0]][1].append(group[0][1])
+            for r, j in group:
+                reads[r][0].append(n)
+                reads[r][1].append(j)
+        for r, (ns, js) in writes.items():
+            p, a = prompts[r].numel(), answers[r].numel()
+            n_N = torch.tensor(ns)
+            x_NW[n_N, :p] = prompts[r]
+            x_NW[n_N, p : p + a] = torch.where(draws[r][0][js], mask_token_id, answers[r])
+            lengths_N[n_N], prompt_N[n_N] = p + a, p
         rows, cols, slots, targets, weights, owners = [], [], [], [], [], []
-        n = 0
-        for r, first, end in chunk:
-            prompt, answer = prompts[r], answers[r]
-            masked_NA, k_N = draws[r][0][first:end], draws[r][1][first:end]
-            p, a, count = prompt.numel(), answer.numel(), end - first
-            x_NW[n : n + count, :p] = prompt
-            x_NW[n : n + count, p : p + a] = torch.where(masked_NA, mask_token_id, answer)
-            lengths_N[n : n + count], prompt_N[n : n + count] = p + a, p
-            row, col = masked_NA.nonzero(as_tuple=True)
-            rows.append(row + n)
-            cols.append(col + p)
+        for r, (ns, js) in reads.items():
+            row, col = draws[r][0][js].nonzero(as_tuple=True)
+            rows.append(torch.tensor(ns)[row])
+            cols.append(col + prompts[r].numel())
             slots.append(col)
-            targets.append(answer[col])
-            weights.append(a / k_N[row].double())
+            targets.append(answers[r][col])
+            weights.append(answers[r].numel() / draws[r][1][js][row].double())
             owners.append(torch.full_like(row, r))
-            n += count
         columns = torch.arange(width)
         mask_NW = (columns < lengths_N[:, None]) if bool((lengths_N < width).any()) else None
-        widest = max(answers[r].numel() for r, _, _ in chunk)
+        widest = max(answers[r].numel() for r in firsts)
         span_NR = (prompt_N[:, None] + torch.arange(widest)).clamp(max=width - 1)
         if cfg:
             uncond = x_NW.masked_fill(columns < prompt_N[:, None], mask_token_id)

@@ -190,6 +190,55 @@ def test_packed_requests_score_as_each_alone(cfg_scale):
     assert len(set(packed)) == len(packed)
 
 
+class RowCounter(nn.Module):
+    """A LLaDA model's logits, counting the rows that reach the model (a plain module: the full-logits path)."""
+
+    def __init__(self, model: LLaDAModel) -> None:
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.rows += input_ids.shape[0]
+        return self.model(input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("counted", [False, True])
+def test_identical_rows_run_once_and_score_as_each_alone(counted):
+    # MMLU-like: one context, four one-token choices (every row is context + [mask]: one forward row serves all
+    # four), and two contexts so that only equal inputs are shared. Equal-length choices under common random
+    # numbers share their fully masked rows only.
+    llada = tiny_llada()
+    model = RowCounter(llada) if counted else llada
+    one_token = [([1, 2, 3], [c]) for c in (4, 6, 7, 9)] + [([1, 2, 4], [4])]
+    two_token = [([3, 1], [c, 2]) for c in (4, 6)]
+    requests = one_token + two_token
+    num_samples = 4
+    kw = dict(mask_token_id=15, batch_size=4)
+    alone = [
+        mc_log_likelihood(llada, p, a, num_samples=1 if len(a) == 1 else num_samples,
+                          generator=torch.Generator().manual_seed(0), **kw)
+        for p, a in requests
+    ]  # fmt: skip
+    generators = [torch.Generator().manual_seed(0) for _ in requests]
+    first = mc_log_likelihoods(model, one_token, num_samples=1, generators=generators[:5], **kw)
+    rows_one_token = model.rows if counted else None
+    second = mc_log_likelihoods(model, two_token, num_samples=num_samples, generators=generators[5:], **kw)
+    assert first + second == pytest.approx(alone, rel=1e-5, abs=1e-6)
+    assert len(set(first[:4])) == 4  # each choice reads its own target from the shared row
+    if counted:
+        assert rows_one_token == 2  # the two distinct contexts
+        masks, _ = draw_masks(
+            2, num_samples=num_samples, batch_size=4, generator=torch.Generator().manual_seed(0)
+        )
+        inputs = {
+            (tuple(p), tuple(torch.where(m, 15, torch.tensor(a)).tolist()))
+            for p, a in two_token
+            for m in masks
+        }
+        assert len(inputs) < 2 * num_samples  # the draw has fully masked rows (else the case tests nothing)
+        assert model.rows - rows_one_token == len(inputs)
+
+
 @TRITON
 def test_fused_forward_gives_the_eager_estimates():
     # The fused inference forward (Triton elementwise kernels; in the CPU interpreter here, fp32) on packed rows
@@ -322,13 +371,19 @@ def test_llada_loop_transcription_is_the_same_estimator():
 
 
 def test_benchmark_smoke_on_cpu(capsys):
-    rows = bench.main(["--shape", "tiny", "--device", "cpu", "--shapes", "8/3/4/2", "6/1/1/3"])
-    assert [(r["prompt"], r["answer"], r["mc_num"]) for r in rows] == [(8, 3, 4), (6, 1, 1)]
+    rows = bench.main(["--shape", "tiny", "--device", "cpu", "--shapes", "8/3/4/2", "6/1/1/3", "6/1/1/4:2"])
+    assert [(r["prompt"], r["answer"], r["mc_num"], r["answers_per_context"]) for r in rows] == [
+        (8, 3, 4, 1),
+        (6, 1, 1, 1),
+        (6, 1, 1, 2),
+    ]
     assert all(r["reference_ms"] > 0 and r["ours_ms"] > 0 for r in rows)
     out = capsys.readouterr().out
     # One-token answers are exact: both give the same value per request, up to float rounding.
-    (difference,) = re.findall(r"max difference ([^ ]+) \|", out)
-    assert float(difference) < 1e-5
+    differences = re.findall(r"max difference ([^ ]+) \|", out)
+    assert len(differences) == 2 and max(float(d) for d in differences) < 1e-5
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", "6/1/1/3:2"])  # 2 answers per context do not divide 3 requests
 
 
 @pytest.mark.parametrize(

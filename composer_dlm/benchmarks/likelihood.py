@@ -2,10 +2,12 @@
 LLaDA's ``get_log_likelihood`` loop, on the same model with the same estimator.
 
     python scripts/benchmark.py likelihood                  # 8B-shaped bf16 model on CUDA, the issue's shapes
-    python scripts/benchmark.py likelihood --shape tiny --device cpu --shapes 16/4/8/4:2 \\
+    python scripts/benchmark.py likelihood --shape tiny --device cpu --shapes 16/4/8/4 16/1/1/8:4 \\
         --reference-requests 1                              # a smoke test of the code path
 
-A shape ``P/A/M/R`` is prompt length P, answer length A, ``mc_num`` M and R requests (random token ids). The
+A shape ``P/A/M/R`` is prompt length P, answer length A, ``mc_num`` M and R requests (random token ids);
+``P/A/M/R:C`` gives every context C answers (R/C contexts, as a multiple-choice task such as MMLU asks four
+one-token answers after each question). The
 reference scores one request at a time the way LLaDA's evaluator does: ``M / 32`` forwards of 32 rows, each the
 full logits of every position, the mask counts stratified from one offset per forward and each row's positions
 chosen by its own ``randperm``, the loss of the masked positions divided by their mask ratio and read back to the
@@ -39,7 +41,7 @@ from composer_dlm.likelihood import mc_log_likelihoods
 
 # LLaDA's own code and modeling file on one H200 (ms per request), from the issue.
 ANCHORS_MS = {(512, 32, 128): 2199.0, (128, 8, 128): 577.0, (512, 1, 1): 24.0}
-DEFAULT_SHAPES = ["512/32/128/4", "128/8/128/8", "512/1/1/256"]
+DEFAULT_SHAPES = ["512/32/128/4", "128/8/128/8", "512/1/1/256", "512/1/1/256:4"]
 REFERENCE_BATCH = 32  # rows per forward in LLaDA's evaluator
 
 
@@ -106,11 +108,18 @@ def _reference_all(
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
-def _shape(text: str) -> tuple[int, int, int, int]:
-    parts = [int(v) for v in text.split("/")]
-    if len(parts) != 4 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected PROMPT/ANSWER/MC_NUM/REQUESTS, got {text!r}")
-    return parts[0], parts[1], parts[2], parts[3]
+def _shape(text: str) -> tuple[int, int, int, int, int]:
+    """``P/A/M/R[:C]`` as (P, A, M, R, C), C = 1 when not given."""
+    shape, _, choices = text.partition(":")
+    try:
+        parts = [int(v) for v in shape.split("/")] + [int(choices or 1)]
+    except ValueError:
+        parts = []
+    if len(parts) != 5 or min(parts) < 1 or parts[3] % parts[4]:
+        raise argparse.ArgumentTypeError(
+            f"expected PROMPT/ANSWER/MC_NUM/REQUESTS[:CHOICES] with CHOICES dividing REQUESTS, got {text!r}"
+        )
+    return parts[0], parts[1], parts[2], parts[3], parts[4]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -130,13 +139,14 @@ def main(argv: list[str]) -> list[dict[str, float]]:
     args = parse_args(argv)
     began = time.perf_counter()
     device, dtype_name, mask_id, model, _ = setup(args)
-    print("| prompt | answer | mc_num | requests | LLaDA loop ms/request | ours ms/request | speed-up | "
-          "mean estimate (LLaDA loop / ours) |\n|---|---|---|---|---|---|---|---|", flush=True)  # fmt: skip
+    print("| prompt | answer | mc_num | requests (answers per context) | LLaDA loop ms/request | ours ms/request | "
+          "speed-up | mean estimate (LLaDA loop / ours) |\n|---|---|---|---|---|---|---|---|", flush=True)  # fmt: skip
     vocab_ids = min(SHAPES[args.shape]["vocab_size"], mask_id) - 2
     rows = []
-    for prompt_length, answer_length, mc_num, num_requests in args.shapes:
+    for prompt_length, answer_length, mc_num, num_requests, choices in args.shapes:
         g = torch.Generator().manual_seed(args.seed + prompt_length * 1000 + answer_length)
-        prompts = torch.randint(0, vocab_ids, (num_requests, prompt_length), generator=g).to(device)
+        contexts = torch.randint(0, vocab_ids, (num_requests // choices, prompt_length), generator=g)
+        prompts = contexts.repeat_interleave(choices, dim=0).to(device)
         answers = torch.randint(0, vocab_ids, (num_requests, answer_length), generator=g).to(device)
         requests = list(zip(prompts, answers, strict=True))
         batch = min(REFERENCE_BATCH, mc_num)
@@ -163,10 +173,10 @@ def main(argv: list[str]) -> list[dict[str, float]]:
         anchor_text = (
             f" (LLaDA's code, not this run: {anchor:g})" if anchor is not None and args.shape == "8b" else ""
         )
-        print(f"| {prompt_length} | {answer_length} | {mc_num} | {num_requests} | {ref_ms:.1f}{anchor_text} | "
+        print(f"| {prompt_length} | {answer_length} | {mc_num} | {num_requests} ({choices}) | {ref_ms:.1f}{anchor_text} | "
               f"{our_ms:.1f} | {ref_ms / our_ms:.2f}x | {ref_mean:.3f} / {our_mean:.3f}{note} |", flush=True)  # fmt: skip
-        rows.append({"prompt": prompt_length, "answer": answer_length, "mc_num": mc_num, "reference_ms": ref_ms,
-                     "ours_ms": our_ms})  # fmt: skip
+        rows.append({"prompt": prompt_length, "answer": answer_length, "mc_num": mc_num, "requests": num_requests,
+                     "answers_per_context": choices, "reference_ms": ref_ms, "ours_ms": our_ms})  # fmt: skip
     print(f"total {time.perf_counter() - began:.0f}s", flush=True)
     if args.out:
         command = "python scripts/benchmark.py likelihood " + " ".join(argv)
