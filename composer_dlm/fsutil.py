@@ -23,10 +23,20 @@ def replace_folder(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+STAGING_MARK = ".tmp-"
+"""What a staging sibling's name has between the target's name and the writer's PID."""
+
+
+def _staging_sibling(target: Path) -> Path:
+    """The hidden sibling ``.NAME.tmp-PID-RAND`` that a new ``target`` is written into before it is renamed
+    over it (the name :func:`remove_stale_staging` reads the writer's PID from)."""
+    return target.with_name(f".{target.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a hidden sibling then renamed over it: readers see the old file or the
     new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = _staging_sibling(path)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -39,8 +49,8 @@ def remove_stale_staging(target: Path) -> list[Path]:
     """Removes the hidden staging folders of ``target`` (see :func:`staged_folder`) whose writing process is gone,
     as a hard kill leaves them; those of live processes stay. Returns the removed paths."""
     removed = []
-    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
-        pid = tmp.name[len(f".{target.name}.tmp-") :].split("-")[0]
+    for tmp in target.parent.glob(f".{target.name}{STAGING_MARK}*"):
+        pid = tmp.name[len(f".{target.name}{STAGING_MARK}") :].split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
@@ -63,7 +73,7 @@ def staged_folder(target: Path) -> Iterator[Path]:
     folder into. A normal exit moves it to ``target`` with :func:`replace_folder`; any exception (interrupts
     included) removes it, so ``target`` is never half-written. A hard kill leaves only the hidden folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = _staging_sibling(target)
     try:
         yield tmp
         replace_folder(tmp, target)

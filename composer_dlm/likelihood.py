@@ -164,11 +164,12 @@ def mc_log_likelihoods(
     ]
     totals = torch.zeros(len(requests), dtype=torch.float64, device=device)
     fused_options: FusedInference | bool = use_fused
-    groups = _identical_rows(prompts, answers, draws, mask_token_id)
+    noised = [torch.where(masked, mask_token_id, a) for (masked, _), a in zip(draws, answers, strict=True)]
+    groups = _identical_rows(prompts, noised)
     lengths = [prompts[g[0][0]].numel() + answers[g[0][0]].numel() for g in groups]
     for chunk in _pack(lengths, batch_tokens, cfg_scale > 0):
         batch = _Batch.build(
-            [groups[i] for i in chunk], prompts, answers, draws, mask_token_id, cfg_scale > 0
+            [groups[i] for i in chunk], prompts, answers, noised, draws, mask_token_id, cfg_scale > 0
         )
         if use_fused and isinstance(model, LLaDAModel) and fused_options is True:
             fused_options = model.fused_inference(batch.x_NW.to(device))  # stacked q/k/v where exact
@@ -211,21 +212,15 @@ Row = tuple[int, int]
 """(request, Monte-Carlo row) of one noised input."""
 
 
-def _identical_rows(
-    prompts: list[torch.Tensor],
-    answers: list[torch.Tensor],
-    draws: list[tuple[torch.Tensor, torch.Tensor]],
-    mask_token_id: int,
-) -> list[list[Row]]:
-    """Every Monte-Carlo row of every request, grouped by input: the rows of a group have the same prompt and the
-    same noised answer (hence the same masked positions), so one forward serves them all. Groups are in order of
-    their first row."""
+def _identical_rows(prompts: list[torch.Tensor], noised: list[torch.Tensor]) -> list[list[Row]]:
+    """Every Monte-Carlo row of every request (``noised[r]``: request r's noised answers, a row each), grouped
+    by input: the rows of a group have the same prompt and the same noised answer (hence the same masked
+    positions), so one forward serves them all. Groups are in order of their first row."""
     prompt_ids: dict[bytes, int] = {}
     groups: dict[tuple[int, bytes], list[Row]] = {}
-    for r, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+    for r, (prompt, noised_NA) in enumerate(zip(prompts, noised, strict=True)):
         p = prompt_ids.setdefault(prompt.numpy().tobytes(), len(prompt_ids))
-        noised_NA = torch.where(draws[r][0], mask_token_id, answer).numpy()
-        for j, row in enumerate(noised_NA):
+        for j, row in enumerate(noised_NA.numpy()):
             groups.setdefault((p, row.tobytes()), []).append((r, j))
     return list(groups.values())
 
@@ -254,14 +249,13 @@ class _Batch:
     """One packed forward: the noised rows ``x_NW`` (guidance: followed by their unconditional copies), the key
     mask where rows differ in length, each row's answer span ``span_NR`` (its columns ``prompt + 0 .. R-1`` for
     the widest answer R of the forward, clamped to the row width: the positions whose last-block output is
-    computed), and per masked answer position its row, column, index in the span, target token, weight ``A / k``
-    and request."""
+    computed), and per masked answer position its row, index in the span (its column is ``span_NR[row, slot]``),
+    target token, weight ``A / k`` and request."""
 
     x_NW: torch.Tensor
     mask_NW: torch.Tensor | None
     span_NR: torch.Tensor
     row_M: torch.Tensor
-    col_M: torch.Tensor
     slot_M: torch.Tensor
     target_M: torch.Tensor
     weight_M: torch.Tensor
@@ -273,6 +267,7 @@ class _Batch:
         chunk: list[list[Row]],
         prompts: list[torch.Tensor],
         answers: list[torch.Tensor],
+        noised: list[torch.Tensor],
         draws: list[tuple[torch.Tensor, torch.Tensor]],
         mask_token_id: int,
         cfg: bool,
@@ -297,13 +292,12 @@ class _Batch:
             p, a = prompts[r].numel(), answers[r].numel()
             n_N = torch.tensor(ns)
             x_NW[n_N, :p] = prompts[r]
-            x_NW[n_N, p : p + a] = torch.where(draws[r][0][js], mask_token_id, answers[r])
+            x_NW[n_N, p : p + a] = noised[r][js]
             lengths_N[n_N], prompt_N[n_N] = p + a, p
-        rows, cols, slots, targets, weights, owners = [], [], [], [], [], []
+        rows, slots, targets, weights, owners = [], [], [], [], []
         for r, (ns, js) in reads.items():
             row, col = draws[r][0][js].nonzero(as_tuple=True)
             rows.append(torch.tensor(ns)[row])
-            cols.append(col + prompts[r].numel())
             slots.append(col)
             targets.append(answers[r][col])
             weights.append(answers[r].numel() / draws[r][1][js][row].double())
@@ -322,7 +316,6 @@ class _Batch:
             mask_NW=mask_NW,
             span_NR=span_NR,
             row_M=torch.cat(rows),
-            col_M=torch.cat(cols),
             slot_M=torch.cat(slots),
             target_M=torch.cat(targets),
             weight_M=torch.cat(weights),
@@ -344,29 +337,28 @@ def _masked_nll(
     target_M = batch.target_M.to(device)
     half = x_NW.shape[0] // 2 if cfg_scale > 0 else 0
 
-    def nll(
-        project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], col_M: torch.Tensor
-    ) -> torch.Tensor:
-        """Cross-entropy at the masked positions, ``project(rows, cols)`` giving the logits at those rows and
-        columns ``col_M`` (of the full logits or of the answer spans), a slice at a time."""
+    span_NR, slot_M = batch.span_NR.to(device, non_blocking=True), batch.slot_M.to(device)
+
+    def nll(project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy at the masked positions, ``project(rows, slots)`` giving the logits at those rows and
+        answer-span slots, a slice at a time."""
         pieces = [torch.zeros(0, device=device)]
         for s in range(0, row_M.numel(), HEAD_ROWS):
-            rows, cols = row_M[s : s + HEAD_ROWS], col_M[s : s + HEAD_ROWS]
-            logits_MV = project(rows, cols)
+            rows, slots = row_M[s : s + HEAD_ROWS], slot_M[s : s + HEAD_ROWS]
+            logits_MV = project(rows, slots)
             if cfg_scale > 0:
-                logits_MV = guide(logits_MV, project(rows + half, cols), cfg_scale)
+                logits_MV = guide(logits_MV, project(rows + half, slots), cfg_scale)
             pieces.append(F.cross_entropy(logits_MV.float(), target_M[s : s + HEAD_ROWS], reduction="none"))
         return torch.cat(pieces)
 
     if isinstance(model, LLaDAModel):
-        span_NR, slot_M = batch.span_NR.to(device, non_blocking=True), batch.slot_M.to(device)
 
         def head(hidden_NRH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
-            return nll(lambda rows, slots: F.linear(hidden_NRH[rows, slots], weight_VH), slot_M)
+            return nll(lambda rows, slots: F.linear(hidden_NRH[rows, slots], weight_VH))
 
         return model(x_NW, attention_mask=mask_NW, head=head, fused=fused, positions=span_NR)
     logits_NWV = full_logits(model, x_NW, mask_NW)
-    return nll(lambda rows, cols: logits_NWV[rows, cols], batch.col_M.to(device))
+    return nll(lambda rows, slots: logits_NWV[rows, span_NR[rows, slots]])
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ MODE ``relink``: at the N-th checkpoint, the process dies after Composer removed
 created the new one. MODE ``dcp`` (sharded FSDP checkpoints): at the N-th checkpoint each rank truncates its
 shard file once written and dies. MODE ``none``: no fault. Random-time kills are done from outside by the test
 (:func:`kill_after_batches`); :func:`launch_ranks` starts N processes through Composer's launcher,
-:func:`run_ranks` runs them to a successful end, :func:`rank0_metrics` reads the metrics rank 0 logged.
+:func:`run_ranks` runs them to a successful end, :func:`rank0_metrics` (and :func:`rank0_metrics_by_attempt`, per launch) reads the metrics rank 0 logged.
 """
 
 from __future__ import annotations
@@ -68,14 +68,19 @@ def run_ranks(nproc: int, args: list[str], env: dict[str, str] | None = None, ti
     return out
 
 
+def rank0_metrics_by_attempt(run_folder: Path, name: str) -> list[dict[int, float]]:
+    """batch -> value of the metric ``name``, one dict per launch of the run (rank 0's log files, oldest first):
+    what a resumed launch logged shows where it resumed from."""
+    logs = sorted((run_folder / "logs").glob("rank0-*.txt"), key=lambda p: p.stat().st_mtime)
+    pattern = rf"\[metric\]\[batch=(\d+)\]: {re.escape(name)}: (\S+)"
+    return [{int(b): float(v) for b, v in re.findall(pattern, log.read_text())} for log in logs]
+
+
 def rank0_metrics(run_folder: Path, name: str) -> dict[int, float]:
-    """batch -> value of the metric ``name`` in rank 0's log files (all attempts; the last one wins)."""
+    """batch -> value of the metric ``name`` over all launches of the run (the last one wins)."""
     out: dict[int, float] = {}
-    for log in sorted((run_folder / "logs").glob("rank0-*.txt"), key=lambda p: p.stat().st_mtime):
-        for batch, value in re.findall(
-            rf"\[metric\]\[batch=(\d+)\]: {re.escape(name)}: (\S+)", log.read_text()
-        ):
-            out[int(batch)] = float(value)
+    for attempt in rank0_metrics_by_attempt(run_folder, name):
+        out.update(attempt)
     return out
 
 

@@ -215,7 +215,9 @@ def test_the_reading_rank_loads_onto_its_gpu_only_when_the_model_fits(tmp_path, 
     from composer_dlm.config import load_config
 
     release = write_release_folder(tmp_path / "release")
-    need = LLaDAModel.from_pretrained(release, device="meta").config.num_params() * 4  # fp32 bytes
+    # Counted from the loaded tensors, not with the config's formula that read_device itself uses.
+    params = sum(p.numel() for p in LLaDAModel.from_pretrained(release).parameters())
+    need = params * 4  # fp32 bytes
 
     def cfg(*extra: str):
         return load_config(
@@ -229,6 +231,12 @@ def test_the_reading_rank_loads_onto_its_gpu_only_when_the_model_fits(tmp_path, 
     for free_bytes, expected in [(int(need / 0.8) + 1024, "cuda:1"), (int(need / 0.8) - 1024, "cpu")]:
         free["bytes"] = free_bytes
         assert str(builders.read_device(cfg(), release, torch.float32)) == expected
+    # Room for the bf16 weights (2 bytes a parameter) but not for fp32 ones: the master dtype decides.
+    free["bytes"] = int(params * 2 / 0.8) + 1024
+    assert str(builders.read_device(cfg(), release, torch.bfloat16)) == "cuda:1"
+    assert str(builders.read_device(cfg(), release, torch.float32)) == "cpu"
+    free["bytes"] = int(params * 2 / 0.8) - 1024
+    assert str(builders.read_device(cfg(), release, torch.bfloat16)) == "cpu"
     assert str(builders.read_device(cfg("model.load_on_gpu=true"), release, torch.float32)) == "cuda:1"
     free["bytes"] = 10 * need
     assert str(builders.read_device(cfg("model.load_on_gpu=false"), release, torch.float32)) == "cpu"

@@ -163,6 +163,16 @@ def test_trained_toy_model_ranks_the_correct_answer_first():
         assert scores[0] > -1.0  # the task is learnt: the right answer is near certain
 
 
+PACKED_REQUESTS = [
+    ([1, 2, 3], [7, 4, 9]),
+    ([5], [6, 8, 1, 2, 3]),
+    ([2, 2, 4, 4, 6, 6], [9]),
+    ([3, 1], [4, 1, 5]),
+]
+"""Prompts and answers of different lengths: packed under a small token budget they pad, need a key mask and
+split one request's rows over forwards."""
+
+
 def tiny_llada(seed: int = 3) -> LLaDAModel:
     config = dict(d_model=32, n_layers=2, n_heads=2, vocab_size=16, mlp_hidden_size=64, mask_token_id=15)
     return LLaDAModel.from_config(config, seed=seed).eval()
@@ -173,12 +183,7 @@ def test_packed_requests_score_as_each_alone(cfg_scale):
     # Different prompt and answer lengths (padding and a key mask), rows of one request split over forwards and
     # shared with others (a budget of 40 tokens): each request still gets its own estimate.
     model = tiny_llada()
-    requests = [
-        ([1, 2, 3], [7, 4, 9]),
-        ([5], [6, 8, 1, 2, 3]),
-        ([2, 2, 4, 4, 6, 6], [9]),
-        ([3, 1], [4, 1, 5]),
-    ]
+    requests = PACKED_REQUESTS
     kw = dict(mask_token_id=15, num_samples=12, batch_size=5, cfg_scale=cfg_scale)
     alone = [
         mc_log_likelihood(model, p, a, generator=torch.Generator().manual_seed(i), **kw)
@@ -328,12 +333,7 @@ def test_packed_estimates_equal_a_plain_full_forward_computation(cfg_scale, fuse
     # only, and each estimate is the plainly computed one with the same masks.
     device = "cuda" if fused and torch.cuda.is_available() else "cpu"
     model = tiny_llada().to(device)
-    requests = [
-        ([1, 2, 3], [7, 4, 9]),
-        ([5], [6, 8, 1, 2, 3]),
-        ([2, 2, 4, 4, 6, 6], [9]),
-        ([3, 1], [4, 1, 5]),
-    ]
+    requests = PACKED_REQUESTS
     kw = dict(num_samples=12, batch_size=5, cfg_scale=cfg_scale)
     widths = []
     last_mlp = model.blocks[-1].ff_proj.register_forward_hook(

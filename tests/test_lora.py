@@ -331,8 +331,6 @@ def test_activation_checkpointing_keeps_the_adapter_gradients(impl, two_processe
     """The frozen embedding's output needs no grad, so a reentrant checkpoint (Composer's default) returns block
     outputs without a graph and nothing trains; ``parallelize`` asks Composer for non-reentrant ones in LoRA runs.
     Checked with torch's checkpoint wrapper, which Composer applies."""
-    import functools
-
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         apply_activation_checkpointing,
@@ -349,10 +347,10 @@ def test_activation_checkpointing_keeps_the_adapter_gradients(impl, two_processe
         ComposerLLaDA(model, DiffusionConfig()), FSDPConfig(activation_checkpointing=True), on_gpu=True
     )
     assert config is not None
-    reentrant = impl == "reentrant" or config["fsdp"]["activation_checkpointing_reentrant"]
+    assert config["fsdp"]["activation_checkpointing_reentrant"] is False  # what parallelize asks of Composer
     wrapper = functools.partial(
         checkpoint_wrapper,
-        checkpoint_impl=CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT,
+        checkpoint_impl=CheckpointImpl.REENTRANT if impl == "reentrant" else CheckpointImpl.NO_REENTRANT,
     )
     apply_activation_checkpointing(
         model, checkpoint_wrapper_fn=wrapper, check_fn=model.activation_checkpointing_fn

@@ -336,9 +336,10 @@ def test_lock_is_free_once_its_holder_dies_even_with_forked_children_alive(tmp_p
         os.kill(child, signal.SIGKILL)
 
 
-def test_optimizer_under_fsdp_amp_fp16_takes_the_shape_of_found_inf_the_sharded_scaler_hands_it():
+def test_optimizer_under_fsdp_amp_fp16_takes_the_shape_of_found_inf_the_sharded_scaler_hands_it(monkeypatch):
     """torch's ShardedGradScaler (FSDP + amp_fp16) passes a one-element ``found_inf`` to the optimizer step: fused
-    AdamW rejects it, so there the default is the foreach implementation, and an explicit fused choice is refused."""
+    AdamW rejects it, so there the default is the foreach implementation, and an explicit fused choice is refused.
+    A GPU is faked (``torch.cuda.is_available``) so that the default would otherwise be fused."""
     from composer_dlm.config import OptimizerConfig
 
     def step(opt: torch.optim.Optimizer) -> None:
@@ -350,8 +351,11 @@ def test_optimizer_under_fsdp_amp_fp16_takes_the_shape_of_found_inf_the_sharded_
         p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match="shape"):  # torch's behaviour the choice works around
         step(torch.optim.AdamW(model.parameters(), fused=True))
-    opt = builders.build_optimizer(OptimizerConfig(), model, sharded_fp16=True)
-    assert not opt.defaults["fused"]
+    with monkeypatch.context() as m:  # the step below runs with the real (CPU) torch.cuda
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        assert builders.build_optimizer(OptimizerConfig(), model).defaults["fused"] is True  # the GPU default
+        opt = builders.build_optimizer(OptimizerConfig(), model, sharded_fp16=True)
+    assert opt.defaults["fused"] is False
     before = model.weight.detach().clone()
     opt.step()  # the foreach implementation never takes found_inf: GradScaler unscales and skips for it
     assert not torch.equal(before, model.weight)

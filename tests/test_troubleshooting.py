@@ -29,16 +29,25 @@ README = ROOT / "README.md"
 
 
 @functools.cache
-def table() -> dict[str, list[str]]:
-    """Case -> the messages quoted in its row (markdown's ``\\|`` unescaped)."""
+def row_texts() -> dict[str, str]:
+    """Case -> the markdown of its row's error cell, as written."""
     section = README.read_text().split("\n## Troubleshooting\n", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         if not line.startswith("| ") or line.startswith("| case "):
             continue
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-        rows[cells[0]] = [m.replace("\\|", "|") for m in re.findall(r"`([^`]+)`", cells[1])]
+        rows[cells[0]] = cells[1]
     return rows
+
+
+@functools.cache
+def table() -> dict[str, list[str]]:
+    """Case -> the messages quoted in its row (markdown's ``\\|`` unescaped)."""
+    return {
+        case: [m.replace("\\|", "|") for m in re.findall(r"`([^`]+)`", text)]
+        for case, text in row_texts().items()
+    }
 
 
 def pattern(abridged: str) -> str:
@@ -171,43 +180,83 @@ def case_empty_answers(root, capsys, monkeypatch):
     return err
 
 
-# Rows whose reproduction lives in another test (a run, a conversion, a model folder): named here, checked to
-# exist, and the row's messages checked against the source that prints them.
-ELSEWHERE = {
-    "loader pointed at a split folder": "tests/test_data_loader.py::test_loader_errors_name_the_path_and_the_fix",
-    "no validation split": "tests/test_data_loader.py::test_loader_errors_name_the_path_and_the_fix",
+# Rows whose reproduction lives in another test (a run, a conversion, a model folder): named here with an anchor, a
+# distinctive piece of the row's message (of its text, for a row that quotes none) that the named test's source
+# (decorators included, where parametrized tests keep their messages) also holds; checked to exist, and the row's
+# messages checked against the source that prints them.
+ELSEWHERE: dict[str, tuple[str, str]] = {
+    "loader pointed at a split folder": (
+        "tests/test_data_loader.py::test_loader_errors_name_the_path_and_the_fix",
+        "is itself a split folder",
+    ),
+    "no validation split": (
+        "tests/test_data_loader.py::test_loader_errors_name_the_path_and_the_fix",
+        "convert again with --val-fraction",
+    ),
     "corrupt, truncated or missing shard or index": (
-        "tests/test_data_verify.py::test_damaged_split_is_named_at_loader_build"
+        "tests/test_data_verify.py::test_damaged_split_is_named_at_loader_build",
+        "convert the data again with scripts/convert_to_mds.py",
     ),
     "tokenizer changed, loaders left on the embedded corpus": (
-        "tests/test_data_embedded.py::test_embedded_loader_refuses_another_tokenizer"
+        "tests/test_data_embedded.py::test_embedded_loader_refuses_another_tokenizer",
+        "the built-in corpus in the embedded tokenizer's ids",
     ),
-    "shards of another sequence length": "tests/test_data_loader.py::test_loader_errors_name_the_path_and_the_fix",
-    "shards of another tokenizer": "tests/test_data_loader.py::test_loader_errors_name_the_path_and_the_fix",
+    "shards of another sequence length": (
+        "tests/test_data_loader.py::test_loader_errors_name_the_path_and_the_fix",
+        "tokens, the run's max_seq_len is",
+    ),
+    "shards of another tokenizer": (
+        "tests/test_data_loader.py::test_loader_errors_name_the_path_and_the_fix",
+        "shards were tokenised with",
+    ),
     "SFT sample with an empty answer (conversion)": (
-        "tests/test_data_convert.py::test_sft_empty_answer_is_an_error_or_dropped"
+        "tests/test_data_convert.py::test_sft_empty_answer_is_an_error_or_dropped",
+        "--drop-empty-answers",
     ),
-    "SFT prompt longer than the sequence": "tests/test_data_convert.py::test_overlong_sft_advice_says_raise_seq_len",
-    "config.json with missing or unsupported fields": "tests/test_hf_format.py::test_bad_config_errors",
-    "truncated safetensors file": "tests/test_hf_format.py::test_truncated_safetensors_is_a_clear_error",
-    "pickle weights (`pytorch_model.bin`)": "tests/test_hf_format.py::test_folder_errors",
+    "SFT prompt longer than the sequence": (
+        "tests/test_data_convert.py::test_overlong_sft_advice_says_raise_seq_len",
+        "raise --seq-len above 8, or pass --overlong truncate",
+    ),
+    "config.json with missing or unsupported fields": (
+        "tests/test_hf_format.py::test_bad_config_errors",
+        "alibi=True is not supported",
+    ),
+    "truncated safetensors file": (
+        "tests/test_hf_format.py::test_truncated_safetensors_is_a_clear_error",
+        "truncated",
+    ),
+    "pickle weights (`pytorch_model.bin`)": ("tests/test_hf_format.py::test_folder_errors", "pickle"),
     "run folder in use by another run": (
-        "tests/test_reliability.py::test_a_second_run_in_the_same_folder_is_refused_until_the_first_dies"
+        "tests/test_reliability.py::test_a_second_run_in_the_same_folder_is_refused_until_the_first_dies",
+        "is in use by another run (pid",
     ),
-    "resuming after changing the model": "tests/test_reliability.py::test_resume_mismatch_is_one_line_at_start_up",
-    "resuming on less data": "tests/test_reliability.py::test_resume_mismatch_is_one_line_at_start_up",
-    "resuming with another tokenizer": "tests/test_reliability.py::test_resume_with_another_tokenizer_is_refused",
+    "resuming after changing the model": (
+        "tests/test_reliability.py::test_resume_mismatch_is_one_line_at_start_up",
+        "Undo the change to the model",
+    ),
+    "resuming on less data": (
+        "tests/test_reliability.py::test_resume_mismatch_is_one_line_at_start_up",
+        "samples into its epoch but the training data now has",
+    ),
+    "resuming with another tokenizer": (
+        "tests/test_reliability.py::test_resume_with_another_tokenizer_is_refused",
+        "was trained with the tokenizer 'embedded'",
+    ),
     "non-finite loss or gradients": (
-        "tests/test_reliability.py::test_consecutive_nans_stop_the_run_and_keep_the_last_good_checkpoint"
+        "tests/test_reliability.py::test_consecutive_nans_stop_the_run_and_keep_the_last_good_checkpoint",
+        "consecutive non-finite losses/gradients, the last at batch",
     ),
     "disk full while saving": (
-        "tests/test_reliability.py::test_disk_full_during_checkpoint_save_keeps_the_previous_checkpoint"
+        "tests/test_reliability.py::test_disk_full_during_checkpoint_save_keeps_the_previous_checkpoint",
+        "space left on device",
     ),
     "killed mid-checkpoint (pre-emption, SIGKILL)": (
-        "tests/test_fault_injection.py::test_killed_and_resumed_run_equals_uninterrupted_run"
+        "tests/test_fault_injection.py::test_killed_and_resumed_run_equals_uninterrupted_run",
+        "incomplete checkpoint(s) moved aside: ep0-ba4-rank0.pt.incomplete",
     ),
     "a killed run's Streaming shared memory": (
-        "tests/test_data_loader.py::test_stale_shared_memory_of_a_killed_run_is_cleaned_and_live_runs_kept"
+        "tests/test_data_loader.py::test_stale_shared_memory_of_a_killed_run_is_cleaned_and_live_runs_kept",
+        "blocks",
     ),
 }
 
@@ -277,11 +326,33 @@ def source_literals() -> list[str]:
     return pieces
 
 
+def function_source(path: str, name: str) -> str | None:
+    """The source of the test function ``name`` in ``path``: its decorators (a parametrized test keeps its
+    messages there) and its body, not its signature (whose name alone must not pass for a reproduction); None when
+    the file has no such function."""
+    text = (ROOT / path).read_text()
+    lines = text.splitlines()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            return "\n".join(
+                lines[start - 1 : node.lineno - 1] + lines[node.body[0].lineno - 1 : node.end_lineno]
+            )
+    return None
+
+
 @pytest.mark.parametrize("case", list(ELSEWHERE))
 def test_row_is_reproduced_elsewhere_and_worded_as_the_code(case):
-    path, name = ELSEWHERE[case].split("::")
+    test_id, anchor = ELSEWHERE[case]
+    path, name = test_id.split("::")
     tree = ast.parse((ROOT / path).read_text())
-    assert name in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}, ELSEWHERE[case]
+    assert name in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}, test_id
+    # The pointer is to the right test: the anchor is in the row's messages (its text if it quotes none) and in
+    # the named test's source.
+    texts = table()[case] or [row_texts()[case]]
+    assert any(anchor in text for text in texts), (case, anchor, texts)
+    body = function_source(path, name)
+    assert body is not None and anchor in body, (case, anchor, test_id)
     # The README's wording is the code's: the runs of plain words it quotes are in our string literals (all but
     # a few, which straddle two literals of one message, such as a message and the fix appended to it).
     source = word_runs(source_literals())

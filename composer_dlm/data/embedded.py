@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.data.synthetic import documents, sft_pairs
 from composer_dlm.data.tokenizer import EMBEDDED, load_tokenizer, train_bpe_tokenizer
-from composer_dlm.fsutil import staged_folder
+from composer_dlm.fsutil import STAGING_MARK, staged_folder
 
 CACHE_ENV = "COMPOSER_DLM_CACHE"
 RECIPE_VERSION = 4  # bump whenever the corpus, tokenizer or conversion recipe changes
@@ -44,7 +44,9 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
     with FileLock(str(final) + ".lock"):
         if final.is_dir():
             return final
-        for stale in final.parent.glob(f".*{final.name}.tmp-*"):  # left by a killed build (and its convert)
+        for stale in final.parent.glob(
+            f".*{final.name}{STAGING_MARK}*"
+        ):  # left by a killed build (and its convert)
             shutil.rmtree(stale, ignore_errors=True)
         with staged_folder(final) as tmp:
             build(tmp)
