@@ -14,13 +14,14 @@ format only; it deals in plain mappings and tensors and does not import the mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,6 +35,8 @@ SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 
 # Modes of exported files and folders: readable by everyone (the safetensors writer alone would leave 0600).
+C = TypeVar("C")
+
 FILE_MODE = 0o644
 FOLDER_MODE = 0o755
 
@@ -120,19 +123,132 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def export_config(fields: Mapping[str, Any], *, with_auto_map: bool) -> dict[str, Any]:
-    """The config.json of an export: :data:`RELEASE_ARCHITECTURE`, overridden by ``fields`` (the network's
-    own values plus any keys a loaded release folder carried, which are kept as they were).
+def build_config(
+    cls: Callable[..., C], data: Mapping[str, Any], *, required: Sequence[str], source: str
+) -> C:
+    """A config dataclass ``cls`` (fields plus an ``extra`` dict) from a config.json mapping: keys that are fields
+    fill them, the others go to ``extra`` (written back unchanged by an export, so a release round-trips)."""
+    missing = [name for name in required if data.get(name) is None]
+    if missing:
+        raise CheckpointError(f"{source}: missing required field(s) {', '.join(missing)}")
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}  # type: ignore[arg-type]
+    known = {k: v for k, v in data.items() if k in names}
+    extra = {k: v for k, v in data.items() if k not in names}
+    try:
+        return cls(**known, extra=extra)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass's fields and its ``extra`` keys as one mapping (what :func:`build_config` reads back)."""
+    data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "extra"}
+    data.update(config.extra)
+    return data
+
+
+def export_config(
+    fields: Mapping[str, Any], *, with_auto_map: bool, architecture: Mapping[str, Any] = RELEASE_ARCHITECTURE
+) -> dict[str, Any]:
+    """The config.json of an export: ``architecture`` (:data:`RELEASE_ARCHITECTURE` or
+    :data:`MOE_RELEASE_ARCHITECTURE`), overridden by ``fields`` (the network's own values plus any keys a loaded
+    release folder carried, which are kept as they were).
 
     ``pad_token_id`` defaults to the EOS id (as in LLaDA's release); ``auto_map`` is kept only when the modeling
     files it names are written beside it (``with_auto_map``).
     """
-    data = {**RELEASE_ARCHITECTURE, **fields}
+    data = {**architecture, **fields}
     if data.get("pad_token_id") is None:
         data["pad_token_id"] = data.get("eos_token_id")
     if not with_auto_map:
         data.pop("auto_map", None)
     return data
+
+
+# --- LLaDA-MoE (inclusionAI's LLaDA-MoE-7B-A1B, dLLM's modeling_lladamoe.py) ---------------------------------
+# Its folders use Hugging Face's OLMoE-style names and keys: config.json with hidden_size, num_hidden_layers,
+# num_experts, num_experts_per_tok, expert_intermediate_size, moe_layer_freq ...; tensors model.embed_tokens.weight,
+# model.layers.{i}.self_attn.{q,k,v,o}_proj.weight, self_attn.{q,k}_norm.weight, input_layernorm.weight,
+# post_attention_layernorm.weight, mlp.gate.weight (the router), mlp.experts.{e}.{gate,up,down}_proj.weight,
+# mlp.expert_bias, shared_expert.{gate,up,down}_proj.weight (dense layers: mlp.{gate,up,down}_proj.weight),
+# model.norm.weight and lm_head.weight (absent with tie_word_embeddings). Our model keeps each layer's experts
+# stacked, one (num_experts, out, in) tensor per projection (``mlp.experts.gate_proj``), for grouped GEMMs.
+
+MOE_MODEL_TYPES = ("lladamoe",)
+
+# Keys written into every LLaDA-MoE export, for the values this implementation computes (dLLM's configuration
+# class has defaults of -1 or [] for several of them, which no network can be built from).
+MOE_RELEASE_ARCHITECTURE: dict[str, Any] = {
+    "model_type": "lladamoe",
+    "architectures": ["LLaDAMoEModelLM"],
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "clip_qkv": None,
+    "rope_scaling": None,
+    "partial_rotary_factor": 1.0,
+    "moe_router_score_function": "softmax",
+    "norm_topk_prob": False,
+    "routed_scaling_factor": 1,
+    "output_router_logits": False,
+    "use_cache": False,
+}
+
+# Values of LLaDA-MoE keys this implementation does not compute (dLLM's code ignores norm_topk_prob, routed
+# scaling and the score function name: its router is always a softmax, top-k, unnormalised).
+_MOE_SUPPORTED: dict[str, tuple[Any, ...]] = {
+    "hidden_act": ("silu",),
+    "attention_bias": (False,),
+    "clip_qkv": (None,),
+    "rope_scaling": (None,),
+    "partial_rotary_factor": (1, 1.0),
+    "moe_router_score_function": ("softmax",),
+}
+
+_STACKED_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_ONE_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def is_moe_config(data: Mapping[str, Any]) -> bool:
+    """Whether a config.json mapping describes LLaDA-MoE: model_type "lladamoe" (dLLM), or LLaDA-MoE's keys under
+    the model_type "llada" that inclusionAI's release states (its folder ships its own modeling files)."""
+    return data.get("model_type") in MOE_MODEL_TYPES or "num_experts" in data
+
+
+def check_moe_supported(data: Mapping[str, Any], source: str) -> None:
+    """Raises :class:`CheckpointError` when a LLaDA-MoE config.json asks for a network we do not build."""
+    for key, allowed in _MOE_SUPPORTED.items():
+        if data.get(key) is not None and data[key] not in allowed:
+            shown = ", ".join(repr(a) for a in allowed if a is not None) or "null"
+            raise CheckpointError(
+                f"{source}: {key}={data[key]!r} is not supported by composer-dlm's LLaDA-MoE implementation "
+                f"(supported: {shown})"
+            )
+
+
+def unstack_experts(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our LLaDA-MoE state dict under the release's names: each stacked (num_experts, out, in) expert projection
+    becomes ``num_experts`` tensors ``...mlp.experts.{e}.{proj}.weight`` (views; :func:`write_folder` copies)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        match = _STACKED_EXPERT.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        prefix, proj = match.groups()
+        for e in range(tensor.shape[0]):
+            out[f"{prefix}.{e}.{proj}.weight"] = tensor[e]
+    return out
+
+
+def expert_slot(name: str) -> tuple[str, int] | None:
+    """For a release tensor name of one expert (``model.layers.0.mlp.experts.5.up_proj.weight``), our stacked
+    parameter's name and the expert's index (``model.layers.0.mlp.experts.up_proj``, 5); None for other names."""
+    match = _ONE_EXPERT.match(name)
+    if match is None:
+        return None
+    prefix, index, proj = match.groups()
+    return f"{prefix}.{proj}", int(index)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -203,8 +319,9 @@ def write_folder(
     dtype: torch.dtype | None = None,
     tokenizer: SavesPretrained | None = None,
     source: str | os.PathLike[str] | None = None,
+    architecture: Mapping[str, Any] = RELEASE_ARCHITECTURE,
 ) -> None:
-    """Writes a LLaDA folder atomically (a temporary sibling renamed into place): config.json
+    """Writes a LLaDA (or, with ``architecture``, LLaDA-MoE) folder atomically (a temporary sibling renamed into place): config.json
     (:func:`export_config`), safetensors shards under LLaDA's tensor names (an index when there are several),
     generation_config.json, the tokenizer's files, and, when ``source`` (the folder the run started from) holds
     modeling ``*.py`` files and ``config`` an ``auto_map``, those files with the map. Files are world-readable.
@@ -234,7 +351,7 @@ def write_folder(
         size += nbytes
 
     modeling = _modeling_files(Path(source)) if source is not None and "auto_map" in config else []
-    data = export_config(config, with_auto_map=bool(modeling))
+    data = export_config(config, with_auto_map=bool(modeling), architecture=architecture)
     first = next(iter(tensors.values()), None)
     if first is not None:
         data["torch_dtype"] = str(first.dtype).removeprefix("torch.")

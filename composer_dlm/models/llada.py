@@ -106,17 +106,8 @@ class LLaDAConfig:
         """Builds a config from a ``config.json`` mapping, refusing settings this implementation lacks; keys that
         are not fields are kept in ``extra``."""
         hf_format.check_supported(data, source)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         required = ("d_model", "n_layers", "n_heads", "vocab_size")
-        missing = [name for name in required if data.get(name) is None]
-        if missing:
-            raise CheckpointError(f"{source}: missing required field(s) {', '.join(missing)}")
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
-        try:
-            config = cls(**known, extra=extra)
-        except ValueError as err:
-            raise CheckpointError(f"{source}: {err}") from None
+        config = hf_format.build_config(cls, data, required=required, source=source)
         assert config.embedding_size is not None  # filled in by __post_init__
         if not 0 <= config.mask_token_id < config.embedding_size:
             # Checked here rather than in __post_init__: a run's model.config leaves the id to the tokenizer.
@@ -132,9 +123,7 @@ class LLaDAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields and the ``extra`` keys as one mapping (what :meth:`from_dict` reads back)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        data.update(self.extra)
-        return data
+        return hf_format.config_dict(self)
 
     def num_params(self, *, include_embedding: bool = True) -> int:
         """Parameter count from the shapes alone; ``include_embedding=False`` leaves out the input embedding
@@ -154,21 +143,45 @@ class LLaDAConfig:
         return total
 
     def training_flops(self, batch_size: int, seq_len: int, projected_tokens: float | None = None) -> float:
-        """FLOPs of one training step (forward + backward) by the standard formula, the numerator of MFU:
-        3 * (2 * params * tokens + 4 * n_layers * d_model * L^2 * B).
+        """FLOPs of one training step by :func:`training_flops` (the numerator of MFU)."""
+        assert self.embedding_size is not None  # filled in by __post_init__
+        return training_flops(
+            matmul_params=self.num_params(include_embedding=False),
+            n_layers=self.n_layers,
+            attention_width=self.d_model,
+            output_rows=self.embedding_size,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            projected_tokens=projected_tokens,
+        )
 
-        ``params`` excludes the input embedding (a lookup) and includes the output projection; the attention
-        term counts the full L x L score and value products (attention here is bidirectional). With
-        ``projected_tokens``, the output projection counts only that many rows (the fused loss projects the
-        masked rows only): the FLOPs actually executed, 6 * embedding_size * d_model per row fewer.
-        """
-        tokens = batch_size * seq_len
-        forward = 2.0 * self.num_params(include_embedding=False) * tokens
-        forward += 4 * self.n_layers * self.d_model * seq_len * tokens
-        if projected_tokens is not None:
-            assert self.embedding_size is not None  # filled in by __post_init__
-            forward -= 2 * self.embedding_size * self.d_model * (tokens - projected_tokens)
-        return float(3 * forward)
+
+def training_flops(
+    *,
+    matmul_params: int,
+    n_layers: int,
+    attention_width: int,
+    output_rows: int,
+    batch_size: int,
+    seq_len: int,
+    projected_tokens: float | None = None,
+) -> float:
+    """FLOPs of one training step (forward + backward) by the standard formula, the numerator of MFU:
+    3 * (2 * params * tokens + 4 * n_layers * attention_width * L^2 * B).
+
+    ``matmul_params`` are the parameters each token multiplies with: without the input embedding (a lookup), with
+    the output projection (``output_rows`` x d_model); for a mixture of experts, only the active ones (top-k
+    routed experts, shared expert, router). The attention term counts the full L x L score and value products
+    (attention here is bidirectional) over ``attention_width`` = heads * head_dim. With ``projected_tokens``, the
+    output projection counts only that many rows (the fused loss projects the masked rows only): the FLOPs
+    actually executed, 6 * output_rows * d_model per row fewer, d_model = attention_width.
+    """
+    tokens = batch_size * seq_len
+    forward = 2.0 * matmul_params * tokens
+    forward += 4 * n_layers * attention_width * seq_len * tokens
+    if projected_tokens is not None:
+        forward -= 2 * output_rows * attention_width * (tokens - projected_tokens)
+    return float(3 * forward)
 
 
 class RMSNorm(nn.Module):
@@ -202,6 +215,22 @@ def apply_rope(x_BHLD: torch.Tensor, cos_LD: torch.Tensor, sin_LD: torch.Tensor)
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat((-second, first), dim=-1)
     return (x * cos_LD + rotated * sin_LD).to(x_BHLD.dtype)
+
+
+def attend(
+    q_BHLD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor, key_mask_B11L: torch.Tensor | None
+) -> torch.Tensor:
+    """Bidirectional attention softmax(q k^T / sqrt(head_dim)) v of (B, heads, R, head_dim) q over (B, kv_heads, L,
+    head_dim) k, v (R = L, or fewer queries than keys; kv_heads divides heads: grouped-query attention), returned
+    as (B, R, heads * head_dim) for the output projection. Shared by every architecture here."""
+    b, n_heads, length, _ = q_BHLD.shape
+    n_kv_heads = k_BKLD.shape[1]
+    if n_kv_heads != n_heads:
+        groups = n_heads // n_kv_heads
+        k_BKLD = k_BKLD.repeat_interleave(groups, dim=1)
+        v_BKLD = v_BKLD.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q_BHLD, k_BKLD, v_BKLD, attn_mask=key_mask_B11L, is_causal=False)
+    return out.transpose(1, 2).reshape(b, length, -1)
 
 
 @contextlib.contextmanager
@@ -252,24 +281,7 @@ class LLaDABlock(nn.Module):
         k = self.k_proj(h_BLH).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h_BLH).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, q_cos, q_sin), apply_rope(k, cos, sin)
-        return self.attn_out(self._attend(q, k, v, key_mask_B11L))
-
-    def _attend(
-        self,
-        q_BHLD: torch.Tensor,
-        k_BKLD: torch.Tensor,
-        v_BKLD: torch.Tensor,
-        key_mask_B11L: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Bidirectional attention of (B, heads, R, head_dim) q over (B, kv_heads, L, head_dim) k, v (R = L, or
-        fewer queries than keys), returned as (B, R, d_model) for the output projection."""
-        b, _, length, _ = q_BHLD.shape
-        if self.n_kv_heads != self.n_heads:
-            groups = self.n_heads // self.n_kv_heads
-            k_BKLD = k_BKLD.repeat_interleave(groups, dim=1)
-            v_BKLD = v_BKLD.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q_BHLD, k_BKLD, v_BKLD, attn_mask=key_mask_B11L, is_causal=False)
-        return out.transpose(1, 2).reshape(b, length, -1)
+        return self.attn_out(attend(q, k, v, key_mask_B11L))
 
     def forward(
         self,
@@ -315,7 +327,7 @@ class LLaDABlock(nn.Module):
         q = _fused_rope(q_lin, self.n_heads, cos, sin, positions_BR)
         k = _fused_rope(k_lin, self.n_kv_heads, cos, sin)
         v = v_lin.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        attn = self.attn_out(self._attend(q, k, v, key_mask_B11L))
+        attn = self.attn_out(attend(q, k, v, key_mask_B11L))
         x_BRH, sq_BRH = fused_ops.add_square(select_positions(x_BLH, positions_BR), attn)
         h = _fused_norm(self.ff_norm, x_BRH, sq_BRH)
         return fused_ops.add_square(x_BRH, self.ff_out(fused_ops.silu_mul(self.ff_proj(h), self.up_proj(h))))
