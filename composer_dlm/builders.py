@@ -49,9 +49,10 @@ from composer_dlm.config import (
 from composer_dlm.data import build_dataloader, load_tokenizer, mask_token_id
 from composer_dlm.data.streams import stream_hyperparameters
 from composer_dlm.data.tokenizer import tokenizer_fingerprint
-from composer_dlm.models import LLaDAConfig, LLaDAModel
+from composer_dlm.models.architectures import config_from_dict, config_from_json, from_config, from_pretrained
 from composer_dlm.models.composer_llada import ComposerLLaDA
 from composer_dlm.models.hf_format import CONFIG_NAME, resolve_folder
+from composer_dlm.models.llada import LLaDAModel
 from composer_dlm.models.lora import apply_lora, drop_frozen_weights
 from composer_dlm.parallel import parallelize
 from composer_dlm.run_lock import RunLock, RunLockedError
@@ -88,7 +89,7 @@ def read_device(cfg: TrainConfig, folder: Path, dtype: torch.dtype) -> torch.dev
     gpu = torch.device("cuda", dist.get_local_rank())
     if cfg.model.load_on_gpu:
         return gpu
-    need = LLaDAConfig.from_json(folder / CONFIG_NAME).num_params() * dtype.itemsize
+    need = config_from_json(folder / CONFIG_NAME).num_params() * dtype.itemsize
     free, _ = torch.cuda.mem_get_info(gpu)
     return gpu if need < 0.8 * free else torch.device("cpu")
 
@@ -105,9 +106,9 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
     device = "meta" if receives_weights(cfg) else None
     folder = pretrained_folder(cfg)
     if folder is not None:
-        model = LLaDAModel.from_pretrained(
-            folder, dtype=dtype, device=device or read_device(cfg, folder, dtype)
-        )
+        model = from_pretrained(folder, dtype=dtype, device=device or read_device(cfg, folder, dtype))
+        if model.config.mask_token_id is None:  # LLaDA-MoE's config.json may leave the mask to the tokenizer
+            model.config.mask_token_id = mask_id
         if model.config.mask_token_id != mask_id:
             raise ConfigError(
                 f"model.pretrained: {cfg.model.pretrained} uses mask_token_id {model.config.mask_token_id} but the "
@@ -118,12 +119,12 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
             fields, source = cfg.model.config.to_dict(), "model.config"
         else:
             assert cfg.model.config_path is not None
-            fields, source = LLaDAConfig.from_json(cfg.model.config_path).to_dict(), cfg.model.config_path
+            fields, source = config_from_json(cfg.model.config_path).to_dict(), cfg.model.config_path
         fields["mask_token_id"] = mask_id
         if tokenizer.eos_token_id is not None:
             fields["eos_token_id"] = tokenizer.eos_token_id
-        config = LLaDAConfig.from_dict(fields, source=source)
-        model = LLaDAModel.from_config(config, seed=cfg.model.init_seed, device=device).to(dtype)
+        config = config_from_dict(fields, source=source)
+        model = from_config(config, seed=cfg.model.init_seed, device=device).to(dtype)
     assert model.config.embedding_size is not None  # filled in by LLaDAConfig.__post_init__
     if len(tokenizer) > model.config.embedding_size:
         raise ConfigError(
@@ -132,6 +133,10 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
         )
     if cfg.model.lora is not None:
         assert folder is not None  # ModelConfig requires model.pretrained
+        if not isinstance(model, LLaDAModel):
+            raise ConfigError(
+                "model.lora: LoRA adapters are implemented for LLaDA (dense) models only so far"
+            )
         apply_lora(
             model,
             cfg.model.lora,

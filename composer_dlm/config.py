@@ -23,6 +23,7 @@ from composer_dlm.diffusion import DiffusionConfig
 from composer_dlm.fsutil import write_text_atomic
 from composer_dlm.generate import BlockPlan
 from composer_dlm.models.llada import LLaDAConfig
+from composer_dlm.models.llada_moe import LLaDAMoEConfig
 from composer_dlm.models.lora import LoRAConfig
 
 if TYPE_CHECKING:
@@ -62,9 +63,10 @@ def batch_interval(value: str, key: str) -> int:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Where the network comes from: a config JSON (from scratch), an inline ``config`` (LLaDA's config.json
-    fields, checked like every section), or a pretrained HF folder or hub id (``GSAI-ML/LLaDA-8B-Base``, read
-    from huggingface_hub's cache).
+    """Where the network comes from: a config JSON (from scratch), an inline ``config`` (the config.json fields
+    of ``architecture``: LLaDA's ``d_model``... for ``llada``, LLaDA-MoE's ``hidden_size``, ``num_experts``... for
+    ``llada_moe``; checked like every section), or a pretrained HF folder or hub id (``GSAI-ML/LLaDA-8B-Base``,
+    read from huggingface_hub's cache), whose config.json's model_type picks the architecture.
 
     ``master_weights``: the dtype of the trained parameters and so of the optimizer state. ``fp32`` (default)
     whatever the checkpoint stores; ``precision`` sets only the compute dtype. ``bf16`` halves their memory, but
@@ -75,7 +77,8 @@ class ModelConfig:
     otherwise on the CPU, from where FSDP moves it one block at a time. ``false`` forces the CPU."""
 
     config_path: str | None = None
-    config: LLaDAConfig | None = None
+    architecture: Literal["llada", "llada_moe"] = "llada"
+    config: LLaDAConfig | LLaDAMoEConfig | None = None
     pretrained: str | None = None
     master_weights: Literal["fp32", "bf16"] = "fp32"
     loss_impl: Literal["fused", "plain"] = "fused"
@@ -90,6 +93,12 @@ class ModelConfig:
             raise ConfigError(
                 "model: set exactly one of model.config_path (JSON, from scratch), model.config (inline) or "
                 f"model.pretrained (Hugging Face folder); got {given or 'none'}"
+            )
+        wanted = LLaDAMoEConfig if self.architecture == "llada_moe" else LLaDAConfig
+        if self.config is not None and not isinstance(self.config, wanted):
+            raise ConfigError(
+                f"model.config has the keys of {type(self.config).__name__} but model.architecture is "
+                f"{self.architecture!r}; set model.architecture={'llada_moe' if self.architecture == 'llada' else 'llada'}"
             )
         if self.lora is not None and self.pretrained is None:
             raise ConfigError("model.lora adapts a pretrained model: set model.pretrained to its folder")

@@ -29,7 +29,7 @@ from composer_dlm.cli import ArgumentParser, report, warnings_as_lines
 if TYPE_CHECKING:  # imported where used: `--help` and a bad flag answer without loading torch
     import torch
 
-    from composer_dlm.models.llada import LLaDAModel
+    from composer_dlm.models.architectures import AnyModel
 
 MASK_GLYPH = "░"
 EXIT_EMPTY = 3
@@ -37,21 +37,22 @@ EXIT_EMPTY = 3
 
 def load_model(
     path: str | Path, *, config: str | Path | None = None, dtype: torch.dtype, device: str | torch.device
-) -> LLaDAModel:
-    """A :class:`LLaDAModel` in eval mode from a Hugging Face folder or a Composer ``.pt`` checkpoint.
+) -> AnyModel:
+    """A :class:`LLaDAModel` (or LLaDA-MoE model) in eval mode from a Hugging Face folder or a Composer ``.pt`` checkpoint.
 
     ``config`` (a LLaDA config.json) is used for a ``.pt`` only; see :func:`load_composer_checkpoint`.
     Raises :class:`CheckpointError` for a missing path or a file that is neither.
     """
+    from composer_dlm.models.architectures import from_pretrained
     from composer_dlm.models.hf_format import CONFIG_NAME
-    from composer_dlm.models.llada import CheckpointError, LLaDAModel
+    from composer_dlm.models.llada import CheckpointError
     from composer_dlm.models.lora import is_adapter_folder, load_merged
 
     path = Path(path)
     if path.is_dir() and is_adapter_folder(path):  # a LoRA run's export: merged into its base on load
         return load_merged(path, dtype=dtype, device=device).eval()
-    if path.is_dir():
-        return LLaDAModel.from_pretrained(path, dtype=dtype, device=device).eval()
+    if path.is_dir():  # LLaDA or LLaDA-MoE, as its config.json says
+        return from_pretrained(path, dtype=dtype, device=device).eval()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.suffix == ".pt":
@@ -66,8 +67,8 @@ def load_model(
 
 def load_composer_checkpoint(
     path: str | Path, *, config: str | Path | None = None, dtype: torch.dtype, device: str | torch.device
-) -> LLaDAModel:
-    """Loads the LLaDA weights of a Composer checkpoint written by our trainer.
+) -> AnyModel:
+    """Loads the LLaDA (or LLaDA-MoE) weights of a Composer checkpoint written by our trainer.
 
     The file is a pickle: it is read with ``torch.load(weights_only=False)``, which runs whatever code the file
     names, so only load checkpoints you trust (a warning says so); the HF export of the same run is the safe
@@ -75,8 +76,9 @@ def load_composer_checkpoint(
     """
     import torch
 
+    from composer_dlm.models.architectures import config_from_json, from_config
     from composer_dlm.models.composer_llada import llada_weights
-    from composer_dlm.models.llada import CheckpointError, LLaDAConfig, LLaDAModel
+    from composer_dlm.models.llada import CheckpointError
 
     path = Path(path)
     config_path = Path(config) if config is not None else find_run_config(path)
@@ -85,7 +87,7 @@ def load_composer_checkpoint(
             f"{path}: a Composer checkpoint holds the weights but not the model's shape, and no config.json was "
             "found beside it or in the run's hf/ exports; pass --config PATH/TO/config.json"
         )
-    llada_config = LLaDAConfig.from_json(config_path)
+    llada_config = config_from_json(config_path)
     warnings.warn(
         f"{path} is a pickle: loading it (torch.load with weights_only=False) runs code stored in it. Only load "
         "checkpoints you trust; the run's Hugging Face export (safetensors) is the safe alternative.",
@@ -103,8 +105,7 @@ def load_composer_checkpoint(
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"{path}: not a Composer checkpoint (no state['state']['model'])")
     # Built on the meta device and given the checkpoint's tensors: no random initialisation to overwrite.
-    with torch.device("meta"):
-        model = LLaDAModel(llada_config)
+    model = from_config(llada_config, device="meta")
     result = model.load_state_dict(llada_weights(weights), strict=False, assign=True)
     problems = [f"missing {', '.join(result.missing_keys[:3])}"] if result.missing_keys else []
     problems += [f"unexpected {', '.join(result.unexpected_keys[:3])}"] if result.unexpected_keys else []
@@ -257,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"tokens, more than the model's max_sequence_length ({limit}); shorten the prompt or lower "
                 "--gen-length"
             )
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id
+        eos_id = (
+            model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
+        )
+        assert eos_id is not None, "neither the model's config nor the tokenizer names an EOS token"
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
         prompt_ids, attention_mask = left_pad(rows, pad_id=pad)
         steps = args.steps or args.gen_length
         plen = prompt_ids.shape[1]
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             remasking=args.remasking,
             mask_token_id=mask_id,
             attention_mask=attention_mask if len({len(r) for r in rows}) > 1 else None,
-            eos_token_id=model.config.eos_token_id,
+            eos_token_id=eos_id,
             min_new_tokens=args.min_new_tokens,
             generator=torch.Generator(device=device).manual_seed(args.seed) if sampling else None,
             on_step=show if args.show else None,
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     for row, answer in enumerate(answers):
         print(answer if len(rows) == 1 else f"[{row}] {answer}", flush=True)
     if all(not a.strip() for a in answers):
-        only_eos = bool((out[:, plen:] == model.config.eos_token_id).all())
+        only_eos = bool((out[:, plen:] == eos_id).all())
         what = "only EOS tokens" if only_eos else "only special tokens or whitespace"
         hint = (
             "try --min-new-tokens N to forbid EOS at the start"

@@ -32,8 +32,10 @@ from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from composer_dlm.config import ConfigError, FSDPConfig
+from composer_dlm.models.architectures import AnyModel
 from composer_dlm.models.composer_llada import WRAPPER_ATTRS, ComposerLLaDA
 from composer_dlm.models.llada import LLaDABlock, LLaDAModel, eager_blocks
+from composer_dlm.models.llada_moe import LLaDAMoEBlock, LLaDAMoEModel
 from composer_dlm.models.lora import adapter_linears
 
 log = logging.getLogger(__name__)
@@ -77,10 +79,11 @@ def llada_runner(model: nn.Module) -> nn.Module:
     return composer_llada(model).get_submodule("model")
 
 
-def unwrap_llada(model: nn.Module) -> LLaDAModel:
-    """The bare :class:`LLaDAModel` inside ``state.model`` (for its ``config``; not for a forward under FSDP)."""
+def unwrap_llada(model: nn.Module) -> AnyModel:
+    """The bare :class:`LLaDAModel` (or LLaDA-MoE) inside ``state.model`` (for its ``config``; not for a forward
+    under FSDP)."""
     inner = unwrap(llada_runner(model))
-    assert isinstance(inner, LLaDAModel), type(inner)
+    assert isinstance(inner, (LLaDAModel, LLaDAMoEModel)), type(inner)
     return inner
 
 
@@ -99,7 +102,7 @@ def inference(state: State) -> Iterator[nn.Module]:
 
 
 def _is_block(module: nn.Module) -> bool:
-    return isinstance(module, LLaDABlock)
+    return isinstance(module, (LLaDABlock, LLaDAMoEBlock))
 
 
 def _shards(fsdp: FSDPConfig, world_size: int) -> bool:

@@ -31,7 +31,7 @@ from composer.loggers import Logger
 from composer_dlm.benchmarks import H200_PEAK_FLOPS, int_list, write_json
 from composer_dlm.benchmarks.loader import write_synthetic
 from composer_dlm.cli import ArgumentParser
-from composer_dlm.models.llada import LLaDAConfig
+from composer_dlm.models.architectures import AnyConfig
 
 CUDA = torch.cuda.is_available()
 
@@ -56,7 +56,7 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _mfu(config: LLaDAConfig, seq_len: int, tokens_per_s: float, projected_fraction: float = 1.0) -> float:
+def _mfu(config: AnyConfig, seq_len: int, tokens_per_s: float, projected_fraction: float = 1.0) -> float:
     """FLOPs utilisation, ``LLaDAConfig.training_flops`` per token at ``seq_len`` against the bf16 peak: MFU with
     ``projected_fraction`` 1 (every token projected), the executed FLOPs' utilisation with the fraction of rows
     the loss projects."""

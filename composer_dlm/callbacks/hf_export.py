@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from composer_dlm.config import batch_interval
 from composer_dlm.models.composer_llada import llada_weights
-from composer_dlm.models.hf_format import SavesPretrained, write_folder
+from composer_dlm.models.hf_format import SavesPretrained
 from composer_dlm.models.lora import base_model_path, lora_settings, merge_adapters, write_adapter
 from composer_dlm.parallel import unwrap_llada
 
@@ -75,9 +75,8 @@ class HuggingFaceExport(Callback):
         elif dist.get_global_rank() == 0:
             if lora is not None:
                 weights = merge_adapters(weights, lora)
-            config = model.config.to_dict()
-            write_folder(
-                config, weights, target, dtype=self.dtype, tokenizer=self.tokenizer, source=self.source
+            model.write_pretrained(
+                weights, target, dtype=self.dtype, tokenizer=self.tokenizer, source=self.source
             )
             log.info("Exported Hugging Face folder %s", target)
         dist.barrier()

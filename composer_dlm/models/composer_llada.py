@@ -30,7 +30,8 @@ from composer_dlm.diffusion import (
     loss_weights,
     random_truncation_length,
 )
-from composer_dlm.models.llada import LLaDAModel, eager_blocks
+from composer_dlm.models.architectures import AnyModel
+from composer_dlm.models.llada import eager_blocks
 from kernels import masked_linear_cross_entropy
 
 LossImpl = Literal["fused", "plain"]
@@ -131,7 +132,7 @@ class ComposerLLaDA(ComposerModel):
 
     def __init__(
         self,
-        model: LLaDAModel,
+        model: AnyModel,
         diffusion: DiffusionConfig,
         *,
         mask_token_id: int | None = None,
@@ -143,7 +144,10 @@ class ComposerLLaDA(ComposerModel):
             raise ValueError(f"loss_impl must be 'fused' or 'plain', got {loss_impl!r}")
         self.model = model
         self.diffusion = diffusion
-        self.mask_token_id = model.config.mask_token_id if mask_token_id is None else mask_token_id
+        mask = model.config.mask_token_id if mask_token_id is None else mask_token_id
+        if mask is None:
+            raise ValueError("the model's config has no mask_token_id: pass mask_token_id (the tokenizer's)")
+        self.mask_token_id: int = mask
         self.loss_impl = loss_impl
         self.seed = seed
         self.train_metrics = _metrics()
@@ -241,6 +245,10 @@ class ComposerLLaDA(ComposerModel):
             return (ce_N * weights_N).sum(), ce_N.detach(), correct_N
 
         loss, ce_N, correct_N = self.model(noisy, head=head)
+        # A mixture of experts leaves its weighted router losses (load balance, z-loss) from this forward.
+        router_loss = getattr(self.model, "router_loss", None)
+        if router_loss is not None:
+            loss = loss + router_loss
         masked_N = masked.reshape(-1)
         ce_masked = torch.where(masked_N, ce_N.float(), 0.0)
         tokens = elbo_denominator(masked, prompt_lengths)

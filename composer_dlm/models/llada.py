@@ -630,8 +630,7 @@ class LLaDAModel(nn.Module):
 
         Atomic: a crash leaves either the previous folder or the new one, never a half-written one.
         """
-        hf_format.write_folder(
-            self.config.to_dict(),
+        self.write_pretrained(
             self.state_dict(),
             folder,
             max_shard_size=max_shard_size,
@@ -639,6 +638,12 @@ class LLaDAModel(nn.Module):
             tokenizer=tokenizer,
             source=source,
         )
+
+    def write_pretrained(
+        self, state_dict: Mapping[str, torch.Tensor], folder: str | os.PathLike[str], **options: Any
+    ) -> None:
+        """:meth:`save_pretrained` of ``state_dict`` (this model's parameter names, e.g. gathered from FSDP)."""
+        hf_format.write_folder(self.config.to_dict(), state_dict, folder, **options)
 
     @torch.no_grad()
     def param_init_fn(self, module: nn.Module) -> None:

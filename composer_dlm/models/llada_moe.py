@@ -539,15 +539,25 @@ class LLaDAMoEModel(nn.Module):
         source: str | os.PathLike[str] | None = None,
     ) -> None:
         """Writes a folder LLaDA-MoE's code loads (the release's names and keys; atomic, as for LLaDA)."""
-        hf_format.write_folder(
-            self.config.to_dict(),
-            export_state(self.state_dict(), self.config),
+        self.write_pretrained(
+            self.state_dict(),
             folder,
             max_shard_size=max_shard_size,
             dtype=dtype,
             tokenizer=tokenizer,
             source=source,
+        )
+
+    def write_pretrained(
+        self, state_dict: Mapping[str, torch.Tensor], folder: str | os.PathLike[str], **options: Any
+    ) -> None:
+        """:meth:`save_pretrained` of ``state_dict`` (this model's parameter names, e.g. gathered from FSDP)."""
+        hf_format.write_folder(
+            self.config.to_dict(),
+            export_state(state_dict, self.config),
+            folder,
             architecture=hf_format.MOE_RELEASE_ARCHITECTURE,
+            **options,
         )
 
     # FSDP's initialiser for meta-built ranks: NaN until rank 0's broadcast, as for LLaDA.
