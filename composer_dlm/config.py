@@ -407,11 +407,18 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        for option in options:
             try:
                 return _coerce(option, value, path)
             except ConfigError as err:
                 errors.append(str(err))
+        sections = [o for o in options if isinstance(o, type) and dataclasses.is_dataclass(o)]
+        if isinstance(value, dict) and len(sections) == len(options):
+            # Sections of different schemas (model.config of either architecture): the error of the one whose
+            # keys the mapping shares most, so a typo is named rather than the whole mapping refused.
+            shared = [len(set(value) & {f.name for f in dataclasses.fields(o)}) for o in sections]
+            raise ConfigError(errors[shared.index(max(shared))])
         raise ConfigError(errors[-1] if len(errors) == 1 else f"{path}: {value!r} does not fit {_name(hint)}")
     if origin is Literal:
         if value not in args:

@@ -150,10 +150,11 @@ class DiffusionLM(TemplateLM):
         if not isinstance(mask_id, int):
             raise EvalArgumentError(f"tokenizer {tokenizer.name_or_path} has no mask token")
         self.mask_token_id = mask_id
-        if llada_config is not None and llada_config.mask_token_id != self.mask_token_id:
+        config_mask = None if llada_config is None else llada_config.mask_token_id
+        if config_mask is not None and config_mask != self.mask_token_id:
             raise EvalArgumentError(
                 f"the tokenizer's mask id is {self.mask_token_id} but the model's config says "
-                f"{llada_config.mask_token_id}; pass the model's own tokenizer with tokenizer=FOLDER"
+                f"{config_mask}; pass the model's own tokenizer with tokenizer=FOLDER"
             )
         self._max_length = int(max_length or (llada_config.max_sequence_length if llada_config else 4096))
         self.mc_num, self.mc_batch, self.batch_tokens = mc_num, batch_size, batch_tokens

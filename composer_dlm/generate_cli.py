@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings_as_lines():  # the unpickling warning
             model = load_model(args.checkpoint, config=args.config, dtype=dtype, device=device)
         mask_id = mask_token_id(tokenizer)
-        if mask_id != model.config.mask_token_id:
+        if model.config.mask_token_id is not None and mask_id != model.config.mask_token_id:
             raise ValueError(
                 f"the tokenizer's mask id is {mask_id} but the model's config says {model.config.mask_token_id}; "
                 "pass the model's own tokenizer with --tokenizer"

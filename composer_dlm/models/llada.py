@@ -56,8 +56,8 @@ class LLaDAConfig:
     embedding_size: int | None = None
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
-    mask_token_id: int = 126336
-    eos_token_id: int = 126081
+    mask_token_id: int | None = None  # from config.json, or for a run from the tokenizer
+    eos_token_id: int | None = None
     pad_token_id: int | None = None
     max_sequence_length: int = 4096
     weight_tying: bool = False
@@ -109,7 +109,7 @@ class LLaDAConfig:
         required = ("d_model", "n_layers", "n_heads", "vocab_size")
         config = hf_format.build_config(cls, data, required=required, source=source)
         assert config.embedding_size is not None  # filled in by __post_init__
-        if not 0 <= config.mask_token_id < config.embedding_size:
+        if config.mask_token_id is not None and not 0 <= config.mask_token_id < config.embedding_size:
             # Checked here rather than in __post_init__: a run's model.config leaves the id to the tokenizer.
             raise CheckpointError(
                 f"{source}: mask_token_id ({config.mask_token_id}) is outside the embedding "
