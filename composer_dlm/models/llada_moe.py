@@ -220,10 +220,15 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
 
     def forward(self, x_MH: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
-        """The experts over rows sorted by expert, group e ending at ``ends_E[e]``: three grouped GEMMs."""
-        gate = grouped_mm(x_MH, self.gate_proj, ends_E)
-        up = grouped_mm(x_MH, self.up_proj, ends_E)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, ends_E)
+        """The experts over rows sorted by expert, group e ending at ``ends_E[e]``: three grouped GEMMs, in the
+        autocast dtype when autocast is on (as ``nn.Linear`` would compute; the grouped product is not on
+        autocast's lists, so the casts are made here)."""
+        device = x_MH.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_MH.dtype
+        x_MH = x_MH.to(dtype)
+        gate = grouped_mm(x_MH, self.gate_proj.to(dtype), ends_E)
+        up = grouped_mm(x_MH, self.up_proj.to(dtype), ends_E)
+        return grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype), ends_E)
 
 
 class SparseMoE(nn.Module):
