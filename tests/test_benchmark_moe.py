@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from composer_dlm.benchmarks.moe import RELEASE_SHAPE, LoopSparseMoE, random_model
+from composer_dlm.benchmarks.moe import RELEASE_SHAPE, LoopSparseMoE, random_moe
 from composer_dlm.models.llada_moe import LLaDAMoEConfig, SparseMoE
 
 
@@ -18,7 +18,7 @@ def test_loop_reference_equals_grouped_experts():
         16,
         64,
     )  # tiny widths, the release's expert count and k
-    model = random_model(config, torch.device("cpu"), seed=0)
+    model = random_moe(config, torch.device("cpu"), seed=0)
     moe = model.model.layers[0].mlp
     assert isinstance(moe, SparseMoE)
     x = torch.randn(1, 50, 32)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from composer_dlm.benchmarks import H200_PEAK_FLOPS, int_list, write_json
+from composer_dlm.benchmarks.sampler import random_model
 from composer_dlm.cli import ArgumentParser
 from composer_dlm.diffusion import DiffusionConfig
 from composer_dlm.models.composer_llada import ComposerLLaDA
@@ -61,18 +62,11 @@ class LoopSparseMoE(SparseMoE):
         return out
 
 
-def random_model(config: LLaDAMoEConfig, device: torch.device, seed: int) -> LLaDAMoEModel:
-    """fp32 weights drawn on ``device`` by the model's own rule (:meth:`LLaDAMoEModel.init_std`, norms 1)."""
-    model = LLaDAMoEModel.from_config(config, device="meta").to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            std = model.init_std(name)
-            if std is None:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, std, generator=generator)
-    return model
+def random_moe(config: LLaDAMoEConfig, device: torch.device, seed: int) -> LLaDAMoEModel:
+    """fp32 weights drawn on ``device`` by the model's own rule (:func:`.sampler.random_model`), for training."""
+    model = random_model(config, device, torch.float32, seed)
+    assert isinstance(model, LLaDAMoEModel)
+    return model.train()
 
 
 def _set_experts(model: LLaDAMoEModel, cls: type[SparseMoE]) -> None:
@@ -140,7 +134,7 @@ def main(argv: list[str]) -> None:
         mask_token_id=RELEASE_SHAPE["vocab_size"] - 1,
         eos_token_id=RELEASE_SHAPE["vocab_size"] - 2,
     )
-    model = random_model(config, device, seed=0)
+    model = random_moe(config, device, seed=0)
     objective = ComposerLLaDA(model, DiffusionConfig(random_length_prob=0.0), loss_impl="fused")
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-5, fused=True)
     generator = torch.Generator(device=device).manual_seed(0)

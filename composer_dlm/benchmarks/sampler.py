@@ -32,6 +32,7 @@ from torch import nn
 from composer_dlm.benchmarks import int_list, write_json
 from composer_dlm.cli import ArgumentParser, fail
 from composer_dlm.generate import generate
+from composer_dlm.models.architectures import AnyConfig, AnyModel, module_for
 from composer_dlm.models.llada import LLaDAConfig, LLaDAModel
 
 T = TypeVar("T")
@@ -126,10 +127,12 @@ def reference_generate(
 def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> LLaDAModel:
     """A random model of the benchmark ``shape`` (see :func:`random_model`)."""
     config = LLaDAConfig(**SHAPES[shape], mask_token_id=MASK_ID[shape], eos_token_id=MASK_ID[shape] - 1)
-    return random_model(config, device, dtype, seed)
+    model = random_model(config, device, dtype, seed)
+    assert isinstance(model, LLaDAModel)
+    return model
 
 
-def random_model(config: LLaDAConfig, device: torch.device, dtype: torch.dtype, seed: int) -> LLaDAModel:
+def random_model(config: AnyConfig, device: torch.device, dtype: torch.dtype, seed: int) -> AnyModel:
     """Random weights by the model's own initialisation rule (:meth:`LLaDAModel.init_std`, norm weights 1), drawn
     in ``dtype`` directly on ``device`` from one generator seeded with ``seed``, without a host copy: an 8B
     model is 16 GB in bf16. In eval mode."""
@@ -137,7 +140,7 @@ def random_model(config: LLaDAConfig, device: torch.device, dtype: torch.dtype, 
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = LLaDAModel(config)
+            model = module_for(config)
     finally:
         torch.set_default_dtype(previous)
     model.to_empty(device=device)

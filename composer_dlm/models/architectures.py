@@ -39,6 +39,12 @@ def config_from_json(path: str | os.PathLike[str]) -> AnyConfig:
     return config_from_dict(hf_format.read_config(path), source=str(path))
 
 
+def module_for(config: AnyConfig) -> AnyModel:
+    """The model of ``config``'s architecture, built with torch's defaults (no initialisation of ours): for
+    callers that construct on the meta device and fill the weights themselves."""
+    return LLaDAMoEModel(config) if isinstance(config, LLaDAMoEConfig) else LLaDAModel(config)
+
+
 def from_config(
     config: AnyConfig, *, seed: int | None = None, device: str | torch.device | None = None
 ) -> AnyModel:
