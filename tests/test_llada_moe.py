@@ -168,3 +168,14 @@ def test_active_parameters_count_top_k_experts():
     assert config.num_params() == total
     expert = 3 * 32 * 16
     assert config.num_params() - config.num_params(active=True) == 2 * (5 - 2) * expert
+
+
+def test_likelihood_of_a_one_token_answer_is_exact_through_the_shared_interface():
+    from composer_dlm.likelihood import mc_log_likelihood
+
+    model = LLaDAMoEModel.from_config(TINY, seed=4).eval()
+    prompt, answer = torch.tensor([3, 9, 27, 5]), torch.tensor([11])
+    estimate = mc_log_likelihood(model, prompt, answer, mask_token_id=63, num_samples=1, batch_size=1)
+    with torch.no_grad():
+        logits = model(torch.cat([prompt, torch.tensor([63])])[None])
+    assert estimate == pytest.approx(float(logits[0, -1].log_softmax(-1)[11]), abs=1e-5)
