@@ -519,7 +519,8 @@ def describe(cls: type = TrainConfig, indent: str = "") -> str:
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
         options = (hint, *typing.get_args(hint))  # a section may be optional: `X | None`
-        section = next((a for a in options if isinstance(a, type) and dataclasses.is_dataclass(a)), None)
+        sections = [a for a in options if isinstance(a, type) and dataclasses.is_dataclass(a)]
+        section = sections[0] if sections else None
         if field.default is not dataclasses.MISSING:
             default = f" = {field.default!r}"
         elif field.default_factory is not dataclasses.MISSING:
@@ -535,6 +536,9 @@ def describe(cls: type = TrainConfig, indent: str = "") -> str:
         note = f"  # {doc}" if doc and not generated else ""
         lines.append(f"{indent}{field.name}:{' (default null)' if default == ' = None' else ''}{note}")
         lines.append(describe(section, indent + "  "))
+        for other in sections[1:]:  # another schema of the same key (model.config of LLaDA-MoE)
+            lines.append(f"{indent}{field.name}:  # or, as {other.__name__}")
+            lines.append(describe(other, indent + "  "))
     return "\n".join(lines)
 
 
