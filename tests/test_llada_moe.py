@@ -179,3 +179,23 @@ def test_likelihood_of_a_one_token_answer_is_exact_through_the_shared_interface(
     with torch.no_grad():
         logits = model(torch.cat([prompt, torch.tensor([63])])[None])
     assert estimate == pytest.approx(float(logits[0, -1].log_softmax(-1)[11]), abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_grouped_experts_on_the_gpu_match_the_loop_in_bf16_autocast():
+    """torch's grouped GEMM (where the torch has it) against dLLM's loop, forward and gradients, bf16 autocast."""
+    model = LLaDAMoEModel.from_config(
+        TINY | {"hidden_size": 64, "expert_intermediate_size": 32}, seed=6
+    ).cuda()
+    moe = model.model.layers[1].mlp
+    assert isinstance(moe, SparseMoE)
+    x = torch.randn(2, 300, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours, _ = moe(x)
+        ref = _loop_moe(moe, x.view(600, 64))
+    torch.testing.assert_close(ours.view(600, 64).float(), ref.float(), rtol=2e-2, atol=2e-3)
+    probe = torch.randn(600, 64, device="cuda")
+    got = torch.autograd.grad((ours.view(600, 64).float() * probe).sum(), [x, moe.experts.down_proj])
+    want = torch.autograd.grad((ref.float() * probe).sum(), [x, moe.experts.down_proj])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-3)

@@ -210,6 +210,12 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products on ``x`` run in: autocast's when it is on for ``x``'s device, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class GroupedExperts(nn.Module):
     """``num_experts`` SwiGLU experts held stacked: gate_proj, up_proj (E, I, H) and down_proj (E, H, I)."""
 
@@ -223,8 +229,7 @@ class GroupedExperts(nn.Module):
         """The experts over rows sorted by expert, group e ending at ``ends_E[e]``: three grouped GEMMs, in the
         autocast dtype when autocast is on (as ``nn.Linear`` would compute; the grouped product is not on
         autocast's lists, so the casts are made here)."""
-        device = x_MH.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_MH.dtype
+        dtype = compute_dtype(x_MH)
         x_MH = x_MH.to(dtype)
         gate = grouped_mm(x_MH, self.gate_proj.to(dtype), ends_E)
         up = grouped_mm(x_MH, self.up_proj.to(dtype), ends_E)
@@ -293,6 +298,7 @@ class SparseMoE(nn.Module):
         rank_in_group = torch.arange(n * k, device=x_NH.device) - starts_E[expert_of_sorted]
         dest_P = (padded_ends_E - padded_E)[expert_of_sorted] + rank_in_group  # buffer row of sorted pair p
         rows = n * k + self.num_experts * GROUP_ALIGN
+        x_NH = x_NH.to(compute_dtype(x_NH))  # before the copies: bf16 rows under autocast
         buffer = x_NH.new_zeros(rows, x_NH.shape[1]).index_copy(0, dest_P, x_NH[order_P // k])
         y_sorted = self.experts(buffer, padded_ends_E)[dest_P]
         y_P = torch.empty_like(y_sorted).index_copy(0, order_P, y_sorted)  # back to (token, slot) order
