@@ -105,3 +105,42 @@ def test_tiny_moe_with_two_processes(tmp_path):
     losses = rank0_metrics(run, "loss/train/total")
     assert sorted(losses) == [0, 1, 2, 3] and all(torch.isfinite(torch.tensor(list(losses.values()))))
     assert (run / "checkpoints" / "ep0-ba4-rank0.pt").is_file()
+
+
+def test_sft_fine_tunes_a_release_style_bf16_folder_in_fp32_masters(tmp_path):
+    """A bf16 folder stated as inclusionAI's release states it (model_type "llada" with LLaDA-MoE's keys, no
+    mask id): model.pretrained loads it as LLaDA-MoE, the mask id comes from the tokenizer, the parameters train
+    as fp32 masters on the embedded SFT shards, and the export keeps the release's model type."""
+    import json
+
+    base = tmp_path / "release"
+    config = load_config(TINY_MOE, moe_overrides(tmp_path)).model.config
+    assert config is not None
+    LLaDAMoEModel.from_config(config, seed=1).save_pretrained(base, dtype=torch.bfloat16)
+    data = json.loads((base / "config.json").read_text())
+    data["model_type"] = "llada"
+    del data["mask_token_id"]
+    (base / "config.json").write_text(json.dumps(data))
+
+    extra = {
+        "model.config": "null",
+        "model.pretrained": str(base),
+        "diffusion.mode": "sft",
+        "max_seq_len": "128",
+        "max_duration": "2ba",
+        "eval_interval": "2ba",
+    }
+    cfg = load_config(
+        TINY_MOE, [o for o in moe_overrides(tmp_path, "sft") if not o.startswith("model.config.")]
+    )
+    cfg = load_config(TINY_MOE, [*moe_overrides(tmp_path, "sft"), *(f"{k}={v}" for k, v in extra.items())])
+    trainer = builders.build_trainer(cfg)
+    trainer.fit()
+    model = trainer.state.model.model
+    assert isinstance(model, LLaDAMoEModel) and model.config.mask_token_id == mask_token_id(
+        load_tokenizer("embedded")
+    )
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    exported = json.loads((tmp_path / "sft" / "hf" / "final" / "config.json").read_text())
+    assert exported["model_type"] == "llada" and exported["num_experts"] == 4
+    trainer.close()
