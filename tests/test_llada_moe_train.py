@@ -130,9 +130,6 @@ def test_sft_fine_tunes_a_release_style_bf16_folder_in_fp32_masters(tmp_path):
         "max_duration": "2ba",
         "eval_interval": "2ba",
     }
-    cfg = load_config(
-        TINY_MOE, [o for o in moe_overrides(tmp_path, "sft") if not o.startswith("model.config.")]
-    )
     cfg = load_config(TINY_MOE, [*moe_overrides(tmp_path, "sft"), *(f"{k}={v}" for k, v in extra.items())])
     trainer = builders.build_trainer(cfg)
     trainer.fit()
