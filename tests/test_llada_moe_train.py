@@ -89,10 +89,12 @@ def test_tiny_moe_trains_exports_samples_and_resumes_bit_identical(tmp_path):
         torch.testing.assert_close(loaded(ids), rounded(ids), rtol=1e-5, atol=1e-5)
     tokenizer = load_tokenizer("embedded")
     prompt = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
-    out = generate(
-        loaded.eval(), prompt, steps=4, gen_length=8, block_length=8, mask_token_id=mask_token_id(tokenizer)
-    )
-    assert out.shape == (1, prompt.shape[1] + 8) and not (out == mask_token_id(tokenizer)).any()
+    mask = mask_token_id(tokenizer)
+    inputs: list[torch.Tensor] = []  # what the sampler gives the model: the answer starts as mask tokens
+    loaded.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    out = generate(loaded.eval(), prompt, steps=4, gen_length=8, block_length=8, mask_token_id=mask)
+    assert len(inputs) == 4 and torch.equal(inputs[0], torch.cat([prompt, torch.full((1, 8), mask)], 1))
+    assert out.shape == (1, prompt.shape[1] + 8) and torch.equal(out[:, : prompt.shape[1]], prompt)
 
 
 @pytest.mark.slow
