@@ -6,9 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from composer_dlm.data.tokenizer import EMBEDDED
+from composer_dlm.data.verify import VERIFY_MODES
 
 PAD_TO = ("longest", "max_seq_len")
 SHUFFLE_ALGOS = ("naive", "py1b", "py1br", "py1e", "py1s", "py2s")
+
+
+def check_verify(value: str, where: str) -> None:
+    if value not in VERIFY_MODES:
+        raise ValueError(f"{where}: verify must be one of {', '.join(VERIFY_MODES)}, got {value!r}")
 
 
 @dataclass
@@ -19,6 +25,7 @@ class StreamConfig:
     defaults to the loader's. At most one of: `proportion` (this stream's share of each epoch, relative
     to the other proportions), `repeat` (how many times over its samples per epoch, e.g. 0.5 or 2), or
     `choose` (exactly that many samples per epoch). With none, the stream contributes its samples once.
+    `verify` defaults to the loader's.
     """
 
     local: str | None = None
@@ -27,10 +34,13 @@ class StreamConfig:
     proportion: float | None = None
     repeat: float | None = None
     choose: int | None = None
+    verify: str | None = None
 
     def __post_init__(self) -> None:
         if not self.local and not self.remote:
             raise ValueError("stream: set `local` (a shard folder) or `remote`")
+        if self.verify is not None:
+            check_verify(self.verify, "stream")
         if self.local == EMBEDDED:
             raise ValueError("stream: the embedded corpus cannot be a stream; convert data to shards for it")
         weights = [n for n in ("proportion", "repeat", "choose") if getattr(self, n) is not None]
@@ -57,6 +67,9 @@ class LoaderConfig:
     `pin_memory` applies only when CUDA is present; `persistent_workers` and `prefetch_factor` only
     with `num_workers` > 0. `streams` (instead of `local`/`remote`) mixes several shard folders, each a
     StreamConfig; `split` is then their default split. Streams either all set `proportion` or none does.
+    `verify` is how local shards are checked at start-up (composer_dlm.data.verify): `quick` (sizes and
+    index at every start, each shard's content hash once, remembered), `full` (every hash at every start) or
+    `off`. Shards downloaded from a remote are hash-checked by Streaming as they arrive, whatever `verify` says.
     """
 
     local: str | None = None
@@ -80,8 +93,10 @@ class LoaderConfig:
     num_canonical_nodes: int | None = None
     shuffle_algo: str = "py1e"
     shuffle_block_size: int | None = None
+    verify: str = "quick"
 
     def __post_init__(self) -> None:
+        check_verify(self.verify, "loader")
         if self.streams is not None:
             if self.local or self.remote:
                 raise ValueError(
