@@ -32,6 +32,7 @@ from composer_dlm.callbacks.nan_guard import NaNGuard
 from composer_dlm.callbacks.noise_clock import NoiseClock
 from composer_dlm.callbacks.samples import SampleText
 from composer_dlm.checkpoints import (
+    CheckpointManifests,
     CheckpointRetention,
     RunIdentity,
     check_resume,
@@ -510,7 +511,9 @@ def _assemble_trainer(
     stream_counts = getattr(train_loader.dataset, "stream_counts", [])  # a mixture's streams, else []
     if stream_counts:  # each stream's share of the epoch, in the run's log file
         trainer.logger.log_hyperparameters(stream_hyperparameters("train_loader", stream_counts))
-    if cfg.checkpoint.save and keep > 0:  # after Composer's CheckpointSaver, so it sees each new save
+    if cfg.checkpoint.save:  # after Composer's CheckpointSaver, so they see each new save
+        trainer.state.callbacks.append(CheckpointManifests(cfg.checkpoint_folder))
+    if cfg.checkpoint.save and keep > 0:
         trainer.state.callbacks.append(CheckpointRetention(cfg.checkpoint_folder, keep))
     if dist.get_global_rank() == 0:
         write_run_config(cfg)
