@@ -190,54 +190,53 @@ def prune_checkpoints(folder: str | os.PathLike[str], keep: int, rank: int = 0) 
     return deleted
 
 
-class CheckpointManifests(Callback):
-    """Writes the manifest of rank 0's newest checkpoint file after each save (see the module's docstring). Must
-    run after Composer's ``CheckpointSaver`` at each event, like :class:`CheckpointRetention` (and before it)."""
+class _AfterSave(Callback):
+    """Runs :meth:`after_save` on global rank 0 after each possible save. Must run after Composer's
+    ``CheckpointSaver`` at each event: append it to ``trainer.state.callbacks`` once the Trainer is built."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
 
-    def _write(self) -> None:
-        if dist.get_global_rank() != 0:
-            return
+    def after_save(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        if dist.get_global_rank() == 0:
+            self.after_save()
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._run()
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._run()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._run()
+
+
+class CheckpointManifests(_AfterSave):
+    """Writes the manifest of rank 0's newest checkpoint file after each save (see the module's docstring); runs
+    before :class:`CheckpointRetention`."""
+
+    def after_save(self) -> None:
         saved = saved_checkpoints(self.folder)
         if saved and saved[0][1].is_file() and not manifest_path(saved[0][1]).exists():
             write_manifest(saved[0][1])
 
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._write()
 
-    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._write()
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        self._write()
-
-
-class CheckpointRetention(Callback):
+class CheckpointRetention(_AfterSave):
     """Keeps the ``keep`` newest checkpoints of the folder after each save, counting those of earlier processes.
 
-    Must run after Composer's ``CheckpointSaver`` at each event (append it to ``trainer.state.callbacks`` once
-    the Trainer is built), and Composer's own rotation must be off (``save_num_checkpoints_to_keep=-1``):
-    Composer deletes its own saves without checking they still exist.
+    Composer's own rotation must be off (``save_num_checkpoints_to_keep=-1``): Composer deletes its own saves
+    without checking they still exist.
     """
 
     def __init__(self, folder: str | os.PathLike[str], keep: int) -> None:
-        self.folder = Path(folder)
+        super().__init__(folder)
         self.keep = keep
 
-    def _prune(self) -> None:
-        if dist.get_global_rank() == 0:
-            prune_checkpoints(self.folder, self.keep)
-
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._prune()
-
-    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._prune()
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        self._prune()
+    def after_save(self) -> None:
+        prune_checkpoints(self.folder, self.keep)
 
 
 class RunIdentity(Callback):

@@ -15,12 +15,19 @@ from collections.abc import Iterator
 from typing import NoReturn
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def report(message: str) -> int:
     """Print `composer-dlm: error: MESSAGE` (one line) on stderr; returns 2, for a `main` that returns codes."""
     print(f"composer-dlm: error: {' '.join(str(message).split())}", file=sys.stderr)
     return EXIT_USER_ERROR
+
+
+def report_interrupt(what: str, code: int = EXIT_INTERRUPTED) -> int:
+    """Print `composer-dlm: WHAT` (one line, no traceback) on stderr; returns `code` (130: Ctrl-C)."""
+    print(f"composer-dlm: {what}", file=sys.stderr, flush=True)
+    return code
 
 
 def fail(message: str) -> NoReturn:

@@ -7,11 +7,22 @@ here an ``fsdp:`` section runs as DDP; every FSDP mode is run in tests/test_gpu_
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from faults import ROOT, kill_after_batches, launch_ranks, rank0_metrics, run_ranks
+from faults import (
+    ROOT,
+    kill_after_batches,
+    kill_group,
+    launch_ranks,
+    live_group_members,
+    rank0_metrics,
+    rank0_metrics_by_attempt,
+    run_ranks,
+    wait_for_batches,
+)
 from test_train import tiny_overrides
 
 from composer_dlm.checkpoints import is_complete_checkpoint
@@ -86,11 +97,28 @@ def final_weights(run_folder: Path) -> dict[str, torch.Tensor]:
     return state["state"]["model"]
 
 
+CRASH_ARGS = dict(max_duration=f"{STEPS}ba", eval_interval="1000ba") | {
+    "checkpoint.save_interval": "2ba",
+    "callbacks.samples": "null",
+    "callbacks.hf_export": "null",
+}
+
+
+def assert_same_run(ref: Path, got: Path) -> None:
+    """``got`` ended with the weights and the per-batch losses of the uninterrupted ``ref``, bit for bit."""
+    ref_w, got_w = final_weights(ref), final_weights(got)
+    assert ref_w.keys() == got_w.keys()
+    for name in ref_w:
+        assert torch.equal(ref_w[name], got_w[name]), name
+    ref_loss = rank0_metrics(ref, "loss/train/total")
+    got_loss = rank0_metrics(got, "loss/train/total")
+    assert sorted(ref_loss) == list(range(STEPS)) and got_loss == ref_loss
+
+
 def test_killed_mid_save_and_mid_run_resumes_bit_identical(tmp_path):
     """Two processes, SIGKILLed while rank 0 writes a checkpoint and again mid-run (the launcher and both ranks
     at once), restarted each time: the final weights equal an uninterrupted two-process run's, bit for bit."""
-    args = dict(max_duration=f"{STEPS}ba", eval_interval="1000ba")
-    args |= {"checkpoint.save_interval": "2ba", "callbacks.samples": "null", "callbacks.hf_export": "null"}
+    args = CRASH_ARGS
     run_ranks(2, [TRAIN, QUICKSTART, *tiny(tmp_path / "ref", "crash", **args)], ENV)
 
     base = tmp_path / "faulty"
@@ -105,11 +133,29 @@ def test_killed_mid_save_and_mid_run_resumes_bit_identical(tmp_path):
     assert "resuming from the last complete checkpoint ep0-ba2-rank0.pt" in out, out
     # 3: runs to the end.
     run_ranks(2, [TRAIN, QUICKSTART, *tiny(base, "crash", **args)], ENV)
+    assert_same_run(tmp_path / "ref" / "crash", base / "crash")
 
-    ref_w, got_w = final_weights(tmp_path / "ref" / "crash"), final_weights(base / "crash")
-    assert ref_w.keys() == got_w.keys()
-    for name in ref_w:
-        assert torch.equal(ref_w[name], got_w[name]), name
-    ref_loss = rank0_metrics(tmp_path / "ref" / "crash", "loss/train/total")
-    got_loss = rank0_metrics(base / "crash", "loss/train/total")
-    assert sorted(ref_loss) == list(range(STEPS)) and got_loss == ref_loss
+
+@pytest.mark.slow
+def test_killed_launcher_takes_its_ranks_down_and_the_rerun_resumes(tmp_path):
+    """SIGKILL to the launcher's pid alone (as an OOM killer or a scheduler may send): no rank survives it by 30 s
+    (they used to train on, orphaned, to the end), and the re-run resumes from the last checkpoint and ends bit
+    for bit as an uninterrupted run."""
+    run_ranks(2, [TRAIN, QUICKSTART, *tiny(tmp_path / "ref", "crash", **CRASH_ARGS)], ENV)
+    base = tmp_path / "faulty"
+    p = launch_ranks(2, [TRAIN, QUICKSTART, *tiny(base, "crash", **CRASH_ARGS)], ENV)
+    try:
+        wait_for_batches(p, 3)  # after the checkpoint at batch 2
+        p.kill()
+        p.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while live_group_members(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert live_group_members(p.pid) == []
+    finally:
+        kill_group(p)
+        p.communicate(timeout=60)
+    run_ranks(2, [TRAIN, QUICKSTART, *tiny(base, "crash", **CRASH_ARGS)], ENV)
+    attempts = rank0_metrics_by_attempt(base / "crash", "loss/train/total")
+    assert len(attempts) == 2 and min(attempts[1]) >= 2  # the re-run resumed (from batch 2 or later)
+    assert_same_run(tmp_path / "ref" / "crash", base / "crash")
