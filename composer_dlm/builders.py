@@ -55,7 +55,7 @@ from composer_dlm.models.composer_llada import ComposerLLaDA
 from composer_dlm.models.hf_format import CONFIG_NAME, resolve_folder
 from composer_dlm.models.lora import apply_lora, drop_frozen_weights
 from composer_dlm.parallel import parallelize
-from composer_dlm.run_lock import RunLock, RunLockedError
+from composer_dlm.run_lock import LockUnavailableError, RunLock, RunLockedError
 from composer_dlm.schedulers import WarmupStableDecayScheduler
 
 log = logging.getLogger("composer_dlm")
@@ -343,20 +343,28 @@ def resolve_load_path(cfg: TrainConfig) -> str | None:
     return path
 
 
-def start_run(cfg: TrainConfig) -> RunLock:
+def start_run(cfg: TrainConfig, lock: RunLock) -> None:
     """Before anything reads or writes the run folder: initialise the process group, take the run folder's lock
-    (global rank 0; every rank raises :class:`RunLockedError` if another run holds it), repair what a crash
-    mid-save left and apply checkpoint retention to the checkpoints already there (see checkpoints.py)."""
+    (global rank 0, unless checkpoint.lock is false; every rank raises :class:`RunLockedError` if it cannot be
+    taken, so all leave together with one line), repair what a crash mid-save left and apply checkpoint retention
+    to the checkpoints already there (see checkpoints.py)."""
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu", timeout=cfg.dist_timeout)
-    lock = RunLock(cfg.run_folder)
-    refused: list[str | None] = [None]
-    if dist.get_global_rank() == 0:
+    error: RunLockedError | None = None
+    if dist.get_global_rank() == 0 and cfg.checkpoint.lock:
         try:
             lock.acquire()
         except RunLockedError as err:
-            refused = [str(err)]
+            error = err
+        except OSError as err:
+            error = LockUnavailableError(
+                f"cannot lock the run folder {cfg.run_folder} ({type(err).__name__}: {err}); fix the folder (or "
+                "base_path) so this user can write it, or set checkpoint.lock=false to run without a lock"
+            )
+    refused = [None if error is None else str(error)]
     dist.broadcast_object_list(refused, src=0)
+    if error is not None:
+        raise error
     if refused[0] is not None:
         raise RunLockedError(refused[0])
     if dist.get_global_rank() == 0 and cfg.checkpoint.autoresume and cfg.checkpoint.save:
@@ -366,7 +374,6 @@ def start_run(cfg: TrainConfig) -> RunLock:
             print(f"composer-dlm: checkpoint folder {folder}: {message}", flush=True)
         prune_checkpoints(folder, cfg.checkpoint.save_num_checkpoints_to_keep)
     dist.barrier()
-    return lock
 
 
 def check_checkpoint_to_resume(
@@ -420,11 +427,13 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     load_path = resolve_load_path(cfg)
     batch_size = device_batch_size(cfg)  # the batch geometry, checked before anything touches the disk
     created = not cfg.run_folder.exists()
-    lock = start_run(cfg)
+    lock = RunLock(cfg.run_folder)
     try:
+        start_run(cfg, lock)
         return _assemble_trainer(cfg, lock, load_path, batch_size, extra_callbacks)
-    except BaseException:
-        if created and dist.get_global_rank() == 0:
+    except BaseException as err:
+        # Refused because another run holds the folder: it is that run's, even if it appeared just now.
+        if created and dist.get_global_rank() == 0 and type(err) is not RunLockedError:
             shutil.rmtree(cfg.run_folder, ignore_errors=True)
         lock.release()
         raise

@@ -160,9 +160,12 @@ class FSDPConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    """``save: false`` writes no checkpoints at all (benchmarks); nothing can then be resumed."""
+    """``save: false`` writes no checkpoints at all (benchmarks); nothing can then be resumed. ``lock: false`` runs
+    without the run folder's lock (composer_dlm/run_lock.py), for filesystems where neither flock nor an exclusive
+    create works; two runs in one folder are then yours to prevent."""
 
     save: bool = True
+    lock: bool = True
     save_interval: str = "500ba"
     save_num_checkpoints_to_keep: int = 2
     autoresume: bool = True

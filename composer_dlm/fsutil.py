@@ -51,13 +51,14 @@ def remove_stale_staging(target: Path) -> list[Path]:
     removed = []
     for tmp in target.parent.glob(f".{target.name}{STAGING_MARK}*"):
         pid = tmp.name[len(f".{target.name}{STAGING_MARK}") :].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (someone else's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
