@@ -7,6 +7,7 @@ here an ``fsdp:`` section runs as DDP; every FSDP mode is run in tests/test_gpu_
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from faults import (
 from test_train import tiny_overrides
 
 from composer_dlm.checkpoints import is_complete_checkpoint
+from composer_dlm.data import ensure_embedded_corpus
 from composer_dlm.models import LLaDAModel
 from composer_dlm.models.composer_llada import llada_weights
 
@@ -159,3 +161,26 @@ def test_killed_launcher_takes_its_ranks_down_and_the_rerun_resumes(tmp_path):
     attempts = rank0_metrics_by_attempt(base / "crash", "loss/train/total")
     assert len(attempts) == 2 and min(attempts[1]) >= 2  # the re-run resumed (from batch 2 or later)
     assert_same_run(tmp_path / "ref" / "crash", base / "crash")
+
+
+@pytest.mark.slow
+def test_damaged_shard_stops_every_rank_with_one_line(tmp_path):
+    """The shard check runs on local rank 0 while rank 1 waits; its failure is raised on both ranks (the launcher
+    ends, nothing hangs in the gather) as one error line naming the shard."""
+    data = tmp_path / "data"
+    shutil.copytree(ensure_embedded_corpus(32), data)
+    shard = sorted((data / "train").glob("shard.*.mds"))[0]
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x40
+    shard.write_bytes(bytes(damaged))
+    args = tiny(tmp_path, "bad", **{"train_loader.local": str(data), "eval_loader.local": str(data)})
+    p = launch_ranks(2, [TRAIN, QUICKSTART, *args], ENV)
+    try:
+        out, _ = p.communicate(timeout=300)
+    finally:
+        kill_group(p)
+    assert p.returncode == 2, out[-4000:]
+    errors = [line for line in out.splitlines() if line.startswith("composer-dlm: error:")]
+    assert errors == [f"composer-dlm: error: shard {shard} is corrupt: its xxh3_64 hash differs from its index's; "
+                      "convert the data again with scripts/convert_to_mds.py (or copy the folder again)"]  # fmt: skip
+    assert "Traceback" not in out and not (tmp_path / "bad").exists()
