@@ -189,10 +189,8 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     tps = timer.batches * tokens_per_batch / dt
     masked_fraction = float(timer.masked) / timer.rows if timer.rows else 1.0
     projected = masked_fraction if args.loss_impl == "fused" else 1.0
-    lora = f"LoRA r{args.lora_r} " if args.lora_r else ("full fine-tune " if args.from_base else "")
     result = {
-        "path": f"ours ({args.mode}, {lora}{args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, "
-        f"ac={args.ac}, world={world}{', deterministic' if args.deterministic else ''})",
+        "path": _our_path(args, world),
         "micro_batch": args.micro_batch,
         "tokens_per_s_per_gpu": tps,
         "mfu": _mfu(model.model.config, args.seq_len, tps),
@@ -205,6 +203,15 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     if dist.get_world_size() > 1:
         dist.barrier()
     return result
+
+
+def _our_path(args: argparse.Namespace, world: int) -> str:
+    """What our configuration runs, as the results' ``path`` names it."""
+    lora = f"LoRA r{args.lora_r} " if args.lora_r else ("full fine-tune " if args.from_base else "")
+    return (
+        f"ours ({args.mode}, {lora}{args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, "
+        f"ac={args.ac}, world={world}{', deterministic' if args.deterministic else ''})"
+    )
 
 
 def _base_folder(args: argparse.Namespace, data_root: Path) -> Path:
@@ -346,7 +353,7 @@ def main(argv: list[str]) -> None:
             try:
                 results.append(run_ours(args, data_root, Path(tmp) / f"run{mb}"))
             except torch.OutOfMemoryError:
-                results.append({"path": "ours", "micro_batch": mb, "oom": True})
+                results.append({"path": _our_path(args, world), "micro_batch": mb, "oom": True})
             _release_trainers()  # after the handler: its traceback no longer holds run_ours's frame
         if args.reference and rank == 0:
             for mb in (4, 8):
