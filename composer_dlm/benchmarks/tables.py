@@ -4,11 +4,12 @@
     python scripts/benchmark.py table kernel_h200.json hidden=4096               # only rows with hidden 4096
     python scripts/benchmark.py table --update README.md                         # regenerate every marked table
 
-In the README each table follows a marker comment naming its raw files (bare names are looked up in
-``results/``) and optional ``key=value`` row filters, ``<!-- table: FILE [FILE ...] [key=value ...] -->`` and a blank line;
+In the README each table follows a marker comment and a blank line, ``<!-- table: FILE [FILE ...] [key=value
+...] -->``, naming its raw files (bare names are looked up in ``results/``) and optional row filters;
 ``--update`` rewrites the table under every marker and ``tests/test_readme_figures.py`` fails when a table
-differs from what its raw files give. The formatter is chosen by the file's ``"benchmark"`` field. A figure timed
-repeatedly is stored as :func:`composer_dlm.benchmarks.repeats` (every value, their median and range) and shown as
+differs from what its raw files give. The formatter is chosen by the file's ``"benchmark"`` field: a new
+benchmark adds its own to :data:`FORMATTERS`. A figure timed repeatedly is stored as
+:func:`composer_dlm.benchmarks.repeats` (every value, their median and range) and shown as
 ``median (min-max, n=N)``; ratios are taken between medians.
 """
 
