@@ -36,6 +36,7 @@ BENCHMARKS = {
     "sampler": "composer_dlm.benchmarks.sampler",
     "likelihood": "composer_dlm.benchmarks.likelihood",
     "startup": "composer_dlm.benchmarks.startup",
+    "table": "composer_dlm.benchmarks.tables",
 }
 
 

@@ -16,6 +16,7 @@ frozen base; ``--from-base`` fully fine-tunes that same folder (fp32 masters and
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import os
 import tempfile
@@ -54,6 +55,22 @@ def _free() -> None:
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
+
+
+def _release_trainers() -> None:
+    """Free what the configurations run so far in this process hold, before the next one.
+
+    Composer's ``Engine`` registers ``atexit.register(Engine._close, state, logger)`` and unregisters it only when
+    an engine is garbage-collected unclosed, so every trainer built here (closed, or stopped by an out-of-memory
+    error) kept its state (the model, the optimizer with its AdamW moments) referenced until the process ended:
+    LLaDA-8B full fine-tuning at micro-batch 1 ran out of memory after micro-batch 2 only because of that. Dropping
+    those hooks (the benchmark closes its trainers itself) and torch.compile's caches frees them.
+    """
+    from composer.core.engine import Engine
+
+    atexit.unregister(Engine._close)
+    torch._dynamo.reset()
+    _free()
 
 
 def _mfu(config: LLaDAConfig, seq_len: int, tokens_per_s: float, projected_fraction: float = 1.0) -> float:
@@ -159,7 +176,10 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     cfg = build(TrainConfig, raw)
     timer = _StepTimer(args.warmup)
     trainer = build_trainer(cfg, extra_callbacks=[timer])
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
     model = cast(ComposerLLaDA, trainer.state.model)  # build_trainer's model
     tokens_per_batch = args.micro_batch * args.grad_accum * args.seq_len  # per GPU
     assert timer.start is not None and timer.end is not None, (
@@ -169,10 +189,8 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     tps = timer.batches * tokens_per_batch / dt
     masked_fraction = float(timer.masked) / timer.rows if timer.rows else 1.0
     projected = masked_fraction if args.loss_impl == "fused" else 1.0
-    lora = f"LoRA r{args.lora_r} " if args.lora_r else ("full fine-tune " if args.from_base else "")
     result = {
-        "path": f"ours ({args.mode}, {lora}{args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, "
-        f"ac={args.ac}, world={world}{', deterministic' if args.deterministic else ''})",
+        "path": _our_path(args, world),
         "micro_batch": args.micro_batch,
         "tokens_per_s_per_gpu": tps,
         "mfu": _mfu(model.model.config, args.seq_len, tps),
@@ -181,12 +199,19 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
         "peak_gib": _peak_gib(),
         "step_s": dt / timer.batches,
     }
-    trainer.close()
     del trainer, model
-    _free()
     if dist.get_world_size() > 1:
         dist.barrier()
     return result
+
+
+def _our_path(args: argparse.Namespace, world: int) -> str:
+    """What our configuration runs, as the results' ``path`` names it."""
+    lora = f"LoRA r{args.lora_r} " if args.lora_r else ("full fine-tune " if args.from_base else "")
+    return (
+        f"ours ({args.mode}, {lora}{args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, "
+        f"ac={args.ac}, world={world}{', deterministic' if args.deterministic else ''})"
+    )
 
 
 def _base_folder(args: argparse.Namespace, data_root: Path) -> Path:
@@ -328,8 +353,8 @@ def main(argv: list[str]) -> None:
             try:
                 results.append(run_ours(args, data_root, Path(tmp) / f"run{mb}"))
             except torch.OutOfMemoryError:
-                results.append({"path": "ours", "micro_batch": mb, "oom": True})
-                _free()
+                results.append({"path": _our_path(args, world), "micro_batch": mb, "oom": True})
+            _release_trainers()  # after the handler: its traceback no longer holds run_ours's frame
         if args.reference and rank == 0:
             for mb in (4, 8):
                 results.append(run_reference(args, mb))
