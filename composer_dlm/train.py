@@ -13,7 +13,7 @@ import sys
 from composer_dlm.builders import build_trainer, training_complete
 from composer_dlm.callbacks.nan_guard import NonFiniteLossError
 from composer_dlm.checkpoints import ResumeMismatchError
-from composer_dlm.cli import report
+from composer_dlm.cli import report, report_once
 from composer_dlm.config import ConfigError, describe, load_config
 from composer_dlm.data import DataError
 from composer_dlm.models import CheckpointError
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit()
         trainer.close()
     except USER_ERRORS as err:
-        return report(str(err))
+        return report_once(str(err))
     return 0
 
 

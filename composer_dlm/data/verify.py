@@ -18,7 +18,7 @@ from composer_dlm.data.errors import DataError
 from composer_dlm.data.manifest import INDEX_NAME
 
 HASH = "xxh3_64"
-CONVERT_AGAIN = "convert the data again with scripts/convert_to_mds.py (or copy the folder again)"
+CONVERT_AGAIN = "convert the data again with composer-dlm-convert (or copy the folder again)"
 
 
 def read_index(folder: Path) -> dict[str, Any]:

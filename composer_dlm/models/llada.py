@@ -109,6 +109,12 @@ class LLaDAConfig:
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> LLaDAConfig:
         """Builds a config from a ``config.json`` mapping, refusing settings this implementation lacks; keys that
         are not fields are kept in ``extra``."""
+        model_type = data.get("model_type")
+        if model_type not in (None, "llada"):
+            raise CheckpointError(
+                f"{source}: not a LLaDA config (model_type {model_type!r}); composer-dlm builds LLaDA networks "
+                "only: give a LLaDA folder (model_type 'llada', e.g. GSAI-ML/LLaDA-8B-Base or one of our exports)"
+            )
         hf_format.check_supported(data, source)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         required = ("d_model", "n_layers", "n_heads", "vocab_size")
