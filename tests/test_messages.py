@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from faults import free_port
 
-from composer_dlm import train
+from composer_dlm import commands, train
 from composer_dlm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +91,25 @@ def test_refused_two_process_run_prints_once_with_exit_2(tmp_path):
     assert len([line for line in errors(output) if line.startswith("composer-dlm: error:")]) == 1, output[
         -3000:
     ]
+
+
+def test_make_yamls_outside_the_checkout_says_where_the_example_is(tmp_path, monkeypatch):
+    command = BIN / "composer-dlm-make-yamls"
+    if not command.is_file():
+        pytest.skip("composer-dlm-make-yamls is not installed (pip install -e .)")
+    env = os.environ | {"PYTHONPATH": str(ROOT)}  # this checkout's code, run by the installed command
+    done = subprocess.run(
+        [command, "grid_example.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    shipped = ROOT / "yamls" / "grid_example.yaml"
+    assert line.startswith("composer-dlm: error: grid description grid_example.yaml does not exist; ")
+    hint = f"`cd {ROOT} && composer-dlm-make-yamls yamls/grid_example.yaml --out DIR`"
+    assert f"the example of that name is {shipped}" in line and hint in line
+    # The hint works: from the checkout's root, the example writes its grid.
+    monkeypatch.chdir(ROOT)
+    assert commands.make_yamls(["yamls/grid_example.yaml", "--out", str(tmp_path / "grid")]) == 0
+    assert sorted(p.name for p in (tmp_path / "grid").iterdir()) == [
+        "llada_1b_wiki_pretrain.yaml", "llada_1b_wiki_sft.yaml", "llada_8b_wiki_pretrain.yaml", "llada_8b_wiki_sft.yaml"
+    ]  # fmt: skip
