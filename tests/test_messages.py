@@ -41,7 +41,7 @@ def test_pretrained_on_the_quickstart_names_model_config_null(capsys):
     assert train.main([QUICKSTART, "model.pretrained=GSAI-ML/LLaDA-8B-Base"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("composer-dlm: error: model: model.config and model.pretrained are both set")
-    assert "add `model.config=null`" in line
+    assert "add `model.config=null` to the command line" in line
 
 
 def test_gpt2_config_is_not_a_llada_config(tmp_path, capsys):
