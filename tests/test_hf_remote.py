@@ -1,20 +1,23 @@
 """Exports that load without composer-dlm: the modeling files shipped in every export, run by transformers'
 AutoModel / AutoModelForMaskedLM in a Python process where ``composer_dlm`` cannot be imported, give our model's
-logits (fp32 and a bf16 export); the exported tokenizer pads with config.json's pad id and knows the context."""
+logits (fp32 and bf16 exports, and a folder in LLaDA's release layout); the exported tokenizer pads with
+config.json's pad id and knows the model's context."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from test_llada import RELEASE_CONFIG, release_tensors, write_release_folder
 
 from composer_dlm.data import load_tokenizer, mask_token_id
 from composer_dlm.models import LLaDAModel
-from composer_dlm.models.hf_format import REMOTE_AUTO_MAP
+from composer_dlm.models.hf_format import REMOTE_AUTO_MAP, REMOTE_CODE, REMOTE_CODE_FILES
 
 # Run with ``python -I`` (no PYTHONPATH, no cwd on sys.path) from a folder outside the repository, with an import
 # hook in front that refuses composer_dlm however it is installed (an editable install would otherwise find it).
@@ -76,8 +79,15 @@ def test_export_loads_with_automodel_where_composer_dlm_is_not_installed(tmp_pat
         p.name for p in folders["fp32"].iterdir()
     }
 
+    # LLaDA's release layout (its config.json keys, random weights under its tensor names) with our files.
+    folders["release"] = write_release_folder(
+        tmp_path / "release", RELEASE_CONFIG | {"auto_map": REMOTE_AUTO_MAP}, release_tensors(RELEASE_CONFIG)
+    )
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(REMOTE_CODE / name, folders["release"] / name)
+
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, len(tokenizer), (2, 9), generator=g)
+    ids = torch.randint(0, RELEASE_CONFIG["vocab_size"], (2, 9), generator=g)  # in every model's vocabulary
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, 6:] = 0  # padded keys are hidden
     args = {
@@ -105,6 +115,7 @@ def test_export_loads_with_automodel_where_composer_dlm_is_not_installed(tmp_pat
         ours = {
             "fp32": LLaDAModel.from_pretrained(folders["fp32"])(ids, mask),
             "bf16": LLaDAModel.from_pretrained(folders["bf16"])(ids, mask),
+            "release": LLaDAModel.from_pretrained(folders["release"])(ids, mask),
         }
     assert ours["bf16"].dtype == torch.bfloat16
     for name, expected in ours.items():

@@ -4,8 +4,8 @@ A release folder (``GSAI-ML/LLaDA-8B-Base``) holds ``config.json``, safetensors 
 ``model.safetensors.index.json`` when sharded), the tokenizer files, ``generation_config.json`` and LLaDA's own
 modeling files, which ``config.json``'s ``auto_map`` points at for ``AutoModel.from_pretrained(...,
 trust_remote_code=True)``; an export of a network trained here ships composer-dlm's own modeling files instead
-(:mod:`composer_dlm.models.hf_remote`). Tensor names equal our parameter names (``model.transformer.blocks.0.q_proj.weight``),
-so no renaming map is needed.
+(:mod:`composer_dlm.models.hf_remote`). Tensor names equal our parameter names
+(``model.transformer.blocks.0.q_proj.weight``), so no renaming map is needed.
 
 LLaDA's configuration class fills every key missing from ``config.json`` with a default that describes another
 network (fused "sequential" blocks, layer norm, no RoPE, tied weights, dropout 0.1). An export therefore states
