@@ -86,10 +86,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         given = [k for k in ("config_path", "config", "pretrained") if getattr(self, k) is not None]
-        if len(given) != 1:
+        if len(given) > 1:
+            # A YAML sets one (the quickstart sets model.config) and an override adds another: say which to drop.
+            drop = " ".join(f"model.{k}=null" for k in given if k != given[-1])
             raise ConfigError(
-                "model: set exactly one of model.config_path (JSON, from scratch), model.config (inline) or "
-                f"model.pretrained (Hugging Face folder); got {given or 'none'}"
+                f"model: {' and '.join(f'model.{k}' for k in given)} are both set, but a model comes from exactly "
+                f"one of them; to use model.{given[-1]}, add `{drop}` to the command line (or remove it from the YAML)"
+            )
+        if not given:
+            raise ConfigError(
+                "model: set one of model.config_path (JSON, from scratch), model.config (inline) or "
+                "model.pretrained (Hugging Face folder)"
             )
         if self.lora is not None and self.pretrained is None:
             raise ConfigError("model.lora adapts a pretrained model: set model.pretrained to its folder")

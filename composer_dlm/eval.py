@@ -61,7 +61,7 @@ try:
 except ModuleNotFoundError as err:  # the optional extra
     raise ModuleNotFoundError(f"composer_dlm.eval needs lm-eval ({err}): pip install -e '.[eval]'") from err
 
-from composer_dlm.cli import report, warnings_as_lines
+from composer_dlm.cli import report_once, warnings_as_lines
 from composer_dlm.data.embedded import resolve_tokenizer
 from composer_dlm.generate import Remasking, generate
 from composer_dlm.generate_cli import find_run_config, load_model
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli_evaluate()
     except (ValueError, FileNotFoundError) as err:  # EvalArgumentError, CheckpointError, DataError, lm-eval's
-        return report(str(err))
+        return report_once(str(err))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -146,9 +146,8 @@ def render(tokenizer, ids: list[int], mask_token_id: int) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = ArgumentParser(
-        prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    # prog: argparse's default, the name the user ran (composer-dlm-generate, or generate.py for the script).
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "checkpoint", help="Hugging Face folder (preferred), LoRA adapter folder, or Composer checkpoint .pt"
     )

@@ -56,7 +56,10 @@ def test_overrides_merge_and_are_typed():
         ("optimizer.lr=fast", r"optimizer.lr: expected float, got str 'fast'"),
         ("precision=amp_int3", r"precision: 'amp_int3' is not one of"),
         ("max_duration=10 steps", r"max_duration: '10 steps' is not a duration"),
-        ("model.pretrained=/x", r"model: set exactly one of"),
+        (
+            "model.pretrained=/x",
+            r"model: model.config and model.pretrained are both set.*add `model.config=null`",
+        ),
         ("global_train_batch_size=0", r"global_train_batch_size must be positive"),
         ("diffusion.mode=ar", r"'ar' is not one of"),
         # Callbacks count batches: another unit, or zero (a modulo by zero at the first batch), is refused here.

@@ -178,6 +178,6 @@ def test_embedded_loader_refuses_another_tokenizer(cache: Path, tmp_path: Path) 
         )
     assert str(info.value).startswith(
         "a loader reads `local: embedded`, the built-in corpus in the embedded tokenizer's ids, but the run's "
-        f"tokenizer is '{tmp_path / 'tok'}'; convert your data with it (`python scripts/convert_to_mds.py INPUT "
+        f"tokenizer is '{tmp_path / 'tok'}'; convert your data with it (`composer-dlm-convert INPUT "
         f"--out DIR --tokenizer {tmp_path / 'tok'} --seq-len N --val-fraction 0.01`)"
     )

@@ -100,7 +100,7 @@ def test_damaged_split_is_named_at_loader_build(
     with pytest.raises(DataError) as info:
         build(tmp_path / "data", tok)
     assert str(info.value).startswith(message), str(info.value)
-    assert "convert the data again with scripts/convert_to_mds.py" in str(info.value)
+    assert "convert the data again with composer-dlm-convert" in str(info.value)
     build(tmp_path / "data", tok, split="val")  # the other split is untouched and still reads
 
 

@@ -11,10 +11,11 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.config import batch_interval
 from composer_dlm.models.composer_llada import llada_weights
-from composer_dlm.models.hf_format import SavesPretrained, write_folder
+from composer_dlm.models.hf_format import write_folder
 from composer_dlm.models.lora import base_model_path, lora_settings, merge_adapters, write_adapter
 from composer_dlm.parallel import unwrap_llada
 
@@ -47,7 +48,7 @@ class HuggingFaceExport(Callback):
         interval: str | None = None,
         dtype: torch.dtype = torch.bfloat16,
         *,
-        tokenizer: SavesPretrained | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         source: str | Path | None = None,
         merge: bool = False,
     ) -> None:

@@ -3,6 +3,8 @@ source of a mixture (`train_loader.streams.<name>`)."""
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 from composer_dlm.data.tokenizer import EMBEDDED
@@ -10,6 +12,8 @@ from composer_dlm.data.verify import VERIFY_MODES
 
 PAD_TO = ("longest", "max_seq_len")
 SHUFFLE_ALGOS = ("naive", "py1b", "py1br", "py1e", "py1s", "py2s")
+
+log = logging.getLogger(__name__)
 
 
 def check_verify(value: str, where: str) -> None:
@@ -112,6 +116,10 @@ class LoaderConfig:
                     f"loader: streams {', '.join(with_proportion)} set `proportion` but {', '.join(missing)} "
                     "do not; give every stream a proportion, or use repeat/choose instead"
                 )
+            if with_proportion:
+                _say_if_rescaled(
+                    {n: s.proportion for n, s in self.streams.items() if s.proportion is not None}
+                )
             absolute = [n for n, s in self.streams.items() if s.repeat is not None or s.choose is not None]
             if absolute and self.subset_size is not None:
                 raise ValueError(
@@ -146,3 +154,14 @@ class LoaderConfig:
             raise ValueError("loader: prefetch_factor needs num_workers > 0; leave it null")
         if self.timeout < 0 or self.download_timeout <= 0 or self.download_retry < 0:
             raise ValueError("loader: timeout must be >= 0, download_timeout > 0, download_retry >= 0")
+
+
+def _say_if_rescaled(proportions: dict[str, float]) -> None:
+    """Streaming reads proportions as relative weights and divides them by their sum, as llm-foundry's and
+    Streaming's users expect; when they do not sum to 1, one warning line shows the shares actually drawn."""
+    total = sum(proportions.values())
+    if total > 0 and not math.isclose(total, 1.0, rel_tol=1e-6):
+        shares = ", ".join(f"{name} {p:g} -> {p / total:.4g}" for name, p in proportions.items())
+        log.warning(
+            "stream proportions sum to %g, not 1; they are relative weights, rescaled to %s", total, shares
+        )

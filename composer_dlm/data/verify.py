@@ -36,7 +36,7 @@ from composer_dlm.fsutil import write_text_atomic
 HASH = "xxh3_64"
 VERIFY_MODES = ("quick", "full", "off")
 STAMP_NAME = ".verified.json"
-CONVERT_AGAIN = "convert the data again with scripts/convert_to_mds.py (or copy the folder again)"
+CONVERT_AGAIN = "convert the data again with composer-dlm-convert (or copy the folder again)"
 
 Stamp = dict[str, list[Any]]  # shard basename -> [size, mtime_ns, inode, hash]
 

@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,11 @@ from torch import nn
 
 from composer_dlm.models import hf_format
 from composer_dlm.models.hf_format import CheckpointError
+from composer_dlm.models.hf_remote.llada_layers import RMSNorm, apply_rope, rope_cos_sin
 from kernels import inference as fused_ops
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 
@@ -105,6 +109,12 @@ class LLaDAConfig:
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> LLaDAConfig:
         """Builds a config from a ``config.json`` mapping, refusing settings this implementation lacks; keys that
         are not fields are kept in ``extra``."""
+        model_type = data.get("model_type")
+        if model_type not in (None, "llada"):
+            raise CheckpointError(
+                f"{source}: not a LLaDA config (model_type {model_type!r}); composer-dlm builds LLaDA networks "
+                "only: give a LLaDA folder (model_type 'llada', e.g. GSAI-ML/LLaDA-8B-Base or one of our exports)"
+            )
         hf_format.check_supported(data, source)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         required = ("d_model", "n_layers", "n_heads", "vocab_size")
@@ -169,39 +179,6 @@ class LLaDAConfig:
             assert self.embedding_size is not None  # filled in by __post_init__
             forward -= 2 * self.embedding_size * self.d_model * (tokens - projected_tokens)
         return float(3 * forward)
-
-
-class RMSNorm(nn.Module):
-    """y = (x * rsqrt(mean(x^2) + eps)) * weight, normalised in fp32 and cast back before the weight."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return normed * self.weight.to(x.dtype)
-
-
-def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (seq_len, head_dim) in fp32; angle(p, i) = p * theta^(-2i/head_dim), i < head_dim/2,
-    repeated for the second half so that position i and i + head_dim/2 share a frequency."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x_BHLD: torch.Tensor, cos_LD: torch.Tensor, sin_LD: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE in fp32: x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a)."""
-    x = x_BHLD.float()
-    first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
-    return (x * cos_LD + rotated * sin_LD).to(x_BHLD.dtype)
 
 
 @contextlib.contextmanager
@@ -609,7 +586,7 @@ class LLaDAModel(nn.Module):
         *,
         max_shard_size: int | str = "5GB",
         dtype: torch.dtype | None = None,
-        tokenizer: hf_format.SavesPretrained | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         source: str | os.PathLike[str] | None = None,
     ) -> None:
         """Writes a drop-in LLaDA folder (:func:`.hf_format.write_folder`): config.json stating every architecture
