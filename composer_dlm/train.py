@@ -13,7 +13,7 @@ import sys
 from composer_dlm.builders import build_trainer, training_complete
 from composer_dlm.callbacks.nan_guard import NonFiniteLossError
 from composer_dlm.checkpoints import ResumeMismatchError
-from composer_dlm.cli import report_interrupt, report_once
+from composer_dlm.cli import report, report_interrupt, report_once
 from composer_dlm.config import ConfigError, describe, load_config
 from composer_dlm.data import DataError
 from composer_dlm.lifecycle import die_with_launcher, interrupt_code, interrupt_message
