@@ -33,16 +33,23 @@ def _staging_sibling(target: Path) -> Path:
     return target.with_name(f".{target.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a hidden sibling then renamed over it: readers see the old file or the
-    new one, never a part."""
+@contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """Yields a hidden sibling of ``path`` to write the new file into; a normal exit renames it over ``path``
+    (readers see the old file or the new one, never a part), any exception removes it."""
     tmp = _staging_sibling(path)
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (see :func:`staged_file`)."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def remove_stale_staging(target: Path) -> list[Path]:
