@@ -355,6 +355,7 @@ def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
                 tracking_uri=mf.tracking_uri,
                 flush_interval=mf.flush_interval,
                 log_system_metrics=mf.log_system_metrics,
+                resume=mf.resume,
             )
         )
     return loggers

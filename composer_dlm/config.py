@@ -340,6 +340,7 @@ class MLflowConfig:
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
     flush_interval: int = 10  # batches between flushes
     log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor thread
+    resume: bool = True  # a restarted run continues the MLflow run of its name (false: a new MLflow run)
 
 
 @dataclasses.dataclass

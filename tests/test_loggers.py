@@ -138,3 +138,32 @@ def test_logger_keys_are_checked():
         ConfigError, match=r"unknown key 'loggers.mlflow.experiment_name'; did you mean 'experiment'"
     ):
         load_config(QUICKSTART, ["loggers.mlflow={experiment_name: x}"])
+
+
+def test_a_resumed_runs_plot_and_mlflow_run_cover_the_whole_run(tmp_path):
+    """The curves travel in the checkpoint: the second start's plot holds the first start's batches too; and the
+    second start logs into the first start's MLflow run (loggers.mlflow.resume, default true)."""
+    mlruns = tmp_path / "mlruns"
+
+    def train(duration: str) -> Curves:
+        overrides = embedded_run_overrides(tmp_path, "resumed", duration) + [
+            "callbacks.hf_export=null",
+            f"loggers.mlflow={{tracking_uri: '{mlruns.as_uri()}'}}",
+        ]
+        trainer = builders.build_trainer(load_config(QUICKSTART, overrides))
+        trainer.fit()
+        trainer.close()
+        (recorder,) = [c for c in trainer.state.callbacks if isinstance(c, LossCurves)]
+        return recorder.curves
+
+    first = train("4ba")
+    second = train("6ba")  # autoresumes from batch 4
+    assert sorted(first.train) == [1, 2, 3, 4] and sorted(second.train) == [1, 2, 3, 4, 5, 6]
+    assert {b: second.train[b] for b in first.train} == first.train
+    assert sorted(second.eval) == [2, 4, 6] and {b: second.eval[b] for b in first.eval} == first.eval
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlruns.as_uri())
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
+    steps = {h.step for h in client.get_metric_history(mlrun.info.run_id, TRAIN_LOSS)}
+    assert steps == set(range(6))  # Composer's steps 0..5: the batches of both starts
