@@ -345,7 +345,8 @@ class MLflowConfig:
 
 @dataclasses.dataclass
 class LoggersConfig:
-    """Composer's logger destinations; each one set to null (or left out) is off. Every metric goes to each."""
+    """Composer's logger destinations, each given every metric: ``file`` is on unless set to null; the others
+    are off until given a mapping (``{}`` takes its defaults)."""
 
     file: FileLoggerConfig | None = dataclasses.field(default_factory=FileLoggerConfig)
     tensorboard: TensorBoardConfig | None = None

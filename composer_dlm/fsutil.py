@@ -17,10 +17,22 @@ def replace_folder(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    old = _aside(target)
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_folder(target: Path) -> None:
+    """Removes the folder ``target`` after renaming it aside, so that no reader finds it half-deleted."""
+    old = _aside(target)
+    os.replace(target, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _aside(target: Path) -> Path:
+    """The hidden sibling name a folder is moved to before it is deleted."""
+    return target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
 
 
 STAGING_MARK = ".tmp-"

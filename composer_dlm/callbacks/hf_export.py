@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import cast
 
@@ -14,6 +13,7 @@ from composer.utils import dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from composer_dlm.config import batch_interval
+from composer_dlm.fsutil import remove_folder
 from composer_dlm.models.composer_llada import llada_weights
 from composer_dlm.models.hf_format import SavesPretrained, write_folder
 from composer_dlm.models.lora import base_model_path, lora_settings, merge_adapters, write_adapter
@@ -81,7 +81,7 @@ class HuggingFaceExport(Callback):
         self.export(state, self.folder / f"ba{batch}")
         if dist.get_global_rank() == 0 and self.keep is not None:
             for old in interval_exports(self.folder)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_folder(old)
 
     def fit_end(self, state: State, logger: Logger) -> None:
         self.export(state, self.folder / "final")

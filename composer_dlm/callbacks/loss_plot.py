@@ -106,10 +106,16 @@ class LossCurves(LoggerDestination):
             self.curves.add(metrics, step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train": dict(self.curves.train), "eval": dict(self.curves.eval)}
+        # (batch, value) pairs rather than dicts keyed by batch: torch.distributed.checkpoint (sharded
+        # checkpoints) turns mapping keys into strings, while a list of number lists is stored as it is.
+        train, evals = self.curves.points()
+        return {"train": [list(p) for p in train], "eval": [list(p) for p in evals]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.curves = Curves(dict(state.get("train", {})), dict(state.get("eval", {})))
+        def read(pairs: Any) -> dict[int, float]:
+            return {int(batch): float(value) for batch, value in pairs or []}
+
+        self.curves = Curves(read(state.get("train")), read(state.get("eval")))
 
     def fit_end(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() == 0:
