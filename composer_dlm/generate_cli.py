@@ -131,17 +131,14 @@ def load_composer_checkpoint(
 def find_run_config(checkpoint: Path) -> Path | None:
     """The config.json for a checkpoint of our trainer's run layout (``RUN/checkpoints/*.pt`` beside
     ``RUN/hf/{final,baN}/config.json``): one beside the file, else ``hf/final``, else the newest export."""
+    from composer_dlm.callbacks.hf_export import latest_export
     from composer_dlm.models.hf_format import CONFIG_NAME
 
     beside = checkpoint.parent / CONFIG_NAME
     if beside.is_file():
         return beside
-    exports = checkpoint.resolve().parent.parent / "hf"
-    final = exports / "final" / CONFIG_NAME
-    if final.is_file():
-        return final
-    found = sorted(exports.glob(f"*/{CONFIG_NAME}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    export = latest_export(checkpoint.resolve().parent.parent / "hf")
+    return export / CONFIG_NAME if export is not None and (export / CONFIG_NAME).is_file() else None
 
 
 def resolve_run_folder(path: str | Path) -> Path:
@@ -155,25 +152,21 @@ def resolve_run_folder(path: str | Path) -> Path:
     path = Path(path)
     if not (path / RUN_CONFIG_NAME).is_file() or (path / CONFIG_NAME).is_file():
         return path
-    from composer_dlm.callbacks.hf_export import interval_exports
+    from composer_dlm.callbacks.hf_export import latest_export
 
     export = (run_config(path / RUN_CONFIG_NAME).get("callbacks") or {}).get("hf_export") or {}
     exports = path / str(export.get("folder") or "hf")
-    final = exports / "final"
-    candidates = [final] if final.is_dir() else interval_exports(exports)[-1:]
-    checkpoints = path / "checkpoints"
-    latest = checkpoints / "latest-rank0.pt"
-    if not candidates and latest.is_file():
-        candidates = [latest.resolve()]
-    if not candidates:
+    latest = path / "checkpoints" / "latest-rank0.pt"
+    found = latest_export(exports) or (latest.resolve() if latest.is_file() else None)
+    if found is None:
         raise CheckpointError(
             f"{path} is a run folder with no Hugging Face export ({exports}/final or ba<N>) and no checkpoint "
             f"({latest}) yet; sample it after its first export (callbacks.hf_export.interval) or checkpoint "
             "(checkpoint.save_interval)"
         )
-    what = "export" if candidates[0].is_dir() else "checkpoint"
-    print(f"composer-dlm: note: sampling {candidates[0]}, the run's latest {what}", file=sys.stderr)
-    return candidates[0]
+    what = "export" if found.is_dir() else "checkpoint"
+    print(f"composer-dlm: note: sampling {found}, the run's latest {what}", file=sys.stderr)
+    return found
 
 
 def run_network(run: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> LLaDAConfig | None:

@@ -42,6 +42,12 @@ def interval_exports(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[2:]))
 
 
+def latest_export(folder: Path) -> Path | None:
+    """A run's newest export in ``folder``: ``final``, else the ``ba{N}`` of the largest N, else None."""
+    final = folder / "final"
+    return final if final.is_dir() else next(reversed(interval_exports(folder)), None)
+
+
 class HuggingFaceExport(Callback):
     """Writes ``{folder}/ba{N}`` every ``interval`` (keeping the newest ``keep``; None: all) and
     ``{folder}/final`` when training ends. The last batch gets ``final`` only.
