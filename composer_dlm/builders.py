@@ -6,6 +6,7 @@ thin entry point around it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.core import Callback, Evaluator
-from composer.loggers import FileLogger, LoggerDestination
+from composer.loggers import FileLogger, LoggerDestination, WandBLogger
 from composer.optim import (
     ConstantWithWarmupScheduler,
     CosineAnnealingWithWarmupScheduler,
@@ -27,7 +28,8 @@ from composer.utils import dist, reproducibility
 from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.callbacks.console import ConsoleProgress
-from composer_dlm.callbacks.hf_export import HuggingFaceExport
+from composer_dlm.callbacks.hf_export import HuggingFaceExport, reached_max_duration
+from composer_dlm.callbacks.loss_plot import LossCurves
 from composer_dlm.callbacks.nan_guard import NaNGuard
 from composer_dlm.callbacks.noise_clock import NoiseClock
 from composer_dlm.callbacks.samples import SampleText
@@ -41,6 +43,7 @@ from composer_dlm.checkpoints import (
 )
 from composer_dlm.config import (
     ConfigError,
+    ModelConfig,
     OptimizerConfig,
     SchedulerConfig,
     TrainConfig,
@@ -94,6 +97,23 @@ def read_device(cfg: TrainConfig, folder: Path, dtype: torch.dtype) -> torch.dev
     return gpu if need < 0.8 * free else torch.device("cpu")
 
 
+def network_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LLaDAConfig:
+    """The network a run of this ``model:`` section trains: ``model.pretrained``'s config.json, or from scratch
+    ``model.config`` / ``model.config_path`` with the tokenizer's mask and EOS ids written in. (Also how
+    ``scripts/generate.py`` shapes the model of a run's ``.pt`` checkpoint from the run's config.yaml.)"""
+    if cfg.pretrained is not None:
+        return LLaDAConfig.from_json(resolve_folder(cfg.pretrained, "model.pretrained") / CONFIG_NAME)
+    if cfg.config is not None:
+        fields, source = cfg.config.to_dict(), "model.config"
+    else:
+        assert cfg.config_path is not None
+        fields, source = LLaDAConfig.from_json(cfg.config_path).to_dict(), cfg.config_path
+    fields["mask_token_id"] = mask_token_id(tokenizer)
+    if tokenizer.eos_token_id is not None:
+        fields["eos_token_id"] = tokenizer.eos_token_id
+    return LLaDAConfig.from_dict(fields, source=source)
+
+
 def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> ComposerLLaDA:
     """From a pretrained HF folder, or from scratch with the tokenizer's mask/EOS ids written into the config.
 
@@ -115,15 +135,7 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
                 f"tokenizer '{cfg.tokenizer.name}' has mask id {mask_id}; use the model's own tokenizer"
             )
     else:
-        if cfg.model.config is not None:
-            fields, source = cfg.model.config.to_dict(), "model.config"
-        else:
-            assert cfg.model.config_path is not None
-            fields, source = LLaDAConfig.from_json(cfg.model.config_path).to_dict(), cfg.model.config_path
-        fields["mask_token_id"] = mask_id
-        if tokenizer.eos_token_id is not None:
-            fields["eos_token_id"] = tokenizer.eos_token_id
-        config = LLaDAConfig.from_dict(fields, source=source)
+        config = network_config(cfg.model, tokenizer)
         model = LLaDAModel.from_config(config, seed=cfg.model.init_seed, device=device).to(dtype)
     assert model.config.embedding_size is not None  # filled in by LLaDAConfig.__post_init__
     if len(tokenizer) > model.config.embedding_size:
@@ -246,6 +258,7 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
                 tokenizer=tokenizer,
                 source=pretrained_folder(cfg),
                 merge=c.hf_export.merge,
+                keep=c.hf_export.keep,
             )
         )
     if c.samples is not None:
@@ -285,27 +298,77 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
     return callbacks
 
 
+class RunWandBLogger(WandBLogger):
+    """Composer's W&B logger without its checkpoint download: at autoresume Composer asks every logger for the
+    run's latest checkpoint, and this one would look it up among W&B artifacts (before ``wandb.init``, so it
+    raises, and offline it cannot). Our checkpoints live in the run folder; none is uploaded to W&B."""
+
+    def download_file(self, *args: object, **kwargs: object) -> None:
+        raise NotImplementedError("composer-dlm keeps checkpoints in the run folder, not in W&B")
+
+
 def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
-    """Our console (a progress bar and one compact line per interval, instead of Composer's metric dumps) and
-    the file loggers the config asks for; every metric still reaches the file loggers."""
+    """Our console (a progress bar and one compact line per interval, instead of Composer's metric dumps), the
+    loss-plot recorder (``logging.plot``) and the destinations of the ``loggers:`` section; every metric
+    reaches each destination. A backend whose package is missing is a :class:`ConfigError` naming its extra."""
     console_interval = batch_interval(cfg.logging.console_interval, "logging.console_interval")
     loggers: list[LoggerDestination] = [
         ConsoleProgress(console_interval, progress_bar=cfg.logging.progress_bar)
     ]
-    if cfg.logging.log_file:
+    if cfg.logging.plot:
+        loggers.append(LossCurves(cfg.run_folder / "plots", title=cfg.run_name))
+    section = cfg.loggers
+    if section.file is not None:
         # One file per start, so a resumed run keeps the logs of the attempts before it.
         started = time.strftime("%Y%m%d-%H%M%S")
         filename = str(cfg.run_folder / "logs" / f"rank{{rank}}-{started}-pid{os.getpid()}.txt")
-        loggers.append(FileLogger(filename=filename, flush_interval=1))
-    if cfg.logging.tensorboard:
+        loggers.append(FileLogger(filename=filename, flush_interval=section.file.flush_interval))
+    if section.tensorboard is not None:
+        _require("tensorboard", "tensorboard")
         from composer.loggers import TensorboardLogger
 
-        loggers.append(TensorboardLogger(log_dir=str(cfg.run_folder / "tensorboard")))
-    if cfg.logging.wandb_project:
-        from composer.loggers import WandBLogger
+        tb = section.tensorboard
+        log_dir = tb.log_dir or str(cfg.run_folder / "tensorboard")
+        loggers.append(TensorboardLogger(log_dir=log_dir, flush_interval=tb.flush_interval))
+    if section.wandb is not None:
+        _require("wandb", "wandb")
+        wb = section.wandb
+        loggers.append(
+            RunWandBLogger(
+                project=wb.project,
+                entity=wb.entity,
+                name=wb.name or cfg.run_name,
+                group=wb.group,
+                tags=wb.tags or None,
+                init_kwargs={"mode": wb.mode, "dir": wb.dir or str(cfg.run_folder)},
+            )
+        )
+    if section.mlflow is not None:
+        _require("mlflow", "mlflow")
+        from composer.loggers import MLFlowLogger
 
-        loggers.append(WandBLogger(project=cfg.logging.wandb_project, name=cfg.run_name))
+        mf = section.mlflow
+        loggers.append(
+            MLFlowLogger(
+                experiment_name=mf.experiment or cfg.run_name,
+                run_name=mf.run_name or cfg.run_name,
+                tags=mf.tags or None,
+                tracking_uri=mf.tracking_uri,
+                flush_interval=mf.flush_interval,
+                log_system_metrics=mf.log_system_metrics,
+                resume=mf.resume,
+            )
+        )
     return loggers
+
+
+def _require(module: str, extra: str) -> None:
+    """A ConfigError naming the extra to install when ``loggers.<extra>`` is set but ``module`` is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"loggers.{extra} needs the {module} package, which is not installed: pip install "
+            f"'composer-dlm[{extra}]' (or remove loggers.{extra})"
+        )
 
 
 def resolve_load_path(cfg: TrainConfig) -> str | None:
@@ -414,9 +477,7 @@ def check_checkpoint_to_resume(
 
 def training_complete(trainer: Trainer) -> bool:
     """Whether the run, as loaded (autoresumed), has already reached its ``max_duration``."""
-    state = trainer.state
-    assert state.max_duration is not None, "build_trainer always sets max_duration"
-    return state.timestamp.get(state.max_duration.unit) >= state.max_duration
+    return reached_max_duration(trainer.state)
 
 
 def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = None) -> Trainer:

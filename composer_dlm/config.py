@@ -186,14 +186,22 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class HFExportConfig:
+    """``{folder}/final`` when training ends, and ``{folder}/ba{N}`` every ``interval`` so that a running run can
+    be sampled (``scripts/generate.py RUN``); only the newest ``keep`` of those stay (null: all)."""
+
     interval: str | None = None  # also at the end of training
     folder: str = "hf"  # relative to the run folder
+    keep: int | None = 2
     # LoRA runs only: true writes the adapters merged into a full LLaDA folder, false a peft adapter folder.
     merge: bool = False
 
     def __post_init__(self) -> None:
         if self.interval is not None:
             batch_interval(self.interval, "callbacks.hf_export.interval")
+        if self.keep is not None and self.keep < 1:
+            raise ConfigError(
+                f"callbacks.hf_export.keep must be >= 1 (or null to keep every export), got {self.keep}"
+            )
 
 
 @dataclasses.dataclass
@@ -292,16 +300,68 @@ class CallbacksConfig:
 
 @dataclasses.dataclass
 class LoggingConfig:
-    """The console shows a progress bar (on a terminal) and one compact line every ``console_interval``."""
+    """The console shows a progress bar (on a terminal) and one compact line every ``console_interval``; with
+    ``plot`` the run ends by drawing its train loss and eval ELBO to ``{run}/plots/loss.png``."""
 
     console_interval: str = "10ba"
     progress_bar: bool = True
-    log_file: bool = True
-    tensorboard: bool = False
-    wandb_project: str | None = None
+    plot: bool = True
 
     def __post_init__(self) -> None:
         batch_interval(self.console_interval, "logging.console_interval")
+
+
+@dataclasses.dataclass
+class FileLoggerConfig:
+    """Every metric as text in ``{run}/logs/rank{R}-{start time}-pid{P}.txt``, one file per start."""
+
+    flush_interval: int = 1  # batches between flushes to disk
+
+
+@dataclasses.dataclass
+class TensorBoardConfig:
+    """TensorBoard event files (extra ``tensorboard``)."""
+
+    log_dir: str | None = None  # default: {run}/tensorboard
+    flush_interval: int = 100  # batches between flushes to disk
+
+
+@dataclasses.dataclass
+class WandBConfig:
+    """Weights & Biases (extra ``wandb``); ``mode: offline`` writes the run to ``{dir}/wandb/`` for a later
+    ``wandb sync``, without network or login."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None  # default: run_name
+    group: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = "online"
+    dir: str | None = None  # default: the run folder
+
+
+@dataclasses.dataclass
+class MLflowConfig:
+    """MLflow (extra ``mlflow``): a tracking server URI, ``databricks``, or a local ``file:`` store."""
+
+    tracking_uri: str | None = None  # default: MLflow's own (MLFLOW_TRACKING_URI, else ./mlruns)
+    experiment: str | None = None  # default: run_name
+    run_name: str | None = None  # default: run_name
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    flush_interval: int = 10  # batches between flushes
+    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor thread
+    resume: bool = True  # a restarted run continues the MLflow run of its name (false: a new MLflow run)
+
+
+@dataclasses.dataclass
+class LoggersConfig:
+    """Composer's logger destinations, each given every metric: ``file`` is on unless set to null; the others
+    are off until given a mapping (``{}`` takes its defaults)."""
+
+    file: FileLoggerConfig | None = dataclasses.field(default_factory=FileLoggerConfig)
+    tensorboard: TensorBoardConfig | None = None
+    wandb: WandBConfig | None = None
+    mlflow: MLflowConfig | None = None
 
 
 @dataclasses.dataclass
@@ -331,6 +391,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     callbacks: CallbacksConfig = dataclasses.field(default_factory=CallbacksConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    loggers: LoggersConfig = dataclasses.field(default_factory=LoggersConfig)
     dist_timeout: float = 600.0
     # Composer's deterministic mode (deterministic torch algorithms, a fixed cuBLAS workspace): a GPU run killed
     # and resumed then ends bit-identical to the uninterrupted one, at some cost in speed.

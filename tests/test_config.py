@@ -214,3 +214,13 @@ def test_the_run_record_reads_back_as_the_same_config(path, tmp_path):
 def test_console_interval_must_be_batches(interval):
     with pytest.raises(ConfigError, match="logging.console_interval"):
         load_config(ROOT / "yamls" / "quickstart.yaml", [f"logging.console_interval={interval}"])
+
+
+def test_hf_export_keep_must_be_positive_or_null():
+    quickstart = ROOT / "yamls" / "quickstart.yaml"
+    with pytest.raises(
+        ConfigError, match=r"callbacks.hf_export.keep must be >= 1 \(or null to keep every export\)"
+    ):
+        load_config(quickstart, ["callbacks.hf_export.keep=0"])
+    cfg = load_config(quickstart, ["callbacks.hf_export.keep=null"])
+    assert cfg.callbacks.hf_export is not None and cfg.callbacks.hf_export.keep is None

@@ -87,6 +87,9 @@ def test_quickstart_with_two_processes(tmp_path):
     for name, tensor in trained.items():
         assert torch.equal(exported[name].to(torch.bfloat16), tensor.to(torch.bfloat16)), name
     assert (run / "hf" / "ba2" / "config.json").is_file()
+    # The loss plot, written by rank 0 at the end, atomically (nothing else left in its folder).
+    assert [p.name for p in (run / "plots").iterdir()] == ["loss.png"]
+    assert (run / "plots" / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 STEPS = 6

@@ -163,7 +163,8 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
             "samples": None,
             "speed_window": max(1, args.steps - args.warmup - 1),
         },
-        "logging": {"console_interval": f"{args.steps}ba", "log_file": False},
+        "logging": {"console_interval": f"{args.steps}ba", "plot": False},
+        "loggers": {"file": None},
         "eval_interval": f"{10 * args.steps}ba",
         "deterministic": args.deterministic,
     }
