@@ -260,6 +260,49 @@ def forbid_early_eos(
 
 
 @dataclasses.dataclass(frozen=True)
+class FastMode:
+    """Fast mode's settings (Fast-dLLM's methods); every combination is allowed, e.g. ``FastMode(cache="dual",
+    threshold=0.9)``.
+
+    Attributes:
+        cache: block-level KV cache: at each block's first step one full forward fills the cache and commits;
+            later steps of the block recompute only the block and everything after it (``"prefix"``: the prompt's
+            and the finished blocks' keys and values are reused) or only the block (``"dual"``: the later, still
+            masked blocks' are reused too). None: every step is a full forward. Needs a :class:`LLaDAModel`.
+        threshold: parallel decoding: each step commits every candidate of the current block whose confidence is
+            at least ``threshold`` (at least one per row) instead of ``steps / num_blocks`` per block; a block takes
+            as many steps as it needs (at most ``block_length``).
+        factor: the factor variant of parallel decoding (see :class:`Selection`); excludes ``threshold``.
+        refresh_every: with ``cache``, also refill the cache (one full forward) every ``refresh_every`` steps inside
+            a block; 0: once per block, as Fast-dLLM. 1 makes every step a full forward, which is exact mode.
+    """
+
+    cache: CacheMode | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    refresh_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cache not in (None, "prefix", "dual"):
+            raise ValueError(f"cache must be None, 'prefix' or 'dual', got {self.cache!r}")
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("pass threshold or factor, not both")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold!r}")
+        if self.factor is not None and not self.factor > 0:
+            raise ValueError(f"factor must be > 0, got {self.factor!r}")
+        if self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
+
+    @property
+    def selection(self) -> Selection | None:
+        """The parallel rule, or None for the exact schedule's count per step."""
+        if self.threshold is None and self.factor is None:
+            return None
+        return Selection(threshold=self.threshold, factor=self.factor)
+
+
+@dataclasses.dataclass(frozen=True)
 class Selection:
     """Which still-masked candidates a step commits: the ``k`` most confident; or (parallel decoding) every one
     whose confidence reaches ``threshold``; or, with ``factor`` f, the n most confident where n is the largest
@@ -417,10 +460,7 @@ def generate(
     cuda_graph: bool | None = None,
     head_rows: HeadRows = "candidates",
     fused: bool | None = None,
-    cache: CacheMode | None = None,
-    threshold: float | None = None,
-    factor: float | None = None,
-    refresh_every: int = 0,
+    fast: FastMode | None = None,
 ) -> torch.Tensor:
     """Samples ``gen_length`` tokens after each prompt; returns the prompt followed by them, (B, P + gen_length).
 
@@ -451,37 +491,15 @@ def generate(
             are bitwise the eager forward's (:mod:`kernels.inference`). Default: on for a plain
             :class:`LLaDAModel` on CUDA (as for ``cuda_graph``); ``False`` for checking.
 
-        cache: fast mode's block-level KV cache (Fast-dLLM's): at each block's first step one full forward
-            fills the cache and commits; later steps of the block recompute only the block and everything after
-            it (``"prefix"``: the prompt's and the finished blocks' keys and values are reused) or only the block
-            (``"dual"``: the later, still-masked blocks' are reused too). Needs a :class:`LLaDAModel`; eager (no
-            CUDA graph, no fused forward).
-        threshold: parallel decoding: each step commits every candidate of the current block whose confidence is
-            at least ``threshold`` (at least one per row), instead of ``steps / num_blocks`` per block; a block
-            takes as many steps as it needs (at most ``block_length``). ``steps`` then only checks the block plan.
-        factor: the factor variant of parallel decoding (see :class:`Selection`); excludes ``threshold``.
-        refresh_every: with ``cache``, also refill the cache (one full forward) every ``refresh_every`` steps
-            inside a block; 0: once per block, as Fast-dLLM. 1 makes every step a full forward (exact mode).
+        fast: opt-in fast mode (:class:`FastMode`): Fast-dLLM's block-level KV cache and/or parallel decoding.
+            None (the default) is exact mode. Fast mode runs eagerly (no CUDA graph, no fused forward).
 
     Steps that commit nothing (more steps per block than block_length) are skipped: they would change nothing.
     """
-    parallel = threshold is not None or factor is not None
-    if cache not in (None, "prefix", "dual"):
-        raise ValueError(f"cache must be None, 'prefix' or 'dual', got {cache!r}")
-    if threshold is not None and factor is not None:
-        raise ValueError("pass threshold or factor, not both")
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
-    if factor is not None and not factor > 0:
-        raise ValueError(f"factor must be > 0, got {factor!r}")
-    if refresh_every < 0:
-        raise ValueError(f"refresh_every must be >= 0, got {refresh_every}")
-    if cache is not None and not isinstance(model, LLaDAModel):
-        raise ValueError("cache needs a LLaDAModel (its forward_cached)")
-    if (cache is not None or parallel) and (cuda_graph or fused):
-        raise ValueError(
-            "fast mode (cache, threshold, factor) runs eagerly: leave cuda_graph and fused unset"
-        )
+    if fast is not None and fast.cache is not None and not isinstance(model, LLaDAModel):
+        raise ValueError("fast mode's cache needs a LLaDAModel (its forward_cached)")
+    if fast is not None and (cuda_graph or fused):
+        raise ValueError("fast mode runs eagerly: leave cuda_graph and fused unset")
     squeeze = prompt_ids.dim() == 1
     if squeeze:
         prompt_ids = prompt_ids.unsqueeze(0)
@@ -523,10 +541,8 @@ def generate(
         full_mask = torch.cat([attention_mask.to(device), answer], dim=1)
 
     rule = _Rule(mask_token_id, temperature, cfg_scale, remasking, eos_token_id, min_new_tokens, generator)
-    if cache is not None or parallel:
-        selection = Selection(threshold=threshold, factor=factor) if parallel else None
-        fast = _FastSampler(model, x, full_mask, plan, rule, cache, selection, refresh_every)
-        fast.run(on_step)
+    if fast is not None:
+        _FastSampler(model, x, full_mask, plan, rule, fast).run(on_step)
         return x[0] if squeeze else x
     fused_options: FusedInference | bool = False
     if use_fused:
@@ -573,30 +589,31 @@ class _FastSampler:
     attention_mask: torch.Tensor | None
     plan: BlockPlan
     rule: _Rule
-    cache: CacheMode | None
-    selection: Selection | None
-    refresh_every: int
+    fast: FastMode
 
     def run(self, on_step: StepCallback | None) -> None:
         plan, x, prompt_length = self.plan, self.x, self.plan.prompt_length
+        cache, parallel = self.fast.cache, self.fast.selection
         counts = plan.commits_per_step
-        max_steps = plan.block_length if self.selection is not None else plan.steps_per_block
+        max_steps = plan.block_length if parallel is not None else plan.steps_per_block
         step_index = 0
         kv: KVCache | None = None
         for block in range(plan.num_blocks):
             start, end = plan.block_bounds(block)
             for step in range(max_steps):
-                if self.selection is None and counts[step] == 0:
+                if parallel is None and counts[step] == 0:
                     step_index += 1
                     continue
-                selection = self.selection or Selection(k=counts[step])
+                selection = parallel or Selection(k=counts[step])
                 refresh = (
-                    self.cache is None or step == 0 or (self.refresh_every and step % self.refresh_every == 0)
+                    cache is None
+                    or step == 0
+                    or (self.fast.refresh_every and step % self.fast.refresh_every == 0)
                 )
                 if refresh:
                     cols = torch.arange(prompt_length, end, device=x.device)
                     window = (0, x.shape[1])
-                    if self.cache is None:
+                    if cache is None:
                         logits = guided_logits(
                             self.model, x, self.attention_mask, cols, prompt_length=prompt_length,
                             mask_token_id=self.rule.mask_token_id, cfg_scale=self.rule.cfg_scale,
@@ -608,7 +625,7 @@ class _FastSampler:
                 else:
                     assert kv is not None
                     cols = torch.arange(start, end, device=x.device)
-                    stop = end if self.cache == "dual" else x.shape[1]
+                    stop = end if cache == "dual" else x.shape[1]
                     window = (start, stop)
                     logits = self._cached_logits(kv, start, stop, cols)
                 logits = forbid_early_eos(
@@ -621,9 +638,7 @@ class _FastSampler:
                 if on_step is not None:
                     on_step(step_index, x)
                 step_index += 1
-                if self.selection is not None and not bool(
-                    (x[:, start:end] == self.rule.mask_token_id).any()
-                ):
+                if parallel is not None and not bool((x[:, start:end] == self.rule.mask_token_id).any()):
                     break
 
     def _guided_input(self, x: torch.Tensor) -> torch.Tensor:

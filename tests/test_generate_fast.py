@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from composer_dlm.generate import Selection, generate, left_pad
+from composer_dlm.generate import FastMode, Selection, generate, left_pad
 from composer_dlm.models import LLaDAModel
 
 MASK = 127
@@ -19,11 +19,11 @@ CONFIG = dict(
 )  # fmt: skip
 MODES: dict[str, dict[str, Any]] = {
     "exact": {},
-    "prefix": dict(cache="prefix"),
-    "dual": dict(cache="dual"),
-    "threshold": dict(threshold=0.2),
-    "dual_threshold": dict(cache="dual", threshold=0.2),
-    "prefix_factor": dict(cache="prefix", factor=1.0),
+    "prefix": dict(fast=FastMode(cache="prefix")),
+    "dual": dict(fast=FastMode(cache="dual")),
+    "threshold": dict(fast=FastMode(threshold=0.2)),
+    "dual_threshold": dict(fast=FastMode(cache="dual", threshold=0.2)),
+    "prefix_factor": dict(fast=FastMode(cache="prefix", factor=1.0)),
 }
 
 
@@ -65,10 +65,10 @@ def test_cache_refreshed_every_step_equals_exact_mode(dtype, cache, cfg_scale):
         steps=16, gen_length=16, block_length=4, mask_token_id=MASK, cfg_scale=cfg_scale
     )
     exact = generate(model, ids, attention_mask=attn, **kw)
-    cached = generate(model, ids, attention_mask=attn, cache=cache, refresh_every=1, **kw)
+    cached = generate(model, ids, attention_mask=attn, fast=FastMode(cache=cache, refresh_every=1), **kw)
     assert torch.equal(cached, exact)
     # Refreshed once per block, the later steps read stale keys and values: a different sampler.
-    assert (generate(model, ids, attention_mask=attn, cache=cache, **kw) != MASK).all()
+    assert (generate(model, ids, attention_mask=attn, fast=FastMode(cache=cache), **kw) != MASK).all()
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -107,16 +107,14 @@ def test_threshold_commits_several_tokens_per_step():
     ids = torch.tensor([[5, 6, 7, 8]])
     steps: list[int] = []
     kw: dict[str, Any] = dict(steps=16, gen_length=16, block_length=8, mask_token_id=MASK)
-    out = generate(model, ids, threshold=0.05, on_step=lambda i, x: steps.append(i), **kw)
+    out = generate(model, ids, fast=FastMode(threshold=0.05), on_step=lambda i, x: steps.append(i), **kw)
     assert (out != MASK).all() and len(steps) < 16
 
 
 def test_fast_mode_arguments():
-    model = _model(torch.float32)
-    kw: dict[str, Any] = dict(steps=4, gen_length=4, block_length=4, mask_token_id=MASK)
     with pytest.raises(ValueError, match="threshold or factor, not both"):
-        generate(model, torch.tensor([[1, 2]]), threshold=0.5, factor=1.0, **kw)
+        FastMode(threshold=0.5, factor=1.0)
     with pytest.raises(ValueError, match="cache must be None"):
-        generate(model, torch.tensor([[1, 2]]), cache="full", **kw)  # type: ignore[arg-type]
+        FastMode(cache="full")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threshold must lie in"):
-        generate(model, torch.tensor([[1, 2]]), threshold=1.5, **kw)
+        FastMode(threshold=1.5)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from composer_dlm.generate import generate
+from composer_dlm.generate import FastMode, generate
 from composer_dlm.models import LLaDAModel
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "peer_sampler" / "outputs.json").read_text())
@@ -51,7 +51,7 @@ def test_fast_mode_returns_fast_dllm_tokens(case: str) -> None:
     spec: dict[str, Any] = FIXTURE["fast_dllm"][case]
     out = generate(
         _model("float32"), _prompts(1), steps=spec["steps"], gen_length=spec["gen_length"],
-        block_length=spec["block_length"], mask_token_id=MASK, cache=_FAST[spec["function"]],
-        threshold=spec["threshold"],
+        block_length=spec["block_length"], mask_token_id=MASK,
+        fast=FastMode(cache=_FAST[spec["function"]], threshold=spec["threshold"]),
     )  # fmt: skip
     assert out.tolist() == spec["tokens"]
