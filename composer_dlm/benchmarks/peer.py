@@ -55,8 +55,8 @@ def peer_model(modeling: types.ModuleType, configuration: types.ModuleType, ours
     with torch.device("meta"):
         model = modeling.LLaDAModelLM(config, init_params=False)
     param = next(ours.parameters())
-    model.to_empty(device=param.device)
-    missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
+    # assign: the peer's parameters are our tensors (no second copy of an 8B model).
+    missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(
             f"the peer model's tensors differ from ours: missing {missing}, unexpected {unexpected}"
