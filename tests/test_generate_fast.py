@@ -118,3 +118,18 @@ def test_fast_mode_arguments():
         FastMode(cache="full")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threshold must lie in"):
         FastMode(threshold=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cuda_bf16_cached_modes(cache):
+    model = _model(torch.bfloat16).cuda()
+    ids, attn = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13]], pad_id=0)
+    ids, attn = ids.cuda(), attn.cuda()
+    kw: dict[str, Any] = dict(
+        steps=16, gen_length=16, block_length=4, mask_token_id=MASK, attention_mask=attn
+    )
+    eager = generate(model, ids, cuda_graph=False, fused=False, **kw)
+    assert torch.equal(generate(model, ids, fast=FastMode(cache=cache, refresh_every=1), **kw), eager)
+    fast = generate(model, ids, fast=FastMode(cache=cache, threshold=0.2), **kw)
+    assert (fast[:, -16:] != MASK).all()
