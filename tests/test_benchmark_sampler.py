@@ -36,5 +36,8 @@ def test_benchmark_writes_measured_columns_only(tmp_path: Path) -> None:
     assert raw["environment"]["torch"] == torch.__version__
     samplers = ["reference (transcription)", "ours", "ours, dual cache", "ours, prefix cache"]
     assert [r["sampler"] for r in raw["results"]] == samplers
-    assert [r["identical_to_reference"] for r in raw["results"][:2]] == [True, True]  # the cached ones approximate
+    assert [r["identical_to_reference"] for r in raw["results"][:2]] == [
+        True,
+        True,
+    ]  # the cached ones approximate
     assert all(r["tokens_per_s"] > 0 for r in raw["results"])
