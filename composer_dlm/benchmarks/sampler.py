@@ -7,7 +7,7 @@
 ``--reference-dir DIR``: the reference is LLaDA's own code, ``DIR/generate.py`` (ML-GSAI/LLaDA) driving
 ``DIR/modeling_llada.py`` + ``configuration_llada.py`` (a LLaDA modeling folder) holding the same weights (shared,
 not copied; see :mod:`composer_dlm.benchmarks.peer`). Without it, a transcription of LLaDA's current sampler run on
-our model stands in (labelled so; for smoke tests where their code is absent). Fast mode rows (``--fast``: dual
+our model stands in (labelled so; for smoke tests where their code is absent). Fast mode rows (``--fast-caches``: dual
 and prefix KV cache, no threshold, the same steps) are approximate samplers: their "identical" column says whether
 they happened to agree. ``--repeats N`` times every sampler N times: the table gives the median and the range.
 
@@ -246,7 +246,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--reference-dir", help="folder with LLaDA's generate.py and modeling files (the reference)"
     )
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help="also time fast mode")
+    p.add_argument(
+        "--fast-caches",
+        type=lambda t: [c for c in t.split(",") if c],
+        default=["dual", "prefix"],
+        help="fast mode's KV caches to time too, comma-separated (default: dual,prefix; '' for none)",
+    )
     p.add_argument(
         "--repeats", type=int, default=1, help="timed calls per sampler (median and range reported)"
     )
@@ -325,9 +330,8 @@ def main(argv: list[str]) -> None:
             ),
             "ours": _sampler(ours),
         }
-        if args.fast:
-            samplers["ours, dual cache"] = _sampler(ours, fast=FastMode(cache="dual"))
-            samplers["ours, prefix cache"] = _sampler(ours, fast=FastMode(cache="prefix"))
+        for cache in args.fast_caches:
+            samplers[f"ours, {cache} cache"] = _sampler(ours, fast=FastMode(cache=cache))
         extras: dict[str, Sampler] = {}
         if device.type == "cuda" and batch == 1:
             extras["ours, no CUDA graph"] = _sampler(ours, cuda_graph=False)
