@@ -271,6 +271,7 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
                 gen_length=s.gen_length,
                 steps=s.steps,
                 block_length=s.block_length,
+                fast=s.fast_mode(),
                 mask_token_id=mask_token_id(tokenizer),
                 out_file=cfg.run_folder / "samples.txt",
                 chat_template=samples_chat_template(s.chat_template, cfg.diffusion.mode, tokenizer),

@@ -34,6 +34,7 @@ BENCHMARKS = {
     "loader": "composer_dlm.benchmarks.loader",
     "train": "composer_dlm.benchmarks.train",
     "sampler": "composer_dlm.benchmarks.sampler",
+    "fast_accuracy": "composer_dlm.benchmarks.fast_accuracy",
     "likelihood": "composer_dlm.benchmarks.likelihood",
     "startup": "composer_dlm.benchmarks.startup",
     "table": "composer_dlm.benchmarks.tables",

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from composer_dlm.data import LoaderConfig
 from composer_dlm.diffusion import DiffusionConfig
 from composer_dlm.fsutil import write_text_atomic
-from composer_dlm.generate import BlockPlan
+from composer_dlm.generate import BlockPlan, FastMode
 from composer_dlm.models.llada import LLaDAConfig
 from composer_dlm.models.lora import LoRAConfig
 
@@ -214,12 +214,26 @@ class SamplesConfig:
     # Wrap each prompt in the tokenizer's chat template (as a user turn, with the assistant prompt after it);
     # 'auto': in SFT runs when the tokenizer has a template.
     chat_template: bool | Literal["auto"] = "auto"
+    # Fast mode (composer_dlm.generate.FastMode): KV cache "prefix" / "dual", threshold or factor parallel decoding.
+    cache: Literal["prefix", "dual"] | None = None
+    threshold: float | None = None
+    factor: float | None = None
 
     def __post_init__(self) -> None:
         batch_interval(self.interval, "callbacks.samples.interval")
+        try:
+            self.fast_mode()
+        except ValueError as err:
+            raise ConfigError(f"callbacks.samples: {err}") from None
         # The sampler's own check (gen_length, steps and block_length fit together), here rather than at the
         # first sample, which may be thousands of batches into the run.
         BlockPlan(0, self.gen_length, self.block_length or self.gen_length, self.steps)
+
+    def fast_mode(self) -> FastMode | None:
+        """The sampler's fast mode, or None (exact mode) when none of its settings is given."""
+        if self.cache is None and self.threshold is None and self.factor is None:
+            return None
+        return FastMode(cache=self.cache, threshold=self.threshold, factor=self.factor)
 
 
 @dataclasses.dataclass

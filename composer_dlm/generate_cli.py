@@ -240,6 +240,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--seed", type=int, default=0, help="seed for sampling (temperature > 0, random remasking)"
     )
+    p.add_argument(
+        "--cache",
+        choices=("prefix", "dual"),
+        help="fast mode: block-level KV cache (default: none, exact mode)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="fast mode: commit every token at least this confident (parallel decoding)",
+    )
+    p.add_argument(
+        "--factor", type=float, help="fast mode: factor-based parallel decoding (excludes --threshold)"
+    )
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--show", action="store_true", help="print the answer after every step as masks fill in")
@@ -279,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from composer_dlm.data import load_tokenizer, mask_token_id
     from composer_dlm.data.tokenizer import user_turn
-    from composer_dlm.generate import generate, left_pad
+    from composer_dlm.generate import FastMode, generate, left_pad
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
@@ -349,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             min_new_tokens=args.min_new_tokens,
             generator=torch.Generator(device=device).manual_seed(args.seed) if sampling else None,
             on_step=show if args.show else None,
+            fast=FastMode(cache=args.cache, threshold=args.threshold, factor=args.factor)
+            if args.cache or args.threshold is not None or args.factor is not None
+            else None,
         )
     except ValueError as err:  # CheckpointError, DataError and bad sampler arguments
         return report(str(err))

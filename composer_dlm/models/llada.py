@@ -264,6 +264,33 @@ class LLaDABlock(nn.Module):
         h = self.ff_norm(x_BRH)
         return x_BRH + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
+    def forward_cached(
+        self,
+        x_BSH: torch.Tensor,
+        cos_SD: torch.Tensor,
+        sin_SD: torch.Tensor,
+        key_mask_B11L: torch.Tensor | None,
+        keys_BKLD: torch.Tensor,
+        values_BKLD: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor:
+        """:meth:`forward` of the S positions ``[start, start + S)`` of a longer sequence whose other keys and values
+        come from a cache: this slice's keys (after RoPE) and values are written into ``keys_BKLD`` /
+        ``values_BKLD`` (B, kv_heads, L, head_dim) in place, then its queries attend over all L of them.
+        ``cos_SD`` / ``sin_SD`` are the RoPE tables of those S positions. With ``start=0`` and S = L this is the
+        full forward that fills the cache."""
+        b, length, _ = x_BSH.shape
+        h = self.attn_norm(x_BSH)
+        q = self.q_proj(h).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        keys_BKLD[:, :, start : start + length] = apply_rope(k, cos_SD, sin_SD)
+        values_BKLD[:, :, start : start + length] = v
+        q = apply_rope(q, cos_SD, sin_SD)
+        x_BSH = x_BSH + self.attn_out(self._attend(q, keys_BKLD, values_BKLD, key_mask_B11L))
+        h = self.ff_norm(x_BSH)
+        return x_BSH + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
     def qkv_weight(self) -> torch.Tensor:
         """The q, k and v projection weights stacked (one product instead of three); a new tensor."""
         return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
@@ -366,6 +393,21 @@ class FusedInference:
     :meth:`LLaDAModel.fused_inference`. ``qkv_weights``: per block, the stacked q/k/v weight."""
 
     qkv_weights: list[torch.Tensor] | None = None
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys (after RoPE) and values of every position of a sequence, per block, each (B, kv_heads, L, head_dim),
+    for :meth:`LLaDAModel.forward_cached`; ``key_mask`` (B, 1, 1, L) bool marks the real (non-padding) keys, or is
+    None when every key is real."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_mask: torch.Tensor | None
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
 
 
 class LLaDAModel(nn.Module):
@@ -507,6 +549,54 @@ class LLaDAModel(nn.Module):
         """Logits (B, L, embedding_size), or ``head(hidden, output_weight)``; ``fused`` and ``positions`` as in
         :meth:`hidden_states` (with ``positions``, the logits or the head's hidden states are (B, R, ...))."""
         hidden = self.hidden_states(input_ids, attention_mask, fused=fused, positions=positions)
+        if head is not None:
+            return head(hidden, self.output_weight)
+        return F.linear(hidden, self.output_weight)
+
+    def new_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> KVCache:
+        """An empty (uninitialised) :class:`KVCache` for sequences shaped like ``input_ids`` (B, L); the first
+        :meth:`forward_cached` call should cover all L positions (``start=0``) to fill it."""
+        batch, length = input_ids.shape
+        weight = self.model.transformer.wte.weight
+        shape = (batch, self.config.n_kv_heads or self.config.n_heads, length, self.config.head_dim)
+        blocks = range(len(self.blocks))
+        key_mask = None if attention_mask is None else attention_mask.to(torch.bool)[:, None, None, :]
+        return KVCache(
+            keys=[weight.new_empty(shape) for _ in blocks],
+            values=[weight.new_empty(shape) for _ in blocks],
+            key_mask=key_mask,
+        )
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        head: Callable[[torch.Tensor, torch.Tensor], T] | None = None,
+    ) -> torch.Tensor | T:
+        """Logits (B, S, embedding_size) (or ``head(hidden, output_weight)``) of the S positions ``[start,
+        start + S)`` of a cached sequence, ``input_ids`` (B, S) being their tokens now: each block recomputes these
+        positions' keys and values into ``cache`` and reads the others from it (no grad; the inference path of
+        block-level KV caching). ``start=0`` with all L positions is the full forward and fills the cache.
+
+        The other positions' keys and values are those of the forward that last wrote them: exact when their
+        tokens have not changed since and, in a bidirectional model, approximate otherwise, since their states
+        depended on the tokens then.
+        """
+        if torch.is_grad_enabled():
+            raise ValueError("forward_cached is an inference path: call it under torch.no_grad()")
+        t = self.model.transformer
+        length = input_ids.shape[1]
+        if start < 0 or start + length > cache.length:
+            raise ValueError(f"positions [{start}, {start + length}) fall outside the cache's {cache.length}")
+        cos, sin = rope_cos_sin(cache.length, self.config.head_dim, self.config.rope_theta, input_ids.device)
+        cos, sin = cos[start : start + length], sin[start : start + length]
+        x = t.wte(input_ids)
+        for block, keys, values in zip(
+            cast(list[LLaDABlock], list(t.blocks)), cache.keys, cache.values, strict=True
+        ):
+            x = block.forward_cached(x, cos, sin, cache.key_mask, keys, values, start)
+        hidden = t.ln_f(x)
         if head is not None:
             return head(hidden, self.output_weight)
         return F.linear(hidden, self.output_weight)
