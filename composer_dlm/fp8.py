@@ -55,14 +55,13 @@ def _mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """``x_MK @ weight_NK.T`` with all three products in FP8; the output in the autocast dtype (or x's)."""
+    """``x_MK @ weight_NK.T`` in bf16 with all three products in FP8 (``x_MK`` bf16, the weight any float)."""
 
     @staticmethod
     def forward(ctx: Any, x_MK: torch.Tensor, weight_NK: torch.Tensor, rowwise: bool) -> torch.Tensor:
-        out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x_MK.dtype
         ctx.save_for_backward(x_MK, weight_NK)
         ctx.rowwise = rowwise
-        return _mm(*quantize(x_MK, E4M3, rowwise), *quantize(weight_NK, E4M3, rowwise)).to(out_dtype)
+        return _mm(*quantize(x_MK, E4M3, rowwise), *quantize(weight_NK, E4M3, rowwise))
 
     @staticmethod
     def backward(ctx: Any, grad_MN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -73,11 +72,12 @@ class _Fp8Matmul(torch.autograd.Function):
         grad_x = _mm(*quantize(grad_MN, grad_dtype, rowwise), *quantize(weight_NK.t(), E4M3, rowwise))
         # d(weight) = grad.T @ x: both scaled along the token dimension M
         grad_w = _mm(*quantize(grad_MN.t(), grad_dtype, rowwise), *quantize(x_MK.t(), E4M3, rowwise))
-        return grad_x.to(x_MK.dtype), grad_w.to(weight_NK.dtype), None
+        return grad_x, grad_w.to(weight_NK.dtype), None
 
 
 class Fp8Linear(nn.Linear):
-    """An ``nn.Linear`` (no bias) whose products run in FP8 (see the module docstring); same parameters."""
+    """An ``nn.Linear`` (no bias) whose products run in FP8 (see the module docstring); same parameters. Like
+    the bf16 autocast it replaces, it takes the input in bf16 (the copy saved for the backward) and returns bf16."""
 
     rowwise: bool
 
@@ -85,7 +85,8 @@ class Fp8Linear(nn.Linear):
         x_MK = x.reshape(-1, x.shape[-1])
         if x_MK.shape[0] % ALIGN:
             return F.linear(x, self.weight)
-        return _Fp8Matmul.apply(x_MK, self.weight, self.rowwise).view(*x.shape[:-1], -1)
+        out_MN = _Fp8Matmul.apply(x_MK.to(torch.bfloat16), self.weight, self.rowwise)
+        return out_MN.view(*x.shape[:-1], -1)
 
 
 def _fp8_linear(linear: nn.Linear, rowwise: bool) -> Fp8Linear:
