@@ -6,6 +6,8 @@ FSDP run with FP8 killed and resumed bit for bit (``deterministic: true``)."""
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -163,3 +165,22 @@ def test_one_gpu_fsdp_fp8_deterministic_kill_and_resume(tmp_path):
     from test_gpu_multigpu import _kill_and_resume
 
     _kill_and_resume(tmp_path, 1, True, **{"model.fp8": "rowwise"})
+
+
+@pytest.mark.slow
+def test_fp8_benchmark_curve_and_report_on_cpu(tmp_path, capsys, monkeypatch):
+    """The benchmark's loss-curve path and its report on a tiny CPU run (bf16 only: FP8 needs the GPU)."""
+    from composer_dlm.benchmarks import fp8 as bench
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the fused loss's plain twin: the kernel has its own tests
+
+    bench.main(["--out-dir", str(tmp_path), "--shapes", "", "--recipes", "", "--curve-shape", "tiny"]
+               + ["--curve-steps", "6", "--curve-batch", "4"])  # fmt: skip
+    raw = json.loads((tmp_path / "fp8_h200.json").read_text())
+    losses = raw["curve"]["losses"]["off"]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert raw["curve"]["final"]["off"] == {
+        "final_loss": losses[-1],
+        "relative_to_bf16": 0.0,
+    }  # last 10%: 1 step
+    assert "| off | " in capsys.readouterr().out
