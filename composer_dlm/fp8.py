@@ -32,17 +32,19 @@ log = logging.getLogger(__name__)
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 ALIGN = 16  # _scaled_mm: every dimension of both operands a multiple of 16
+AMAX_FLOOR = 1e-12
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (8.9), Hopper (9.0) and newer
 
 
 def quantize(t_2d: torch.Tensor, fp8_dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``t_2d`` (R, C) as ``fp8_dtype`` (contiguous, row-major) and the dequantising scale: (R, 1) fp32 with
     ``rowwise`` (one per row, the amax over C), else a 0-dim fp32. ``q * scale`` approximates ``t_2d``; each
-    scale is ``2 ** ceil(log2(amax / fp8_max))`` (all-zero rows get the smallest normal float's scale)."""
+    scale is ``2 ** ceil(log2(amax / fp8_max))``, amax at least ``AMAX_FLOOR`` so that all-zero rows (the gradient
+    of tokens the loss does not score) get a normal, non-zero scale and stay zero."""
     t = t_2d.float()
     amax = t.abs().amax(dim=-1, keepdim=True) if rowwise else t.abs().amax()
     fp8_max = torch.finfo(fp8_dtype).max
-    scale = torch.exp2(torch.ceil(torch.log2(amax.clamp(min=torch.finfo(torch.float32).tiny) / fp8_max)))
+    scale = torch.exp2(torch.ceil(torch.log2(amax.clamp(min=AMAX_FLOOR) / fp8_max)))
     q = (t / scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)
     return q.contiguous(), scale
 

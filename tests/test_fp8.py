@@ -14,6 +14,7 @@ import torch
 from test_train import run_main
 from torch import nn
 
+from composer_dlm import fp8
 from composer_dlm.config import ConfigError, ModelConfig
 from composer_dlm.fp8 import E4M3, E5M2, Fp8Linear, convert_to_fp8, quantize
 from composer_dlm.models import LLaDAModel
@@ -90,6 +91,42 @@ def test_fp8_with_lora_refused():
         ModelConfig(pretrained="x", lora={"r": 4}, fp8="rowwise")  # type: ignore[arg-type]
 
 
+def _scaled_mm_contract(a, a_scale, b, b_scale):
+    """What ``fp8._mm`` promises, in fp32 on any device: (a * a_scale) @ (b * b_scale).T rounded to bf16."""
+    b_scale = b_scale.reshape(-1, 1) if b_scale.dim() else b_scale
+    return ((a.float() * a_scale) @ (b.float() * b_scale).t()).bfloat16()
+
+
+@pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
+def test_fp8_linear_wiring_on_cpu(monkeypatch, rowwise):
+    """The autograd wiring (which operand is quantised along which dimension, transposes, dtypes) with
+    ``_scaled_mm`` replaced by its contract: out, d(x), d(w) equal the emulated FP8 products (bf16 rounding),
+    and are within FP8's error (e4m3: 3 mantissa bits, ~3% per operand) of plain fp32 ``F.linear``."""
+    monkeypatch.setattr(fp8, "_mm", _scaled_mm_contract)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, 64, generator=g).requires_grad_()  # fp32 in: the layer takes it in bf16
+    lin = Fp8Linear(64, 48, bias=False, device="meta")
+    lin.weight, lin.rowwise = nn.Parameter(torch.randn(48, 64, generator=g) * 0.02), rowwise
+    out = lin(x)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    assert (
+        out.dtype == torch.bfloat16
+        and x.grad.dtype == torch.float32
+        and lin.weight.grad.dtype == torch.float32
+    )
+    x2, g2 = x.detach().reshape(-1, 64).bfloat16(), grad.reshape(-1, 48).bfloat16()
+    ref = _emulated(x2, lin.weight.detach(), g2, rowwise)
+    got = (out.reshape(-1, 48), x.grad.reshape(-1, 64), lin.weight.grad)
+    for have, want in zip(got, ref, strict=True):
+        assert _rel(have, want) < 1e-2
+    exact = torch.autograd.functional.vjp(
+        lambda a, w: a @ w.t(), (x2.float(), lin.weight.detach()), g2.float()
+    )
+    for have, want in zip(got, (exact[0], *exact[1]), strict=True):
+        assert 1e-3 < _rel(have, want) < 0.1  # FP8's error, not zero (the products were quantised)
+
+
 # --- GPU ----------------------------------------------------------------------------------------------------------
 
 
@@ -135,28 +172,28 @@ def test_fp8_products_match_fp32_emulation(rowwise):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_FP8, reason="needs a GPU with FP8 tensor cores")
-@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
-def test_fp8_block_close_to_bf16(recipe):
-    """One block (d 512, MLP 1536, 2 x 256 tokens) in FP8 vs the same block in bf16 autocast: output within 2%
-    (relative norm; the residual stream dominates it), every parameter's gradient within 10% (e4m3 keeps 3
-    mantissa bits: ~3% per operand), and not equal (FP8 ran)."""
+@pytest.mark.parametrize(("recipe", "tol"), [("rowwise", 0.1), ("tensorwise", 0.15)])
+def test_fp8_block_close_to_bf16(recipe, tol):
+    """One block (d 512, MLP 1536, 2 x 256 tokens) in FP8 vs the same block in bf16 autocast: the block's
+    contribution (output minus input) and every parameter's gradient within ``tol`` (relative norm), and not
+    equal (FP8 ran). An fp32 emulation of the same quantisation on the CPU gives 5.5-7% (rowwise: e4m3, ~3%
+    per operand) and 4-9.5% (tensorwise: one scale per tensor, gradients in e5m2 with 2 mantissa bits)."""
     torch.manual_seed(0)
     model = tiny(d_model=512, n_heads=8, mlp_hidden_size=1536).cuda()
-    bf16_block = model.blocks[0]
     fp8_model = copy.deepcopy(model)
     convert_to_fp8(fp8_model, recipe)
     x = torch.randn(2, 256, 512, device="cuda")
     cos, sin = rope_cos_sin(256, model.config.head_dim, model.config.rope_theta, torch.device("cuda"))
-    outs, grads = [], []
-    for block in (bf16_block, fp8_model.blocks[0]):
+    deltas, grads = [], []
+    for block in (model.blocks[0], fp8_model.blocks[0]):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = block(x, cos, sin)
         out.float().square().mean().backward()
-        outs.append(out)
+        deltas.append(out.float() - x)
         grads.append({n: p.grad for n, p in block.named_parameters()})
-    assert 0 < _rel(outs[1], outs[0]) < 2e-2
+    assert 1e-3 < _rel(deltas[1], deltas[0]) < tol
     for name, want in grads[0].items():
-        assert _rel(grads[1][name], want) < 1e-1, name
+        assert _rel(grads[1][name], want) < tol, name
 
 
 @pytest.mark.gpu
