@@ -71,6 +71,7 @@ def throughput(shape: str, recipes: list[str], steps: int, warmup: int) -> list[
         args = parser().parse_args(
             [*SHAPES[shape], "--steps", str(steps), "--warmup", str(warmup), "--fp8", recipe]
         )
+        torch.compiler.reset()  # each run compiles afresh: no run inherits another's guards or recompile count
         with tempfile.TemporaryDirectory(prefix="cdlm-fp8-") as tmp:
             try:
                 row = run_ours(args, bench_data(args), Path(tmp))
@@ -91,6 +92,7 @@ def loss_curve(shape: str, recipe: str, steps: int, batch: int) -> list[float]:
     from composer_dlm.config import TrainConfig, build
 
     d_model, n_layers, n_heads, mlp = CURVE_SHAPES[shape]
+    torch.compiler.reset()
     with tempfile.TemporaryDirectory(prefix="cdlm-fp8-curve-") as tmp:
         raw = {
             "run_name": f"curve-{recipe}",
