@@ -221,3 +221,27 @@ def test_fp8_benchmark_curve_and_report_on_cpu(tmp_path, capsys, monkeypatch):
         "relative_to_bf16": 0.0,
     }  # last 10%: 1 step
     assert "| off | " in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FP8, reason="needs a GPU with FP8 tensor cores")
+def test_fp8_with_fsdp_compiled_blocks_and_activation_checkpointing(tmp_path):
+    """FULL_SHARD (one GPU), compiled blocks, activation checkpointing and FP8 train (losses finite, falling);
+    the checkpoint holds the same tensor names and dtypes (fp32 masters) as a bf16 run's."""
+    from faults import rank0_metrics, run_ranks
+    from test_gpu_multigpu import ENV, LOSS, QUICKSTART, TRAIN, overrides
+
+    fsdp = {"sharding_strategy": "FULL_SHARD", "state_dict_type": "full", "activation_checkpointing": "true"}
+    extra = {"model.compile_blocks": "true", "max_duration": "8ba", "checkpoint.save_interval": "4ba"}
+    states = {}
+    for recipe in ("off", "rowwise"):
+        args = overrides(tmp_path / recipe, "run", fsdp, **extra, **{"model.fp8": recipe})
+        run_ranks(1, [TRAIN, QUICKSTART, *args], ENV)
+        (ckpt,) = (tmp_path / recipe / "run" / "checkpoints").glob("ep*-ba8-rank0.pt")
+        states[recipe] = torch.load(ckpt, map_location="cpu", weights_only=False)["state"]["model"]
+    losses = rank0_metrics(tmp_path / "rowwise" / "run", LOSS)
+    assert all(math.isfinite(v) for v in losses.values()) and losses[7] < losses[0]
+    assert {k: v.dtype for k, v in states["rowwise"].items()} == {
+        k: v.dtype for k, v in states["off"].items()
+    }
+    assert all(v.dtype == torch.float32 for v in states["rowwise"].values())

@@ -226,6 +226,7 @@ def run_reference(args: argparse.Namespace, micro_batch: int, compiled: bool) ->
     device = "cuda" if CUDA else "cpu"
     model = LLaDAModel.from_config(_model_config(args) | {"mask_token_id": args.vocab - 128}).to(device)
     if compiled:
+        torch.compiler.reset()  # compiled afresh, not under the guards and recompile count of the runs before
         for block in model.blocks:
             block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
