@@ -18,7 +18,6 @@ to a random length) compute in bf16.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -27,8 +26,6 @@ from torch import nn
 
 from composer_dlm.config import ConfigError, Fp8Recipe
 from composer_dlm.models.llada import LLaDAModel
-
-log = logging.getLogger(__name__)
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 ALIGN = 16  # _scaled_mm: every dimension of both operands a multiple of 16
