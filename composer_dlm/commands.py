@@ -33,10 +33,10 @@ BENCHMARKS = {
     "kernel": "composer_dlm.benchmarks.kernel",
     "loader": "composer_dlm.benchmarks.loader",
     "train": "composer_dlm.benchmarks.train",
-    "fp8": "composer_dlm.benchmarks.fp8",
     "sampler": "composer_dlm.benchmarks.sampler",
     "likelihood": "composer_dlm.benchmarks.likelihood",
     "startup": "composer_dlm.benchmarks.startup",
+    "fp8": "composer_dlm.benchmarks.fp8",
 }
 
 
