@@ -53,6 +53,7 @@ from composer_dlm.config import (
 from composer_dlm.data import build_dataloader, load_tokenizer, mask_token_id
 from composer_dlm.data.streams import stream_hyperparameters
 from composer_dlm.data.tokenizer import tokenizer_fingerprint
+from composer_dlm.fp8 import check_fp8_device, convert_to_fp8
 from composer_dlm.models import LLaDAConfig, LLaDAModel
 from composer_dlm.models.composer_llada import ComposerLLaDA
 from composer_dlm.models.hf_format import CONFIG_NAME, resolve_folder
@@ -119,6 +120,7 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
 
     Parameters are ``model.master_weights`` (fp32 by default) whatever the folder stores. See
     :func:`receives_weights` for the ranks that start on the meta device."""
+    check_fp8_device(cfg.model.fp8, run_precision(cfg))  # before anything is read or built
     mask_id = mask_token_id(tokenizer)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.master_weights]
     if cfg.model.lora is not None:  # the base is frozen: no masters, loaded straight in the compute dtype
@@ -152,6 +154,13 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
             seed=cfg.model.init_seed,
             base_model=str(folder.resolve()),
         )
+    if cfg.model.fp8 != "off":  # a module swap, before torch.compile and FSDP see the blocks
+        count = convert_to_fp8(model, cfg.model.fp8)
+        log.info("model.fp8: %d linear layers compute in FP8 (%s scales)", count, cfg.model.fp8)
+        if not cfg.model.compile_blocks:
+            log.warning(
+                "model.fp8 without model.compile_blocks: the FP8 casts run unfused and cost more than FP8 saves"
+            )
     if cfg.model.compile_blocks:
         for block in model.blocks:
             block.compile()

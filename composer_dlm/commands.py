@@ -38,6 +38,7 @@ BENCHMARKS = {
     "likelihood": "composer_dlm.benchmarks.likelihood",
     "startup": "composer_dlm.benchmarks.startup",
     "table": "composer_dlm.benchmarks.tables",
+    "fp8": "composer_dlm.benchmarks.fp8",
 }
 
 

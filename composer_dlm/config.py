@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from composer.core import Time
 
 
+Fp8Recipe = Literal["off", "rowwise", "tensorwise"]
 RUN_CONFIG_NAME = "config.yaml"  # in the run folder: the config the run last started with
 
 
@@ -72,7 +73,12 @@ class ModelConfig:
 
     ``load_on_gpu``: where the rank that reads ``pretrained`` puts the weights. Unset: on its GPU when the whole
     model (in ``master_weights``) takes under 80% of the GPU's free memory, so no host copy is ever made;
-    otherwise on the CPU, from where FSDP moves it one block at a time. ``false`` forces the CPU."""
+    otherwise on the CPU, from where FSDP moves it one block at a time. ``false`` forces the CPU.
+
+    ``fp8``: the transformer blocks' linear layers compute in FP8 (composer_dlm/fp8.py) with scales per row
+    (``rowwise``) or per tensor (``tensorwise``); parameters, checkpoints and exports stay as they are. Needs a GPU
+    with FP8 tensor cores (compute capability 8.9+), ``precision: amp_bf16``, and ``compile_blocks: true`` to be
+    fast (the casts are fused by torch.compile)."""
 
     config_path: str | None = None
     config: LLaDAConfig | None = None
@@ -83,6 +89,7 @@ class ModelConfig:
     init_seed: int = 0
     load_on_gpu: bool | None = None
     lora: LoRAConfig | None = None  # adapters on a frozen pretrained base (models/lora.py)
+    fp8: Fp8Recipe = "off"
 
     def __post_init__(self) -> None:
         given = [k for k in ("config_path", "config", "pretrained") if getattr(self, k) is not None]
@@ -100,6 +107,11 @@ class ModelConfig:
             )
         if self.lora is not None and self.pretrained is None:
             raise ConfigError("model.lora adapts a pretrained model: set model.pretrained to its folder")
+        if self.lora is not None and self.fp8 != "off":
+            raise ConfigError(
+                "model.fp8 with model.lora is not supported (the adapters wrap the linear layers FP8 would "
+                "replace); set model.fp8: off"
+            )
 
 
 @dataclasses.dataclass
