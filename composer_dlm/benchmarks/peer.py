@@ -50,7 +50,7 @@ def load_package(name: str, folder: str | Path) -> types.ModuleType:
 
 def peer_model(modeling: types.ModuleType, configuration: types.ModuleType, ours: LLaDAModel) -> nn.Module:
     """LLaDA's ``LLaDAModelLM`` with the configuration and weights of ``ours`` (same dtype and device), in eval mode."""
-    fields = export_config(ours.config.to_dict(), with_auto_map=False)
+    fields = export_config(ours.config.to_dict(), auto_map={})
     config = configuration.LLaDAConfig(**fields)
     with torch.device("meta"):
         model = modeling.LLaDAModelLM(config, init_params=False)
