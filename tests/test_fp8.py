@@ -157,7 +157,7 @@ def test_fp8_products_match_fp32_emulation(rowwise):
     rounding (relative norm error < 1e-2; bf16 keeps 8 bits)."""
     torch.manual_seed(0)
     x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(384, 512, device="cuda") * 0.02).requires_grad_()  # an fp32 master weight
+    w = torch.nn.Parameter(torch.randn(384, 512, device="cuda") * 0.02)  # an fp32 master weight
     lin = Fp8Linear(512, 384, bias=False, device="meta")
     lin.weight, lin.rowwise = w, rowwise
     with torch.autocast("cuda", dtype=torch.bfloat16):
