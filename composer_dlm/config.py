@@ -502,6 +502,9 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[-1] if len(errors) == 1 else f"{path}: {value!r} does not fit {_name(hint)}")
     if origin is Literal:
+        # YAML 1.1 (OmegaConf) reads a bare `off` / `on` as a boolean: take it back as the word where that is an option.
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value

@@ -122,7 +122,8 @@ def loss_curve(shape: str, recipe: str, steps: int, batch: int) -> list[float]:
             "scheduler": {"name": "cosine", "t_warmup": f"{max(1, steps // 20)}ba"},
             "checkpoint": {"save": False, "autoresume": False},
             "callbacks": {"hf_export": None, "samples": None},
-            "logging": {"console_interval": f"{steps}ba", "log_file": False},
+            "logging": {"console_interval": f"{steps}ba", "plot": False},
+            "loggers": {"file": None},
             "eval_interval": f"{10 * steps}ba",
         }
         trace = _Losses()
