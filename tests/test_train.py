@@ -135,7 +135,7 @@ def test_typo_is_a_one_paragraph_error(tmp_path, capsys):
 def test_missing_data_folder_is_a_one_paragraph_error(tmp_path, capsys):
     code, err = run_main(tmp_path, capsys, f"train_loader.local={tmp_path / 'nowhere'}")
     assert code == 2 and err.count("\n") == 1
-    assert str(tmp_path / "nowhere") in err and "convert_to_mds.py" in err
+    assert str(tmp_path / "nowhere") in err and "composer-dlm-convert" in err
 
 
 def test_pretrained_folder_without_config_is_a_one_paragraph_error(tmp_path, capsys):
