@@ -185,5 +185,5 @@ def test_damaged_shard_stops_every_rank_with_one_line(tmp_path):
     assert p.returncode == 2, out[-4000:]
     errors = [line for line in out.splitlines() if line.startswith("composer-dlm: error:")]
     assert errors == [f"composer-dlm: error: shard {shard} is corrupt: its xxh3_64 hash differs from its index's; "
-                      "convert the data again with scripts/convert_to_mds.py (or copy the folder again)"]  # fmt: skip
+                      "convert the data again with composer-dlm-convert (or copy the folder again)"]  # fmt: skip
     assert "Traceback" not in out and not (tmp_path / "bad").exists()
