@@ -211,6 +211,7 @@ def test_cli_gives_the_in_process_results(toy, in_process, tmp_path):
     _check_against_in_process(tmp_path, in_process[1])
 
 
+@pytest.mark.slow
 @pytest.mark.world_size(2)
 def test_two_processes_give_the_one_process_results(toy, in_process, tmp_path):
     """Composer's launcher, gloo on CPU: each rank scores its share, rank 0 gathers and writes the results."""

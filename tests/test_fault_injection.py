@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from faults import kill_after_batches, rank0_metrics
 
@@ -69,6 +70,7 @@ def final_weights(base: Path) -> dict[str, torch.Tensor]:
     return state["state"]["model"]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     reference = launch(tmp_path / "ref")
     out, _ = reference.communicate(timeout=600)

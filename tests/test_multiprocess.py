@@ -45,6 +45,7 @@ def tiny(base: Path, run: str, **extra: str) -> list[str]:
     return tiny_overrides(base, run_name=run, **{"diffusion.random_length_prob": "0.3"} | extra)
 
 
+@pytest.mark.slow
 def test_quickstart_with_two_processes(tmp_path):
     """Samples, eval, likelihood eval and HF export all run under DDP (they crashed on DDP's wrapper before)."""
     mc = tmp_path / "mc.jsonl"
@@ -120,6 +121,7 @@ def assert_same_run(ref: Path, got: Path) -> None:
     assert sorted(ref_loss) == list(range(STEPS)) and got_loss == ref_loss
 
 
+@pytest.mark.slow
 def test_killed_mid_save_and_mid_run_resumes_bit_identical(tmp_path):
     """Two processes, SIGKILLed while rank 0 writes a checkpoint and again mid-run (the launcher and both ranks
     at once), restarted each time: the final weights equal an uninterrupted two-process run's, bit for bit."""

@@ -189,6 +189,7 @@ def test_readme_sections_hold_the_commands_run_here() -> None:
     )
 
 
+@pytest.mark.slow
 def test_quickstart_through_composers_launcher(ws: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """The quickstart's last step as a user types it (`composer ...`, the launcher), then its sampling command."""
     install_and_train, generate = readme_commands("Quickstart")
@@ -207,6 +208,7 @@ def test_quickstart_through_composers_launcher(ws: Path, monkeypatch: pytest.Mon
     assert_generates(run(shlex.split(generate)), capsys)  # the run folder: its hf/final
 
 
+@pytest.mark.slow
 def test_preparing_data_commands_as_written(ws: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """Convert text/JSONL/Parquet for pretraining and prompt/response/chat for SFT, train on both, sample."""
     monkeypatch.chdir(ws)
