@@ -6,6 +6,7 @@ thin entry point around it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.core import Callback, Evaluator
-from composer.loggers import FileLogger, LoggerDestination
+from composer.loggers import FileLogger, LoggerDestination, WandBLogger
 from composer.optim import (
     ConstantWithWarmupScheduler,
     CosineAnnealingWithWarmupScheduler,
@@ -27,11 +28,13 @@ from composer.utils import dist, reproducibility
 from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.callbacks.console import ConsoleProgress
-from composer_dlm.callbacks.hf_export import HuggingFaceExport
+from composer_dlm.callbacks.hf_export import HuggingFaceExport, reached_max_duration
+from composer_dlm.callbacks.loss_plot import LossCurves
 from composer_dlm.callbacks.nan_guard import NaNGuard
 from composer_dlm.callbacks.noise_clock import NoiseClock
 from composer_dlm.callbacks.samples import SampleText
 from composer_dlm.checkpoints import (
+    CheckpointManifests,
     CheckpointRetention,
     RunIdentity,
     check_resume,
@@ -40,6 +43,7 @@ from composer_dlm.checkpoints import (
 )
 from composer_dlm.config import (
     ConfigError,
+    ModelConfig,
     OptimizerConfig,
     SchedulerConfig,
     TrainConfig,
@@ -49,13 +53,20 @@ from composer_dlm.config import (
 from composer_dlm.data import build_dataloader, load_tokenizer, mask_token_id
 from composer_dlm.data.streams import stream_hyperparameters
 from composer_dlm.data.tokenizer import tokenizer_fingerprint
-from composer_dlm.models.architectures import config_from_dict, config_from_json, from_config, from_pretrained
+from composer_dlm.fp8 import check_fp8_device, convert_to_fp8
+from composer_dlm.models.architectures import (
+    AnyConfig,
+    config_from_dict,
+    config_from_json,
+    from_config,
+    from_pretrained,
+)
 from composer_dlm.models.composer_llada import ComposerLLaDA
 from composer_dlm.models.hf_format import CONFIG_NAME, resolve_folder
 from composer_dlm.models.llada import LLaDAModel
 from composer_dlm.models.lora import apply_lora, drop_frozen_weights
 from composer_dlm.parallel import parallelize
-from composer_dlm.run_lock import RunLock, RunLockedError
+from composer_dlm.run_lock import LockUnavailableError, RunLock, RunLockedError
 from composer_dlm.schedulers import WarmupStableDecayScheduler
 
 log = logging.getLogger("composer_dlm")
@@ -94,11 +105,33 @@ def read_device(cfg: TrainConfig, folder: Path, dtype: torch.dtype) -> torch.dev
     return gpu if need < 0.8 * free else torch.device("cpu")
 
 
+def network_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> AnyConfig:
+    """The network a run of this ``model:`` section trains, of the architecture its config names:
+    ``model.pretrained``'s config.json (its model_type), or from scratch ``model.config`` (``model.architecture``)
+    / ``model.config_path`` with the tokenizer's mask and EOS ids written in. (Also how ``scripts/generate.py``
+    shapes the model of a run's ``.pt`` checkpoint from the run's config.yaml.)"""
+    if cfg.pretrained is not None:
+        config = config_from_json(resolve_folder(cfg.pretrained, "model.pretrained") / CONFIG_NAME)
+        if config.mask_token_id is None:  # LLaDA-MoE's config.json may leave the mask to the tokenizer
+            config.mask_token_id = mask_token_id(tokenizer)
+        return config
+    if cfg.config is not None:
+        fields, source = cfg.config.to_dict(), "model.config"
+    else:
+        assert cfg.config_path is not None
+        fields, source = config_from_json(cfg.config_path).to_dict(), cfg.config_path
+    fields["mask_token_id"] = mask_token_id(tokenizer)
+    if tokenizer.eos_token_id is not None:
+        fields["eos_token_id"] = tokenizer.eos_token_id
+    return config_from_dict(fields, source=source)
+
+
 def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> ComposerLLaDA:
     """From a pretrained HF folder, or from scratch with the tokenizer's mask/EOS ids written into the config.
 
     Parameters are ``model.master_weights`` (fp32 by default) whatever the folder stores. See
     :func:`receives_weights` for the ranks that start on the meta device."""
+    check_fp8_device(cfg.model.fp8, run_precision(cfg))  # before anything is read or built
     mask_id = mask_token_id(tokenizer)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.master_weights]
     if cfg.model.lora is not None:  # the base is frozen: no masters, loaded straight in the compute dtype
@@ -115,15 +148,7 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
                 f"tokenizer '{cfg.tokenizer.name}' has mask id {mask_id}; use the model's own tokenizer"
             )
     else:
-        if cfg.model.config is not None:
-            fields, source = cfg.model.config.to_dict(), "model.config"
-        else:
-            assert cfg.model.config_path is not None
-            fields, source = config_from_json(cfg.model.config_path).to_dict(), cfg.model.config_path
-        fields["mask_token_id"] = mask_id
-        if tokenizer.eos_token_id is not None:
-            fields["eos_token_id"] = tokenizer.eos_token_id
-        config = config_from_dict(fields, source=source)
+        config = network_config(cfg.model, tokenizer)
         model = from_config(config, seed=cfg.model.init_seed, device=device).to(dtype)
     assert model.config.embedding_size is not None  # filled in by LLaDAConfig.__post_init__
     if len(tokenizer) > model.config.embedding_size:
@@ -144,6 +169,13 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
             seed=cfg.model.init_seed,
             base_model=str(folder.resolve()),
         )
+    if cfg.model.fp8 != "off":  # a module swap, before torch.compile and FSDP see the blocks
+        count = convert_to_fp8(model, cfg.model.fp8)
+        log.info("model.fp8: %d linear layers compute in FP8 (%s scales)", count, cfg.model.fp8)
+        if not cfg.model.compile_blocks:
+            log.warning(
+                "model.fp8 without model.compile_blocks: the FP8 casts run unfused and cost more than FP8 saves"
+            )
     if cfg.model.compile_blocks:
         for block in model.blocks:
             block.compile()
@@ -250,6 +282,7 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
                 tokenizer=tokenizer,
                 source=pretrained_folder(cfg),
                 merge=c.hf_export.merge,
+                keep=c.hf_export.keep,
             )
         )
     if c.samples is not None:
@@ -262,6 +295,7 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
                 gen_length=s.gen_length,
                 steps=s.steps,
                 block_length=s.block_length,
+                fast=s.fast_mode(),
                 mask_token_id=mask_token_id(tokenizer),
                 out_file=cfg.run_folder / "samples.txt",
                 chat_template=samples_chat_template(s.chat_template, cfg.diffusion.mode, tokenizer),
@@ -289,27 +323,77 @@ def build_callbacks(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> lis
     return callbacks
 
 
+class RunWandBLogger(WandBLogger):
+    """Composer's W&B logger without its checkpoint download: at autoresume Composer asks every logger for the
+    run's latest checkpoint, and this one would look it up among W&B artifacts (before ``wandb.init``, so it
+    raises, and offline it cannot). Our checkpoints live in the run folder; none is uploaded to W&B."""
+
+    def download_file(self, *args: object, **kwargs: object) -> None:
+        raise NotImplementedError("composer-dlm keeps checkpoints in the run folder, not in W&B")
+
+
 def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
-    """Our console (a progress bar and one compact line per interval, instead of Composer's metric dumps) and
-    the file loggers the config asks for; every metric still reaches the file loggers."""
+    """Our console (a progress bar and one compact line per interval, instead of Composer's metric dumps), the
+    loss-plot recorder (``logging.plot``) and the destinations of the ``loggers:`` section; every metric
+    reaches each destination. A backend whose package is missing is a :class:`ConfigError` naming its extra."""
     console_interval = batch_interval(cfg.logging.console_interval, "logging.console_interval")
     loggers: list[LoggerDestination] = [
         ConsoleProgress(console_interval, progress_bar=cfg.logging.progress_bar)
     ]
-    if cfg.logging.log_file:
+    if cfg.logging.plot:
+        loggers.append(LossCurves(cfg.run_folder / "plots", title=cfg.run_name))
+    section = cfg.loggers
+    if section.file is not None:
         # One file per start, so a resumed run keeps the logs of the attempts before it.
         started = time.strftime("%Y%m%d-%H%M%S")
         filename = str(cfg.run_folder / "logs" / f"rank{{rank}}-{started}-pid{os.getpid()}.txt")
-        loggers.append(FileLogger(filename=filename, flush_interval=1))
-    if cfg.logging.tensorboard:
+        loggers.append(FileLogger(filename=filename, flush_interval=section.file.flush_interval))
+    if section.tensorboard is not None:
+        _require("tensorboard", "tensorboard")
         from composer.loggers import TensorboardLogger
 
-        loggers.append(TensorboardLogger(log_dir=str(cfg.run_folder / "tensorboard")))
-    if cfg.logging.wandb_project:
-        from composer.loggers import WandBLogger
+        tb = section.tensorboard
+        log_dir = tb.log_dir or str(cfg.run_folder / "tensorboard")
+        loggers.append(TensorboardLogger(log_dir=log_dir, flush_interval=tb.flush_interval))
+    if section.wandb is not None:
+        _require("wandb", "wandb")
+        wb = section.wandb
+        loggers.append(
+            RunWandBLogger(
+                project=wb.project,
+                entity=wb.entity,
+                name=wb.name or cfg.run_name,
+                group=wb.group,
+                tags=wb.tags or None,
+                init_kwargs={"mode": wb.mode, "dir": wb.dir or str(cfg.run_folder)},
+            )
+        )
+    if section.mlflow is not None:
+        _require("mlflow", "mlflow")
+        from composer.loggers import MLFlowLogger
 
-        loggers.append(WandBLogger(project=cfg.logging.wandb_project, name=cfg.run_name))
+        mf = section.mlflow
+        loggers.append(
+            MLFlowLogger(
+                experiment_name=mf.experiment or cfg.run_name,
+                run_name=mf.run_name or cfg.run_name,
+                tags=mf.tags or None,
+                tracking_uri=mf.tracking_uri,
+                flush_interval=mf.flush_interval,
+                log_system_metrics=mf.log_system_metrics,
+                resume=mf.resume,
+            )
+        )
     return loggers
+
+
+def _require(module: str, extra: str) -> None:
+    """A ConfigError naming the extra to install when ``loggers.<extra>`` is set but ``module`` is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"loggers.{extra} needs the {module} package, which is not installed: pip install "
+            f"'composer-dlm[{extra}]' (or remove loggers.{extra})"
+        )
 
 
 def resolve_load_path(cfg: TrainConfig) -> str | None:
@@ -347,20 +431,28 @@ def resolve_load_path(cfg: TrainConfig) -> str | None:
     return path
 
 
-def start_run(cfg: TrainConfig) -> RunLock:
+def start_run(cfg: TrainConfig, lock: RunLock) -> None:
     """Before anything reads or writes the run folder: initialise the process group, take the run folder's lock
-    (global rank 0; every rank raises :class:`RunLockedError` if another run holds it), repair what a crash
-    mid-save left and apply checkpoint retention to the checkpoints already there (see checkpoints.py)."""
+    (global rank 0, unless checkpoint.lock is false; every rank raises :class:`RunLockedError` if it cannot be
+    taken, so all leave together with one line), repair what a crash mid-save left and apply checkpoint retention
+    to the checkpoints already there (see checkpoints.py)."""
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu", timeout=cfg.dist_timeout)
-    lock = RunLock(cfg.run_folder)
-    refused: list[str | None] = [None]
-    if dist.get_global_rank() == 0:
+    error: RunLockedError | None = None
+    if dist.get_global_rank() == 0 and cfg.checkpoint.lock:
         try:
             lock.acquire()
         except RunLockedError as err:
-            refused = [str(err)]
+            error = err
+        except OSError as err:
+            error = LockUnavailableError(
+                f"cannot lock the run folder {cfg.run_folder} ({type(err).__name__}: {err}); fix the folder (or "
+                "base_path) so this user can write it, or set checkpoint.lock=false to run without a lock"
+            )
+    refused = [None if error is None else str(error)]
     dist.broadcast_object_list(refused, src=0)
+    if error is not None:
+        raise error
     if refused[0] is not None:
         raise RunLockedError(refused[0])
     if dist.get_global_rank() == 0 and cfg.checkpoint.autoresume and cfg.checkpoint.save:
@@ -370,7 +462,6 @@ def start_run(cfg: TrainConfig) -> RunLock:
             print(f"composer-dlm: checkpoint folder {folder}: {message}", flush=True)
         prune_checkpoints(folder, cfg.checkpoint.save_num_checkpoints_to_keep)
     dist.barrier()
-    return lock
 
 
 def check_checkpoint_to_resume(
@@ -411,9 +502,7 @@ def check_checkpoint_to_resume(
 
 def training_complete(trainer: Trainer) -> bool:
     """Whether the run, as loaded (autoresumed), has already reached its ``max_duration``."""
-    state = trainer.state
-    assert state.max_duration is not None, "build_trainer always sets max_duration"
-    return state.timestamp.get(state.max_duration.unit) >= state.max_duration
+    return reached_max_duration(trainer.state)
 
 
 def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = None) -> Trainer:
@@ -424,11 +513,13 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     load_path = resolve_load_path(cfg)
     batch_size = device_batch_size(cfg)  # the batch geometry, checked before anything touches the disk
     created = not cfg.run_folder.exists()
-    lock = start_run(cfg)
+    lock = RunLock(cfg.run_folder)
     try:
+        start_run(cfg, lock)
         return _assemble_trainer(cfg, lock, load_path, batch_size, extra_callbacks)
-    except BaseException:
-        if created and dist.get_global_rank() == 0:
+    except BaseException as err:
+        # Refused because another run holds the folder: it is that run's, even if it appeared just now.
+        if created and dist.get_global_rank() == 0 and type(err) is not RunLockedError:
             shutil.rmtree(cfg.run_folder, ignore_errors=True)
         lock.release()
         raise
@@ -515,7 +606,9 @@ def _assemble_trainer(
     stream_counts = getattr(train_loader.dataset, "stream_counts", [])  # a mixture's streams, else []
     if stream_counts:  # each stream's share of the epoch, in the run's log file
         trainer.logger.log_hyperparameters(stream_hyperparameters("train_loader", stream_counts))
-    if cfg.checkpoint.save and keep > 0:  # after Composer's CheckpointSaver, so it sees each new save
+    if cfg.checkpoint.save:  # after Composer's CheckpointSaver, so they see each new save
+        trainer.state.callbacks.append(CheckpointManifests(cfg.checkpoint_folder))
+    if cfg.checkpoint.save and keep > 0:
         trainer.state.callbacks.append(CheckpointRetention(cfg.checkpoint_folder, keep))
     if dist.get_global_rank() == 0:
         write_run_config(cfg)

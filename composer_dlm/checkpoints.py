@@ -6,6 +6,14 @@ remove and the create leaves no ``latest`` at all, and autoresume would silently
 :func:`repair_checkpoint_folder` finds the newest complete checkpoint, moves incomplete ones aside
 (``*.incomplete``) and points ``latest`` at the complete one atomically (new symlink, then rename).
 
+Completeness is judged without reading the whole file (a restart of a large run must not wait on it): at each
+save :class:`CheckpointManifests` writes ``NAME.manifest.json`` beside the checkpoint, with its size, the names,
+offsets and sizes of its zip members and a hash of its pickle (``data.pkl``, the small metadata); at start the same
+listing is taken again (a ``stat``, the zip central directory at the file's end, the pickle) and compared. A
+checkpoint without a manifest (older runs, or a kill between the save and the manifest) is judged by the listing
+alone: a readable central directory with a pickle, every member inside the file. Neither reads the tensors, so a
+byte flipped inside them is not seen here (nor is it by Composer's load).
+
 Sharded checkpoints (FSDP ``state_dict_type: sharded``) are folders of ``.distcp`` shards, not zip archives; a
 ``latest`` pointing at a folder is left as it is, since this module cannot judge those.
 
@@ -17,6 +25,8 @@ a checkpoint about to be resumed fits the run as configured now (:func:`check_re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -31,8 +41,11 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from composer_dlm.fsutil import write_text_atomic
+
 _CKPT_NAME = re.compile(r"^ep(\d+)-ba(\d+)-rank(\d+)\.pt$")
 _SHARDED_NAME = re.compile(r"^ep(\d+)-ba(\d+)$")  # a sharded checkpoint: a folder of .distcp files
+MANIFEST_SUFFIX = ".manifest.json"
 
 
 class ResumeMismatchError(ValueError):
@@ -60,14 +73,48 @@ class RepairReport:
         return "; ".join(parts)
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """True when ``path`` is a readable torch zip archive (a truncated one has no central directory)."""
+def manifest_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + MANIFEST_SUFFIX)
+
+
+def checkpoint_listing(path: Path) -> dict[str, Any] | None:
+    """What a manifest records of the checkpoint file ``path``, taken without reading its tensors: its size, each
+    zip member's offset and size (from the central directory at the end of the file) and the SHA-256 of its
+    pickle. None when the file is not a whole torch zip archive (a truncated one has no central directory)."""
     try:
+        size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            return any(n.endswith("data.pkl") for n in names) and archive.testzip() is None
-    except (zipfile.BadZipFile, OSError, EOFError):
+            members = {i.filename: [i.header_offset, i.compress_size] for i in archive.infolist()}
+            pickle = next((name for name in members if name.endswith("data.pkl")), None)
+            if pickle is None or any(offset + length > size for offset, length in members.values()):
+                return None
+            digest = hashlib.sha256(archive.read(pickle)).hexdigest()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
+    return {"bytes": size, "members": members, "pickle_sha256": digest}
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Writes the manifest of a just-saved checkpoint (atomically: a reader sees none or the whole)."""
+    listing = checkpoint_listing(checkpoint)
+    if listing is not None:
+        write_text_atomic(manifest_path(checkpoint), json.dumps(listing, sort_keys=True))
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """True when ``path`` is a whole checkpoint: as its manifest lists it, or (no manifest) a readable torch zip
+    archive with every member inside the file. O(members), whatever the checkpoint's size."""
+    listing = checkpoint_listing(path)
+    if listing is None:
         return False
+    try:
+        recorded = json.loads(manifest_path(path).read_text())
+    except (
+        OSError,
+        ValueError,
+    ):  # none (older runs, a kill before it was written), or torn: the listing alone
+        return True
+    return bool(recorded == listing)
 
 
 def repair_checkpoint_folder(folder: str | os.PathLike[str], rank: int = 0) -> RepairReport:
@@ -90,6 +137,7 @@ def repair_checkpoint_folder(folder: str | os.PathLike[str], rank: int = 0) -> R
             break
         aside = path.with_name(path.name + ".incomplete")
         os.replace(path, aside)
+        manifest_path(path).unlink(missing_ok=True)
         quarantined.append(aside)
     current = latest.resolve() if latest.is_symlink() or latest.exists() else None
     relinked = False
@@ -137,34 +185,58 @@ def prune_checkpoints(folder: str | os.PathLike[str], keep: int, rank: int = 0) 
             shutil.rmtree(path)
         else:
             path.unlink()
+            manifest_path(path).unlink(missing_ok=True)
         deleted.append(path)
     return deleted
 
 
-class CheckpointRetention(Callback):
+class _AfterSave(Callback):
+    """Runs :meth:`after_save` on global rank 0 after each possible save. Must run after Composer's
+    ``CheckpointSaver`` at each event: append it to ``trainer.state.callbacks`` once the Trainer is built."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+
+    def after_save(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        if dist.get_global_rank() == 0:
+            self.after_save()
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._run()
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._run()
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._run()
+
+
+class CheckpointManifests(_AfterSave):
+    """Writes the manifest of rank 0's newest checkpoint file after each save (see the module's docstring); runs
+    before :class:`CheckpointRetention`."""
+
+    def after_save(self) -> None:
+        saved = saved_checkpoints(self.folder)
+        if saved and saved[0][1].is_file() and not manifest_path(saved[0][1]).exists():
+            write_manifest(saved[0][1])
+
+
+class CheckpointRetention(_AfterSave):
     """Keeps the ``keep`` newest checkpoints of the folder after each save, counting those of earlier processes.
 
-    Must run after Composer's ``CheckpointSaver`` at each event (append it to ``trainer.state.callbacks`` once
-    the Trainer is built), and Composer's own rotation must be off (``save_num_checkpoints_to_keep=-1``):
-    Composer deletes its own saves without checking they still exist.
+    Composer's own rotation must be off (``save_num_checkpoints_to_keep=-1``): Composer deletes its own saves
+    without checking they still exist.
     """
 
     def __init__(self, folder: str | os.PathLike[str], keep: int) -> None:
-        self.folder = Path(folder)
+        super().__init__(folder)
         self.keep = keep
 
-    def _prune(self) -> None:
-        if dist.get_global_rank() == 0:
-            prune_checkpoints(self.folder, self.keep)
-
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._prune()
-
-    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._prune()
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        self._prune()
+    def after_save(self) -> None:
+        prune_checkpoints(self.folder, self.keep)
 
 
 class RunIdentity(Callback):

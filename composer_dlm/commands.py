@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-from composer_dlm.cli import ArgumentParser, fail
+from composer_dlm.cli import ArgumentParser, fail, report_interrupt
 
 CONVERT_DOC = """Convert a corpus to MDS shards for composer_dlm: text, JSONL or Parquet files (or folders of
 them), or a Hugging Face dataset.
@@ -34,8 +34,11 @@ BENCHMARKS = {
     "loader": "composer_dlm.benchmarks.loader",
     "train": "composer_dlm.benchmarks.train",
     "sampler": "composer_dlm.benchmarks.sampler",
+    "fast_accuracy": "composer_dlm.benchmarks.fast_accuracy",
     "likelihood": "composer_dlm.benchmarks.likelihood",
     "startup": "composer_dlm.benchmarks.startup",
+    "table": "composer_dlm.benchmarks.tables",
+    "fp8": "composer_dlm.benchmarks.fp8",
     "moe": "composer_dlm.benchmarks.moe",
 }
 
@@ -137,6 +140,10 @@ def convert(argv: list[str] | None = None, prog: str = "composer-dlm-convert") -
         summary = run_conversion(cfg)
     except DataError as e:
         fail(str(e))
+    except KeyboardInterrupt:  # the conversion wrote into a staging folder, removed on the way out
+        return report_interrupt(
+            f"interrupted (Ctrl-C); nothing was written to {a.out}, run the command again"
+        )
     print(summary.format())
     return 0
 

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from composer_dlm.data import LoaderConfig
 from composer_dlm.diffusion import DiffusionConfig
 from composer_dlm.fsutil import write_text_atomic
-from composer_dlm.generate import BlockPlan
+from composer_dlm.generate import BlockPlan, FastMode
 from composer_dlm.models.llada import LLaDAConfig
 from composer_dlm.models.llada_moe import LLaDAMoEConfig
 from composer_dlm.models.lora import LoRAConfig
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from composer.core import Time
 
 
+Fp8Recipe = Literal["off", "rowwise", "tensorwise"]
 RUN_CONFIG_NAME = "config.yaml"  # in the run folder: the config the run last started with
 
 
@@ -74,7 +75,12 @@ class ModelConfig:
 
     ``load_on_gpu``: where the rank that reads ``pretrained`` puts the weights. Unset: on its GPU when the whole
     model (in ``master_weights``) takes under 80% of the GPU's free memory, so no host copy is ever made;
-    otherwise on the CPU, from where FSDP moves it one block at a time. ``false`` forces the CPU."""
+    otherwise on the CPU, from where FSDP moves it one block at a time. ``false`` forces the CPU.
+
+    ``fp8``: the transformer blocks' linear layers compute in FP8 (composer_dlm/fp8.py) with scales per row
+    (``rowwise``) or per tensor (``tensorwise``); parameters, checkpoints and exports stay as they are. Needs a GPU
+    with FP8 tensor cores (compute capability 8.9+), ``precision: amp_bf16``, and ``compile_blocks: true`` to be
+    fast (the casts are fused by torch.compile)."""
 
     config_path: str | None = None
     architecture: Literal["llada", "llada_moe"] = "llada"
@@ -86,13 +92,21 @@ class ModelConfig:
     init_seed: int = 0
     load_on_gpu: bool | None = None
     lora: LoRAConfig | None = None  # adapters on a frozen pretrained base (models/lora.py)
+    fp8: Fp8Recipe = "off"
 
     def __post_init__(self) -> None:
         given = [k for k in ("config_path", "config", "pretrained") if getattr(self, k) is not None]
-        if len(given) != 1:
+        if len(given) > 1:
+            # A YAML sets one (the quickstart sets model.config) and an override adds another: say which to drop.
+            drop = " ".join(f"model.{k}=null" for k in given if k != given[-1])
             raise ConfigError(
-                "model: set exactly one of model.config_path (JSON, from scratch), model.config (inline) or "
-                f"model.pretrained (Hugging Face folder); got {given or 'none'}"
+                f"model: {' and '.join(f'model.{k}' for k in given)} are both set, but a model comes from exactly "
+                f"one of them; to use model.{given[-1]}, add `{drop}` to the command line (or remove it from the YAML)"
+            )
+        if not given:
+            raise ConfigError(
+                "model: set one of model.config_path (JSON, from scratch), model.config (inline) or "
+                "model.pretrained (Hugging Face folder)"
             )
         wanted = LLaDAMoEConfig if self.architecture == "llada_moe" else LLaDAConfig
         if self.config is not None and not isinstance(self.config, wanted):
@@ -102,6 +116,11 @@ class ModelConfig:
             )
         if self.lora is not None and self.pretrained is None:
             raise ConfigError("model.lora adapts a pretrained model: set model.pretrained to its folder")
+        if self.lora is not None and self.fp8 != "off":
+            raise ConfigError(
+                "model.fp8 with model.lora is not supported (the adapters wrap the linear layers FP8 would "
+                "replace); set model.fp8: off"
+            )
 
 
 @dataclasses.dataclass
@@ -169,9 +188,12 @@ class FSDPConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    """``save: false`` writes no checkpoints at all (benchmarks); nothing can then be resumed."""
+    """``save: false`` writes no checkpoints at all (benchmarks); nothing can then be resumed. ``lock: false`` runs
+    without the run folder's lock (composer_dlm/run_lock.py), for filesystems where neither flock nor an exclusive
+    create works; two runs in one folder are then yours to prevent."""
 
     save: bool = True
+    lock: bool = True
     save_interval: str = "500ba"
     save_num_checkpoints_to_keep: int = 2
     autoresume: bool = True
@@ -185,14 +207,22 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class HFExportConfig:
+    """``{folder}/final`` when training ends, and ``{folder}/ba{N}`` every ``interval`` so that a running run can
+    be sampled (``scripts/generate.py RUN``); only the newest ``keep`` of those stay (null: all)."""
+
     interval: str | None = None  # also at the end of training
     folder: str = "hf"  # relative to the run folder
+    keep: int | None = 2
     # LoRA runs only: true writes the adapters merged into a full LLaDA folder, false a peft adapter folder.
     merge: bool = False
 
     def __post_init__(self) -> None:
         if self.interval is not None:
             batch_interval(self.interval, "callbacks.hf_export.interval")
+        if self.keep is not None and self.keep < 1:
+            raise ConfigError(
+                f"callbacks.hf_export.keep must be >= 1 (or null to keep every export), got {self.keep}"
+            )
 
 
 @dataclasses.dataclass
@@ -205,12 +235,26 @@ class SamplesConfig:
     # Wrap each prompt in the tokenizer's chat template (as a user turn, with the assistant prompt after it);
     # 'auto': in SFT runs when the tokenizer has a template.
     chat_template: bool | Literal["auto"] = "auto"
+    # Fast mode (composer_dlm.generate.FastMode): KV cache "prefix" / "dual", threshold or factor parallel decoding.
+    cache: Literal["prefix", "dual"] | None = None
+    threshold: float | None = None
+    factor: float | None = None
 
     def __post_init__(self) -> None:
         batch_interval(self.interval, "callbacks.samples.interval")
+        try:
+            self.fast_mode()
+        except ValueError as err:
+            raise ConfigError(f"callbacks.samples: {err}") from None
         # The sampler's own check (gen_length, steps and block_length fit together), here rather than at the
         # first sample, which may be thousands of batches into the run.
         BlockPlan(0, self.gen_length, self.block_length or self.gen_length, self.steps)
+
+    def fast_mode(self) -> FastMode | None:
+        """The sampler's fast mode, or None (exact mode) when none of its settings is given."""
+        if self.cache is None and self.threshold is None and self.factor is None:
+            return None
+        return FastMode(cache=self.cache, threshold=self.threshold, factor=self.factor)
 
 
 @dataclasses.dataclass
@@ -291,16 +335,68 @@ class CallbacksConfig:
 
 @dataclasses.dataclass
 class LoggingConfig:
-    """The console shows a progress bar (on a terminal) and one compact line every ``console_interval``."""
+    """The console shows a progress bar (on a terminal) and one compact line every ``console_interval``; with
+    ``plot`` the run ends by drawing its train loss and eval ELBO to ``{run}/plots/loss.png``."""
 
     console_interval: str = "10ba"
     progress_bar: bool = True
-    log_file: bool = True
-    tensorboard: bool = False
-    wandb_project: str | None = None
+    plot: bool = True
 
     def __post_init__(self) -> None:
         batch_interval(self.console_interval, "logging.console_interval")
+
+
+@dataclasses.dataclass
+class FileLoggerConfig:
+    """Every metric as text in ``{run}/logs/rank{R}-{start time}-pid{P}.txt``, one file per start."""
+
+    flush_interval: int = 1  # batches between flushes to disk
+
+
+@dataclasses.dataclass
+class TensorBoardConfig:
+    """TensorBoard event files (extra ``tensorboard``)."""
+
+    log_dir: str | None = None  # default: {run}/tensorboard
+    flush_interval: int = 100  # batches between flushes to disk
+
+
+@dataclasses.dataclass
+class WandBConfig:
+    """Weights & Biases (extra ``wandb``); ``mode: offline`` writes the run to ``{dir}/wandb/`` for a later
+    ``wandb sync``, without network or login."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None  # default: run_name
+    group: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = "online"
+    dir: str | None = None  # default: the run folder
+
+
+@dataclasses.dataclass
+class MLflowConfig:
+    """MLflow (extra ``mlflow``): a tracking server URI, ``databricks``, or a local ``file:`` store."""
+
+    tracking_uri: str | None = None  # default: MLflow's own (MLFLOW_TRACKING_URI, else ./mlruns)
+    experiment: str | None = None  # default: run_name
+    run_name: str | None = None  # default: run_name
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    flush_interval: int = 10  # batches between flushes
+    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor thread
+    resume: bool = True  # a restarted run continues the MLflow run of its name (false: a new MLflow run)
+
+
+@dataclasses.dataclass
+class LoggersConfig:
+    """Composer's logger destinations, each given every metric: ``file`` is on unless set to null; the others
+    are off until given a mapping (``{}`` takes its defaults)."""
+
+    file: FileLoggerConfig | None = dataclasses.field(default_factory=FileLoggerConfig)
+    tensorboard: TensorBoardConfig | None = None
+    wandb: WandBConfig | None = None
+    mlflow: MLflowConfig | None = None
 
 
 @dataclasses.dataclass
@@ -330,6 +426,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     callbacks: CallbacksConfig = dataclasses.field(default_factory=CallbacksConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    loggers: LoggersConfig = dataclasses.field(default_factory=LoggersConfig)
     dist_timeout: float = 600.0
     # Composer's deterministic mode (deterministic torch algorithms, a fixed cuBLAS workspace): a GPU run killed
     # and resumed then ends bit-identical to the uninterrupted one, at some cost in speed.
@@ -421,6 +518,9 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(errors[shared.index(max(shared))])
         raise ConfigError(errors[-1] if len(errors) == 1 else f"{path}: {value!r} does not fit {_name(hint)}")
     if origin is Literal:
+        # YAML 1.1 (OmegaConf) reads a bare `off` / `on` as a boolean: take it back as the word where that is an option.
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
         return value

@@ -19,6 +19,8 @@ Every other argument is lm-eval's own (``--include_path`` for local task YAMLs, 
 - ``cfg_scale`` (0): unsupervised classifier-free guidance, for scoring and generation.
 - ``gen_length`` (lm-eval's ``max_gen_toks``, else 256), ``steps`` (= gen_length), ``block_length``
   (= gen_length), ``remasking`` (low_confidence): the sampler (:func:`composer_dlm.generate.generate`, greedy).
+- ``cache`` (none; ``prefix`` or ``dual``), ``threshold``, ``factor``: ``generate_until``'s fast mode
+  (:class:`composer_dlm.generate.FastMode`); none of them: exact mode.
 - ``greedy_check`` (False): also report whether the continuation is what greedy decoding of ``len(continuation)``
   tokens (one committed per step) produces, LLaDA's ``is_greedy``; otherwise ``is_greedy`` is False.
 - ``seed`` (1234), ``dtype`` (bf16 on CUDA, fp32 on CPU), ``device`` (cuda:LOCAL_RANK when CUDA is there).
@@ -46,7 +48,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -61,9 +63,9 @@ try:
 except ModuleNotFoundError as err:  # the optional extra
     raise ModuleNotFoundError(f"composer_dlm.eval needs lm-eval ({err}): pip install -e '.[eval]'") from err
 
-from composer_dlm.cli import report, warnings_as_lines
+from composer_dlm.cli import report_once, warnings_as_lines
 from composer_dlm.data.embedded import resolve_tokenizer
-from composer_dlm.generate import Remasking, generate
+from composer_dlm.generate import CacheMode, FastMode, Remasking, generate
 from composer_dlm.generate_cli import find_run_config, load_model
 from composer_dlm.likelihood import mc_log_likelihoods
 from composer_dlm.models.hf_format import resolve_folder
@@ -109,6 +111,9 @@ class DiffusionLM(TemplateLM):
         steps: int | None = None,
         block_length: int | None = None,
         remasking: Remasking = "low_confidence",
+        cache: str | None = None,
+        threshold: float | None = None,
+        factor: float | None = None,
         gen_batch_size: int = 8,
         greedy_check: bool | str = False,
         seed: int = 1234,
@@ -132,6 +137,17 @@ class DiffusionLM(TemplateLM):
                 raise EvalArgumentError(f"{name} must be a positive integer, got {value!r}")
         if remasking not in ("low_confidence", "random"):
             raise EvalArgumentError(f"remasking must be low_confidence or random, got {remasking!r}")
+        try:
+            fast = None
+            if cache not in (None, "", "none") or threshold is not None or factor is not None:
+                fast = FastMode(
+                    cache=None if cache in (None, "", "none") else cast(CacheMode, cache),
+                    threshold=None if threshold is None else float(threshold),
+                    factor=None if factor is None else float(factor),
+                )
+        except ValueError as err:
+            raise EvalArgumentError(str(err)) from None
+        self.fast = fast
         self._setup_distributed(distributed)
         self._device = torch.device(device) if device else _default_device()
         if model is None:
@@ -353,6 +369,7 @@ class DiffusionLM(TemplateLM):
                     mask_token_id=self.mask_token_id,
                     cfg_scale=self.cfg_scale,
                     remasking=self.remasking,
+                    fast=self.fast,
                     generator=torch.Generator(self._device).manual_seed(self.seed),
                 )[:, prompt.shape[1] :].tolist()
                 for (i, _, _, stops), answer in zip(part, tokens, strict=True):
@@ -418,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli_evaluate()
     except (ValueError, FileNotFoundError) as err:  # EvalArgumentError, CheckpointError, DataError, lm-eval's
-        return report(str(err))
+        return report_once(str(err))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -17,10 +17,22 @@ def replace_folder(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    old = _aside(target)
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_folder(target: Path) -> None:
+    """Removes the folder ``target`` after renaming it aside, so that no reader finds it half-deleted."""
+    old = _aside(target)
+    os.replace(target, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _aside(target: Path) -> Path:
+    """The hidden sibling name a folder is moved to before it is deleted."""
+    return target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
 
 
 STAGING_MARK = ".tmp-"
@@ -33,16 +45,23 @@ def _staging_sibling(target: Path) -> Path:
     return target.with_name(f".{target.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a hidden sibling then renamed over it: readers see the old file or the
-    new one, never a part."""
+@contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """Yields a hidden sibling of ``path`` to write the new file into; a normal exit renames it over ``path``
+    (readers see the old file or the new one, never a part), any exception removes it."""
     tmp = _staging_sibling(path)
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (see :func:`staged_file`)."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def remove_stale_staging(target: Path) -> list[Path]:
@@ -51,13 +70,14 @@ def remove_stale_staging(target: Path) -> list[Path]:
     removed = []
     for tmp in target.parent.glob(f".{target.name}{STAGING_MARK}*"):
         pid = tmp.name[len(f".{target.name}{STAGING_MARK}") :].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (someone else's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

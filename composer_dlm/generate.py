@@ -14,22 +14,31 @@ Per step, with ``l`` the logits at the candidate positions:
   pass sees the whole prompt replaced by mask tokens;
 - prediction: ``x0 = argmax l`` at temperature 0, otherwise Gumbel-max in float64,
   ``x0 = argmax exp(l) / (-log u) ** temperature`` with ``u ~ U(0, 1)``;
-- confidence: ``softmax(l)[x0]`` computed in float64 (``low_confidence``), or ``u ~ U(0, 1)`` (``random``);
-  positions that are not masked, and positions after the current block, never compete.
+- confidence: ``softmax(l)[x0]`` in the logits' own dtype (``low_confidence``), or ``u ~ U(0, 1)``
+  (``random``); positions that are not masked, and positions after the current block, never compete;
+- commit: a ``topk`` over each row's whole-sequence confidence, so exact ties (frequent in bf16) are broken as
+  LLaDA's ``topk`` breaks them on the same device.
 
-These are the semantics of LLaDA's reference ``generate.py``; at temperature 0 the output is token for token
-what it returns (its ``add_gumbel_noise`` returns the logits unchanged there, so it takes the argmax of ``l``). That includes its quirk when the model predicts the mask token itself: committing it
-leaves the position masked, so it stays a candidate (also in later blocks).
+These are the semantics of LLaDA's current ``generate.py`` (ML-GSAI/LLaDA; its commit "Remove float64 in softmax"
+moved the confidence from float64 to the logits' dtype, and this sampler follows the current version). At
+temperature 0 the output is token for token what it returns, in bf16 as in fp32 (tests/test_peer_sampler.py holds
+its outputs); at temperature > 0 and for random remasking the distributions are the same but the random streams
+are not (LLaDA draws noise for every position, this sampler for the candidates only). That includes its quirk when
+the model predicts the mask token itself: committing it leaves the position masked, so it stays a candidate (also
+in later blocks).
 
 What differs is how the work is done, not the result: for a :class:`LLaDAModel` only the candidate rows go
-through the output projection and the float64 softmax (the reference does every position's full vocabulary),
-the commit is a batched selection on the device with a static ``k`` (no host synchronisation per step, no
-Python loop over the batch; exact ties in confidence go to the leftmost position, which LLaDA's ``topk`` leaves
-unspecified), on CUDA the model runs its fused forward (elementwise kernels that reproduce the eager ops bit for
-bit, see :mod:`kernels.inference`), and at temperature 0 each step is replayed from a captured CUDA graph, which
-removes the gaps between kernel launches. ``python scripts/benchmark.py sampler`` times it against a faithful
-transcription of LLaDA's sampler on the same model in the same run and checks the tokens are identical; the
-README's Benchmarks section gives the measured figures and what they ran on.
+through the output projection and the softmax (the reference does every position's full vocabulary), the commit
+is a batched selection on the device with a static ``k`` (no host synchronisation per step, no Python loop over the
+batch), on CUDA the model runs its fused forward (elementwise kernels that reproduce the eager ops bit for bit, see
+:mod:`kernels.inference`), and at temperature 0 each step is replayed from a captured CUDA graph, which removes the
+gaps between kernel launches. ``python scripts/benchmark.py sampler`` times it against LLaDA's own sampler and
+modeling file on the same weights in the same run and checks the tokens are identical.
+
+Fast mode (opt-in: ``cache``, ``threshold``, ``factor``) follows Fast-dLLM (NVlabs/Fast-dLLM): a block-level KV
+cache refreshed at each block's first step, prefix or dual, and confidence-threshold (or factor) parallel
+decoding; see :class:`_FastSampler`. Its confidence is LLaDA's current one (Fast-dLLM's is a float64 softmax, from
+LLaDA's earlier version), so in bf16 its ties may be broken differently from Fast-dLLM's.
 """
 
 from __future__ import annotations
@@ -43,10 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_dlm.models.llada import FusedInference, LLaDAModel
+from composer_dlm.models.llada import FusedInference, KVCache, LLaDAModel
 
 Remasking = Literal["low_confidence", "random"]
 HeadRows = Literal["candidates", "all"]
+CacheMode = Literal["prefix", "dual"]
 StepCallback = Callable[[int, torch.Tensor], None]
 """``on_step(step, x)``: called after every step with its index (0-based over all blocks) and the current
 tokens ``x`` (B, prompt + gen_length), masks still in place. ``x`` is the sampler's live buffer: copy it to keep it."""
@@ -182,6 +192,19 @@ def _column_logits(
     return full_logits(model, x, attention_mask).index_select(1, cols)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """The sampling settings every step reads (see :func:`generate`)."""
+
+    mask_token_id: int
+    temperature: float
+    cfg_scale: float
+    remasking: Remasking
+    eos_token_id: int | None
+    min_new_tokens: int
+    generator: torch.Generator | None
+
+
 @dataclasses.dataclass
 class _Denoiser:
     """One denoising step, written so that it can run eagerly or be captured into a CUDA graph: static
@@ -191,13 +214,7 @@ class _Denoiser:
     x: torch.Tensor  # (B, L) long, updated in place
     attention_mask: torch.Tensor | None  # (B, L) as the caller gave it, extended with ones over the answer
     prompt_length: int
-    mask_token_id: int
-    temperature: float
-    cfg_scale: float
-    remasking: Remasking
-    eos_token_id: int | None
-    min_new_tokens: int
-    generator: torch.Generator | None
+    rule: _Rule
     head_rows: HeadRows
     fused: FusedInference | bool
 
@@ -205,42 +222,171 @@ class _Denoiser:
         """Logits (B, R, V) at the columns ``cols`` (R,), guidance and EOS suppression applied."""
         logits_BRV = guided_logits(
             self.model, self.x, self.attention_mask, cols, prompt_length=self.prompt_length,
-            mask_token_id=self.mask_token_id, cfg_scale=self.cfg_scale, head_rows=self.head_rows,
+            mask_token_id=self.rule.mask_token_id, cfg_scale=self.rule.cfg_scale, head_rows=self.head_rows,
             fused=self.fused,
         )  # fmt: skip
-        if self.min_new_tokens > 0:
-            assert self.eos_token_id is not None
-            early = (cols - self.prompt_length) < self.min_new_tokens  # (R,)
-            logits_BRV[:, :, self.eos_token_id].masked_fill_(early, float("-inf"))
-        return logits_BRV
+        return forbid_early_eos(
+            logits_BRV, cols, self.prompt_length, self.rule.eos_token_id, self.rule.min_new_tokens
+        )
 
     def step(self, cols: torch.Tensor, k: int) -> None:
         """Predict at ``cols`` and commit the ``k`` most confident still-masked positions in each row."""
-        logits_BRV = self.logits(cols)
-        if self.temperature > 0:
-            # Gumbel-max in float64: argmax exp(l) / (-log u)^T samples softmax(l / T). The float64 logits are kept
-            # for the confidence below, whose conversion is then a no-op.
-            logits_BRV = logits_BRV.to(torch.float64)
-            u = torch.rand(
-                logits_BRV.shape, dtype=torch.float64, device=logits_BRV.device, generator=self.generator
-            )
-            x0_BR = (logits_BRV.exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
+        x0_BR, conf_BR = self.predict(cols)
+        commit(self.x, cols, x0_BR, conf_BR, (0, self.x.shape[1]), self.rule.mask_token_id, Selection(k=k))
+
+    def predict(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predicted tokens (B, R) at ``cols`` and their confidence (B, R), as LLaDA's current sampler computes
+        them: ``softmax(l)[x0]`` in the logits' own dtype (LLaDA dropped the float64 softmax in its commit "Remove
+        float64 in softmax"), or ``u ~ U(0, 1)`` in float32 for random remasking."""
+        return predict_tokens(
+            self.logits(cols), self.rule.temperature, self.rule.remasking, self.rule.generator
+        )
+
+
+def forbid_early_eos(
+    logits_BRV: torch.Tensor,
+    cols: torch.Tensor,
+    prompt_length: int,
+    eos_token_id: int | None,
+    min_new_tokens: int,
+) -> torch.Tensor:
+    """Sets the EOS logit to -inf (in place) at the columns ``cols`` that lie among the first ``min_new_tokens``
+    answer positions; returns ``logits_BRV``."""
+    if min_new_tokens > 0:
+        assert eos_token_id is not None
+        early = (cols - prompt_length) < min_new_tokens  # (R,)
+        logits_BRV[:, :, eos_token_id].masked_fill_(early, float("-inf"))
+    return logits_BRV
+
+
+@dataclasses.dataclass(frozen=True)
+class FastMode:
+    """Fast mode's settings (Fast-dLLM's methods); every combination is allowed, e.g. ``FastMode(cache="dual",
+    threshold=0.9)``.
+
+    Attributes:
+        cache: block-level KV cache: at each block's first step one full forward fills the cache and commits;
+            later steps of the block recompute only the block and everything after it (``"prefix"``: the prompt's
+            and the finished blocks' keys and values are reused) or only the block (``"dual"``: the later, still
+            masked blocks' are reused too). None: every step is a full forward. Needs a :class:`LLaDAModel`.
+        threshold: parallel decoding: each step commits every candidate of the current block whose confidence is
+            at least ``threshold`` (at least one per row) instead of ``steps / num_blocks`` per block; a block takes
+            as many steps as it needs (at most ``block_length``).
+        factor: the factor variant of parallel decoding (see :class:`Selection`); excludes ``threshold``.
+        refresh_every: with ``cache``, also refill the cache (one full forward) every ``refresh_every`` steps inside
+            a block; 0: once per block, as Fast-dLLM. 1 makes every step a full forward, which is exact mode.
+    """
+
+    cache: CacheMode | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    refresh_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cache not in (None, "prefix", "dual"):
+            raise ValueError(f"cache must be None, 'prefix' or 'dual', got {self.cache!r}")
+        if self.threshold is not None and self.factor is not None:
+            raise ValueError("pass threshold or factor, not both")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold!r}")
+        if self.factor is not None and not self.factor > 0:
+            raise ValueError(f"factor must be > 0, got {self.factor!r}")
+        if self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
+
+    @property
+    def selection(self) -> Selection | None:
+        """The parallel rule, or None for the exact schedule's count per step."""
+        if self.threshold is None and self.factor is None:
+            return None
+        return Selection(threshold=self.threshold, factor=self.factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which still-masked candidates a step commits: the ``k`` most confident; or (parallel decoding) every one
+    whose confidence reaches ``threshold``; or, with ``factor`` f, the n most confident where n is the largest
+    count whose sorted confidences c_1 >= c_2 >= ... satisfy ``c_i >= 1 - f / (i + 1)`` for every i <= n. The
+    parallel rules always commit the most confident candidate of a row that has any."""
+
+    k: int | None = None
+    threshold: float | None = None
+    factor: float | None = None
+
+    def mask(self, conf_BW: torch.Tensor) -> torch.Tensor:
+        """(B, W) bool: the positions to commit, given confidences with -inf on non-candidates."""
+        if self.k is not None:
+            top_BK = conf_BW.topk(self.k, dim=-1).indices
+            return torch.zeros_like(conf_BW, dtype=torch.bool).scatter_(1, top_BK, True)
+        candidate = conf_BW > float("-inf")
+        top_B1 = conf_BW.topk(1, dim=-1).indices
+        chosen = torch.zeros_like(candidate).scatter_(1, top_B1, True)
+        if self.threshold is not None:
+            chosen |= conf_BW >= self.threshold
         else:
-            x0_BR = logits_BRV.argmax(-1)
-        if self.remasking == "low_confidence":
-            probs = F.softmax(logits_BRV.to(torch.float64), dim=-1)
-            conf_BR = probs.gather(-1, x0_BR.unsqueeze(-1)).squeeze(-1)
-        else:
-            conf_BR = torch.rand(
-                x0_BR.shape, dtype=torch.float64, device=x0_BR.device, generator=self.generator
+            assert self.factor is not None
+            sorted_BW, order_BW = conf_BW.sort(dim=-1, descending=True)
+            rank = torch.arange(1, conf_BW.shape[1] + 1, device=conf_BW.device, dtype=sorted_BW.dtype)
+            passes = sorted_BW >= 1 - self.factor / (rank + 1)
+            passes[:, 0] = True
+            n_B1 = passes.long().cumprod(-1).sum(-1, keepdim=True)
+            ranks_BW = torch.empty_like(order_BW).scatter_(
+                1,
+                order_BW,
+                torch.arange(conf_BW.shape[1], device=conf_BW.device).expand_as(order_BW).contiguous(),
             )
-        current_BR = self.x.index_select(1, cols)
-        still_masked = current_BR == self.mask_token_id
-        conf_BR = torch.where(still_masked, conf_BR, float("-inf"))
-        # The k most confident; a stable sort breaks exact ties towards the leftmost position, on every device.
-        top_BK = conf_BR.sort(dim=-1, descending=True, stable=True).indices[:, :k]
-        chosen = torch.where(still_masked, x0_BR, current_BR).gather(1, top_BK)
-        self.x.scatter_(1, cols[top_BK], chosen)
+            chosen |= ranks_BW < n_B1
+        return chosen & candidate
+
+
+def commit(
+    x: torch.Tensor,
+    cols: torch.Tensor,
+    x0_BR: torch.Tensor,
+    conf_BR: torch.Tensor,
+    window: tuple[int, int],
+    mask_token_id: int,
+    selection: Selection,
+) -> None:
+    """Writes into ``x`` (B, L) the predictions ``x0_BR`` at the candidate columns ``cols`` that ``selection`` picks
+    by confidence ``conf_BR``, among the still-masked ones.
+
+    The selection runs over the columns ``window = (lo, hi)``, -inf off the candidates, as LLaDA's and Fast-dLLM's
+    ``topk`` runs over the row they pass it (the whole sequence; for Fast-dLLM's cached steps the part they
+    recompute): exact ties are then broken as theirs are on the same device, by position on CUDA and on the CPU by
+    the order its selection algorithm visits a row of that length. Committing the mask token itself leaves the
+    position masked (LLaDA's behaviour)."""
+    lo, hi = window
+    current_BR = x.index_select(1, cols)
+    still_masked = current_BR == mask_token_id
+    local = cols - lo
+    conf_BW = conf_BR.new_full((x.shape[0], hi - lo), float("-inf"))
+    conf_BW[:, local] = torch.where(still_masked, conf_BR, float("-inf"))
+    x0_BW = x[:, lo:hi].clone()
+    x0_BW[:, local] = torch.where(still_masked, x0_BR, current_BR)
+    x[:, lo:hi] = torch.where(selection.mask(conf_BW), x0_BW, x[:, lo:hi])
+
+
+def predict_tokens(
+    logits_BRV: torch.Tensor, temperature: float, remasking: Remasking, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x0`` (B, R) and its confidence (B, R) from logits (B, R, V), LLaDA's way.
+
+    ``x0 = argmax l`` at temperature 0, otherwise Gumbel-max in float64, ``argmax exp(l) / (-log u) ** T`` with
+    ``u ~ U(0, 1)``. The confidence of low-confidence remasking is ``softmax(l)[x0]`` taken in ``l``'s dtype (bf16
+    for a bf16 model) from the logits without noise; random remasking draws it from ``U(0, 1)`` in float32.
+    """
+    if temperature > 0:
+        noisy = logits_BRV.to(torch.float64)
+        u = torch.rand(noisy.shape, dtype=torch.float64, device=noisy.device, generator=generator)
+        x0_BR = (noisy.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+    else:
+        x0_BR = logits_BRV.argmax(-1)
+    if remasking == "low_confidence":
+        conf_BR = F.softmax(logits_BRV, dim=-1).gather(-1, x0_BR.unsqueeze(-1)).squeeze(-1)
+    else:
+        conf_BR = torch.rand(x0_BR.shape, dtype=torch.float32, device=x0_BR.device, generator=generator)
+    return x0_BR, conf_BR
 
 
 def _check_inputs(
@@ -314,6 +460,7 @@ def generate(
     cuda_graph: bool | None = None,
     head_rows: HeadRows = "candidates",
     fused: bool | None = None,
+    fast: FastMode | None = None,
 ) -> torch.Tensor:
     """Samples ``gen_length`` tokens after each prompt; returns the prompt followed by them, (B, P + gen_length).
 
@@ -344,8 +491,18 @@ def generate(
             are bitwise the eager forward's (:mod:`kernels.inference`). Default: on for a plain
             :class:`LLaDAModel` on CUDA (as for ``cuda_graph``); ``False`` for checking.
 
+        fast: opt-in fast mode (:class:`FastMode`): Fast-dLLM's block-level KV cache and/or parallel decoding.
+            None (the default) is exact mode. Fast mode runs eagerly (no CUDA graph, no fused forward).
+
     Steps that commit nothing (more steps per block than block_length) are skipped: they would change nothing.
     """
+    if fast is not None and fast.cache is not None and not isinstance(model, LLaDAModel):
+        raise ValueError(
+            f"fast mode's cache needs a LLaDAModel (its forward_cached), not {type(model).__name__}; LLaDA-MoE has "
+            "no KV-cached forward yet: leave the cache unset (threshold/factor decoding works without it)"
+        )
+    if fast is not None and (cuda_graph or fused):
+        raise ValueError("fast mode runs eagerly: leave cuda_graph and fused unset")
     squeeze = prompt_ids.dim() == 1
     if squeeze:
         prompt_ids = prompt_ids.unsqueeze(0)
@@ -386,14 +543,15 @@ def generate(
         answer = torch.ones((batch, gen_length), dtype=attention_mask.dtype, device=device)
         full_mask = torch.cat([attention_mask.to(device), answer], dim=1)
 
+    rule = _Rule(mask_token_id, temperature, cfg_scale, remasking, eos_token_id, min_new_tokens, generator)
+    if fast is not None:
+        _FastSampler(model, x, full_mask, plan, rule, fast).run(on_step)
+        return x[0] if squeeze else x
     fused_options: FusedInference | bool = False
     if use_fused:
         assert isinstance(model, LLaDAModel)
         fused_options = model.fused_inference(torch.cat([x, x]) if cfg_scale > 0 else x)
-    denoiser = _Denoiser(
-        model, x, full_mask, prompt_length, mask_token_id, temperature, cfg_scale, remasking,
-        eos_token_id, min_new_tokens, generator, head_rows, fused_options,
-    )  # fmt: skip
+    denoiser = _Denoiser(model, x, full_mask, prompt_length, rule, head_rows, fused_options)
     graphs = _GraphSteps(denoiser, plan.block_length, device) if use_graph else None
     counts = plan.commits_per_step
     step_index = 0
@@ -416,6 +574,103 @@ def generate(
                 on_step(step_index, x)
             step_index += 1
     return x[0] if squeeze else x
+
+
+@dataclasses.dataclass
+class _FastSampler:
+    """Fast mode: Fast-dLLM's block-level KV cache and/or confidence-threshold (or factor) parallel decoding.
+
+    Per block: step 0 (and every ``refresh_every``-th step) is a full forward over the whole sequence, whose
+    candidates are the masked positions up to the block's end, as in exact mode; with ``cache`` it also fills the
+    key/value cache. Later steps recompute, from the cache, the block and the suffix (``"prefix"``) or the block
+    alone (``"dual"``); their candidates are the block's masked positions. Without ``selection`` each step commits
+    the exact schedule's count; with it, the parallel rule, and the block ends when no row has a mask left in it.
+    """
+
+    model: nn.Module
+    x: torch.Tensor
+    attention_mask: torch.Tensor | None
+    plan: BlockPlan
+    rule: _Rule
+    fast: FastMode
+
+    def run(self, on_step: StepCallback | None) -> None:
+        plan, x, prompt_length = self.plan, self.x, self.plan.prompt_length
+        cache, parallel = self.fast.cache, self.fast.selection
+        counts = plan.commits_per_step
+        max_steps = plan.block_length if parallel is not None else plan.steps_per_block
+        step_index = 0
+        kv: KVCache | None = None
+        for block in range(plan.num_blocks):
+            start, end = plan.block_bounds(block)
+            for step in range(max_steps):
+                if parallel is None and counts[step] == 0:
+                    step_index += 1
+                    continue
+                selection = parallel or Selection(k=counts[step])
+                refresh = (
+                    cache is None
+                    or step == 0
+                    or (self.fast.refresh_every and step % self.fast.refresh_every == 0)
+                )
+                if refresh:
+                    cols = torch.arange(prompt_length, end, device=x.device)
+                    window = (0, x.shape[1])
+                    if cache is None:
+                        logits = guided_logits(
+                            self.model, x, self.attention_mask, cols, prompt_length=prompt_length,
+                            mask_token_id=self.rule.mask_token_id, cfg_scale=self.rule.cfg_scale,
+                        )  # fmt: skip
+                    else:
+                        assert isinstance(self.model, LLaDAModel)
+                        kv = self.model.new_cache(self._guided_input(x), self._guided_mask())
+                        logits = self._cached_logits(kv, 0, x.shape[1], cols)
+                else:
+                    assert kv is not None
+                    cols = torch.arange(start, end, device=x.device)
+                    stop = end if cache == "dual" else x.shape[1]
+                    window = (start, stop)
+                    logits = self._cached_logits(kv, start, stop, cols)
+                logits = forbid_early_eos(
+                    logits, cols, prompt_length, self.rule.eos_token_id, self.rule.min_new_tokens
+                )
+                x0_BR, conf_BR = predict_tokens(
+                    logits, self.rule.temperature, self.rule.remasking, self.rule.generator
+                )
+                commit(x, cols, x0_BR, conf_BR, window, self.rule.mask_token_id, selection)
+                if on_step is not None:
+                    on_step(step_index, x)
+                step_index += 1
+                if parallel is not None and not bool((x[:, start:end] == self.rule.mask_token_id).any()):
+                    break
+
+    def _guided_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, followed under guidance by its unconditional copy (prompt replaced by mask tokens)."""
+        if self.rule.cfg_scale <= 0:
+            return x
+        uncond = x.clone()
+        uncond[:, : self.plan.prompt_length] = self.rule.mask_token_id
+        return torch.cat([x, uncond])
+
+    def _guided_mask(self) -> torch.Tensor | None:
+        if self.attention_mask is None or self.rule.cfg_scale <= 0:
+            return self.attention_mask
+        return torch.cat([self.attention_mask, self.attention_mask])
+
+    def _cached_logits(self, kv: KVCache, start: int, stop: int, cols: torch.Tensor) -> torch.Tensor:
+        """Guided logits (B, R, V) at ``cols`` from a cached forward over the columns ``[start, stop)``."""
+        assert isinstance(self.model, LLaDAModel)
+        rows = cols - start
+
+        def head(hidden_BSH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
+            return F.linear(hidden_BSH.index_select(1, rows), weight_VH)
+
+        ids = self._guided_input(self.x)[:, start:stop]
+        logits_BRV = self.model.forward_cached(ids, kv, start, head=head)
+        if self.rule.cfg_scale > 0:
+            cond, uncond = logits_BRV.chunk(2)
+            logits_BRV = guide(cond, uncond, self.rule.cfg_scale)
+        return logits_BRV
 
 
 class _GraphSteps:

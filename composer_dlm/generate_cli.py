@@ -4,9 +4,11 @@
     python scripts/generate.py runs/quickstart/checkpoints/latest-rank0.pt --prompt "..." --chat
 
 A checkpoint is a Hugging Face folder (config.json + safetensors; preferred: nothing in it runs code), a LoRA
-run's adapter folder (merged into the base folder its adapter_config.json names), or a Composer checkpoint
-file (``.pt``) written by our trainer. A ``.pt`` holds the weights but not the model's shape, which comes from
-``--config`` or, when that is not given, from the run's own HF export found next to it.
+run's adapter folder (merged into the base folder its adapter_config.json names), a Composer checkpoint
+file (``.pt``) written by our trainer, or a run folder (``runs/quickstart``: its latest export, ``hf/final`` or
+the newest ``hf/ba<N>``, else its latest checkpoint), so a run can be sampled while it trains. A ``.pt`` holds
+the weights but not the model's shape, which comes from ``--config``, else from the run's config.yaml, else
+from the run's HF export found next to it.
 
 Inside a run folder (``RUN/hf/final``, ``RUN/checkpoints/*.pt``) the run's ``config.yaml`` gives the defaults:
 its tokenizer, and the chat template for a run trained with ``diffusion.mode: sft`` (``--no-chat`` turns that
@@ -28,19 +30,25 @@ from composer_dlm.cli import ArgumentParser, report, warnings_as_lines
 
 if TYPE_CHECKING:  # imported where used: `--help` and a bad flag answer without loading torch
     import torch
+    from transformers import PreTrainedTokenizerBase
 
-    from composer_dlm.models.architectures import AnyModel
+    from composer_dlm.models.architectures import AnyConfig, AnyModel
 
 MASK_GLYPH = "░"
 EXIT_EMPTY = 3
 
 
 def load_model(
-    path: str | Path, *, config: str | Path | None = None, dtype: torch.dtype, device: str | torch.device
+    path: str | Path,
+    *,
+    config: str | Path | AnyConfig | None = None,
+    dtype: torch.dtype,
+    device: str | torch.device,
 ) -> AnyModel:
-    """A :class:`LLaDAModel` (or LLaDA-MoE model) in eval mode from a Hugging Face folder or a Composer ``.pt`` checkpoint.
+    """A :class:`LLaDAModel` (or LLaDA-MoE model) in eval mode from a Hugging Face folder or a Composer ``.pt``
+    checkpoint.
 
-    ``config`` (a LLaDA config.json) is used for a ``.pt`` only; see :func:`load_composer_checkpoint`.
+    ``config`` (a LLaDA config.json or config) is used for a ``.pt`` only; see :func:`load_composer_checkpoint`.
     Raises :class:`CheckpointError` for a missing path or a file that is neither.
     """
     from composer_dlm.models.architectures import from_pretrained
@@ -66,13 +74,18 @@ def load_model(
 
 
 def load_composer_checkpoint(
-    path: str | Path, *, config: str | Path | None = None, dtype: torch.dtype, device: str | torch.device
+    path: str | Path,
+    *,
+    config: str | Path | AnyConfig | None = None,
+    dtype: torch.dtype,
+    device: str | torch.device,
 ) -> AnyModel:
     """Loads the LLaDA (or LLaDA-MoE) weights of a Composer checkpoint written by our trainer.
 
     The file is a pickle: it is read with ``torch.load(weights_only=False)``, which runs whatever code the file
     names, so only load checkpoints you trust (a warning says so); the HF export of the same run is the safe
-    choice. The model's shape comes from ``config`` or :func:`find_run_config`.
+    choice. The model's shape comes from ``config`` (a config.json or a config of either architecture, e.g. from the run's
+    config.yaml: :func:`run_network`) or :func:`find_run_config`.
     """
     import torch
 
@@ -81,13 +94,16 @@ def load_composer_checkpoint(
     from composer_dlm.models.llada import CheckpointError
 
     path = Path(path)
-    config_path = Path(config) if config is not None else find_run_config(path)
-    if config_path is None:
-        raise CheckpointError(
-            f"{path}: a Composer checkpoint holds the weights but not the model's shape, and no config.json was "
-            "found beside it or in the run's hf/ exports; pass --config PATH/TO/config.json"
-        )
-    llada_config = config_from_json(config_path)
+    if config is not None and not isinstance(config, (str, Path)):
+        llada_config, config_source = config, "the run's config.yaml"
+    else:
+        config_path = Path(config) if config is not None else find_run_config(path)
+        if config_path is None:
+            raise CheckpointError(
+                f"{path}: a Composer checkpoint holds the weights but not the model's shape, and no config.json "
+                "or run config.yaml was found beside it or in its run folder; pass --config PATH/TO/config.json"
+            )
+        llada_config, config_source = config_from_json(config_path), str(config_path)
     warnings.warn(
         f"{path} is a pickle: loading it (torch.load with weights_only=False) runs code stored in it. Only load "
         "checkpoints you trust; the run's Hugging Face export (safetensors) is the safe alternative.",
@@ -110,24 +126,68 @@ def load_composer_checkpoint(
     problems = [f"missing {', '.join(result.missing_keys[:3])}"] if result.missing_keys else []
     problems += [f"unexpected {', '.join(result.unexpected_keys[:3])}"] if result.unexpected_keys else []
     if problems:
-        raise CheckpointError(f"{path} does not fit {config_path}: " + "; ".join(problems))
+        raise CheckpointError(f"{path} does not fit {config_source}: " + "; ".join(problems))
     return model.to(device=device, dtype=dtype).eval()
 
 
 def find_run_config(checkpoint: Path) -> Path | None:
     """The config.json for a checkpoint of our trainer's run layout (``RUN/checkpoints/*.pt`` beside
     ``RUN/hf/{final,baN}/config.json``): one beside the file, else ``hf/final``, else the newest export."""
+    from composer_dlm.callbacks.hf_export import latest_export
     from composer_dlm.models.hf_format import CONFIG_NAME
 
     beside = checkpoint.parent / CONFIG_NAME
     if beside.is_file():
         return beside
-    exports = checkpoint.resolve().parent.parent / "hf"
-    final = exports / "final" / CONFIG_NAME
-    if final.is_file():
-        return final
-    found = sorted(exports.glob(f"*/{CONFIG_NAME}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    export = latest_export(checkpoint.resolve().parent.parent / "hf")
+    return export / CONFIG_NAME if export is not None and (export / CONFIG_NAME).is_file() else None
+
+
+def resolve_run_folder(path: str | Path) -> Path:
+    """What to sample when ``path`` is a run folder (it holds the run's config.yaml and no config.json): its
+    latest Hugging Face export (``final``, else the newest ``ba<N>``), else its latest Composer checkpoint.
+    Any other path is returned as it is. A run folder with neither is a :class:`CheckpointError`."""
+    from composer_dlm.config import RUN_CONFIG_NAME
+    from composer_dlm.models.hf_format import CONFIG_NAME
+    from composer_dlm.models.llada import CheckpointError
+
+    path = Path(path)
+    if not (path / RUN_CONFIG_NAME).is_file() or (path / CONFIG_NAME).is_file():
+        return path
+    from composer_dlm.callbacks.hf_export import latest_export
+
+    export = (run_config(path / RUN_CONFIG_NAME).get("callbacks") or {}).get("hf_export") or {}
+    exports = path / str(export.get("folder") or "hf")
+    latest = path / "checkpoints" / "latest-rank0.pt"
+    found = latest_export(exports) or (latest.resolve() if latest.is_file() else None)
+    if found is None:
+        raise CheckpointError(
+            f"{path} is a run folder with no Hugging Face export ({exports}/final or ba<N>) and no checkpoint "
+            f"({latest}) yet; sample it after its first export (callbacks.hf_export.interval) or checkpoint "
+            "(checkpoint.save_interval)"
+        )
+    what = "export" if found.is_dir() else "checkpoint"
+    print(f"composer-dlm: note: sampling {found}, the run's latest {what}", file=sys.stderr)
+    return found
+
+
+def run_network(run: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> AnyConfig | None:
+    """The network a run trained, from its config.yaml's ``model`` section (as the trainer builds it:
+    builders.network_config), or None when the run folder has no config.yaml."""
+    section = run.get("model")
+    if not isinstance(section, dict):
+        return None
+    from composer_dlm.builders import network_config
+    from composer_dlm.config import ModelConfig, build
+    from composer_dlm.models.llada import CheckpointError
+
+    model = build(ModelConfig, section, "model")
+    if model.lora is not None:
+        raise CheckpointError(
+            "a LoRA run's checkpoints hold only its adapters, not the base model; sample its export "
+            "(RUN/hf/final, or the run folder itself)"
+        )
+    return network_config(model, tokenizer)
 
 
 def render(tokenizer, ids: list[int], mask_token_id: int) -> str:
@@ -147,11 +207,12 @@ def render(tokenizer, ids: list[int], mask_token_id: int) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = ArgumentParser(
-        prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    # prog: argparse's default, the name the user ran (composer-dlm-generate, or generate.py for the script).
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "checkpoint", help="Hugging Face folder (preferred), LoRA adapter folder, or Composer checkpoint .pt"
+        "checkpoint",
+        help="Hugging Face folder (preferred), LoRA adapter folder, Composer checkpoint .pt, or a run folder "
+        "(its latest export, else its latest checkpoint)",
     )
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument(
@@ -160,7 +221,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "run's tokenizer.name from its config.yaml, else embedded)",
     )
     p.add_argument(
-        "--config", help="config.json giving the model's shape, for a .pt (default: the run's HF export)"
+        "--config",
+        help="config.json giving the model's shape, for a .pt (default: the run's config.yaml, else its HF export)",
     )
     p.add_argument(
         "--chat",
@@ -180,6 +242,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--seed", type=int, default=0, help="seed for sampling (temperature > 0, random remasking)"
     )
+    p.add_argument(
+        "--cache",
+        choices=("prefix", "dual"),
+        help="fast mode: block-level KV cache (default: none, exact mode)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="fast mode: commit every token at least this confident (parallel decoding)",
+    )
+    p.add_argument(
+        "--factor", type=float, help="fast mode: factor-based parallel decoding (excludes --threshold)"
+    )
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--show", action="store_true", help="print the answer after every step as masks fill in")
@@ -187,14 +262,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_config(checkpoint: str | Path) -> dict[str, Any]:
-    """The ``config.yaml`` of the run a checkpoint belongs to (``RUN/hf/<export>``, ``RUN/checkpoints/x.pt``),
-    or ``{}`` when it is not inside a run folder of our trainer. Read as plain YAML: only defaults come from it."""
+    """The ``config.yaml`` of the run a checkpoint belongs to (``RUN/hf/<export>``, ``RUN/checkpoints/x.pt``, or
+    the file itself), or ``{}`` when it is not inside a run folder of our trainer. Read as plain YAML."""
     import yaml
 
     from composer_dlm.config import RUN_CONFIG_NAME
 
     path = Path(checkpoint).resolve()
-    found = path.parent.parent / RUN_CONFIG_NAME
+    found = path if path.name == RUN_CONFIG_NAME else path.parent.parent / RUN_CONFIG_NAME
     if not found.is_file():
         return {}
     try:
@@ -219,19 +294,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from composer_dlm.data import load_tokenizer, mask_token_id
     from composer_dlm.data.tokenizer import user_turn
-    from composer_dlm.generate import generate, left_pad
+    from composer_dlm.generate import FastMode, generate, left_pad
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ]
-    run = run_config(args.checkpoint)
-    sft_run = (run.get("diffusion") or {}).get("mode") == "sft"
     try:
-        tokenizer_name = args.tokenizer or default_tokenizer(args.checkpoint, run)
+        checkpoint = resolve_run_folder(args.checkpoint)
+        run = run_config(checkpoint)
+        sft_run = (run.get("diffusion") or {}).get("mode") == "sft"
+        tokenizer_name = args.tokenizer or default_tokenizer(checkpoint, run)
         tokenizer = load_tokenizer(tokenizer_name)
+        config = args.config
+        if config is None and checkpoint.suffix == ".pt":
+            config = run_network(run, tokenizer)
         with warnings_as_lines():  # the unpickling warning
-            model = load_model(args.checkpoint, config=args.config, dtype=dtype, device=device)
+            model = load_model(checkpoint, config=config, dtype=dtype, device=device)
         mask_id = mask_token_id(tokenizer)
         if model.config.mask_token_id is not None and mask_id != model.config.mask_token_id:
             raise ValueError(
@@ -289,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             min_new_tokens=args.min_new_tokens,
             generator=torch.Generator(device=device).manual_seed(args.seed) if sampling else None,
             on_step=show if args.show else None,
+            fast=FastMode(cache=args.cache, threshold=args.threshold, factor=args.factor)
+            if args.cache or args.threshold is not None or args.factor is not None
+            else None,
         )
     except ValueError as err:  # CheckpointError, DataError and bad sampler arguments
         return report(str(err))

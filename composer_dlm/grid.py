@@ -52,8 +52,29 @@ def _dataset_overrides(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def missing_description(description: Path) -> ConfigError:
+    """The error for a description path that is not there, naming the example of that name shipped in the
+    source tree (``yamls/grid_example.yaml``) when it can be found, and how to run it (its ``base`` path is
+    relative to the checkout's root)."""
+    checkout = Path(__file__).resolve().parents[1]
+    shipped = checkout / "yamls" / description.name
+    if shipped.is_file():
+        hint = (
+            f"the example of that name is {shipped}; its base config is named relative to {checkout}, so run "
+            f"`cd {checkout} && composer-dlm-make-yamls yamls/{shipped.name} --out DIR`"
+        )
+    else:
+        hint = (
+            "the example (yamls/grid_example.yaml) ships with the composer-dlm source repository, not the installed "
+            "package: run from a clone's root, or copy it and the base config it names"
+        )
+    return ConfigError(f"grid description {description} does not exist; {hint}")
+
+
 def make_grid(description: str | Path, *, out: str | Path | None = None) -> list[Path]:
     """Writes one YAML per (model, dataset, mode) and returns their paths."""
+    if not Path(description).is_file():
+        raise missing_description(Path(description))
     desc = OmegaConf.to_container(read_yaml(description, "grid description"), resolve=True)
     if not isinstance(desc, dict):
         raise ConfigError(f"{description}: expected a mapping")

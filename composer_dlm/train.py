@@ -13,9 +13,10 @@ import sys
 from composer_dlm.builders import build_trainer, training_complete
 from composer_dlm.callbacks.nan_guard import NonFiniteLossError
 from composer_dlm.checkpoints import ResumeMismatchError
-from composer_dlm.cli import report
+from composer_dlm.cli import report, report_interrupt, report_once
 from composer_dlm.config import ConfigError, describe, load_config
 from composer_dlm.data import DataError
+from composer_dlm.lifecycle import die_with_launcher, interrupt_code, interrupt_message
 from composer_dlm.models import CheckpointError
 from composer_dlm.run_lock import RunLockedError
 
@@ -31,6 +32,7 @@ USAGE = "usage: composer composer_dlm/train.py RUN.yaml [dotted.key=value ...]  
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["-h"], ["--help"]):
         print(f"{__doc__.strip()}\n\n{USAGE}\n\nConfig keys (type = default):\n\n{describe()}")
@@ -52,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit()
         trainer.close()
     except USER_ERRORS as err:
-        return report(str(err))
+        return report_once(str(err))
+    except (KeyboardInterrupt, SystemExit) as err:
+        code = interrupt_code(err)
+        if code is None:
+            raise
+        return report_interrupt(
+            f"{interrupt_message(code)}; run the same command again to resume from the last checkpoint", code
+        )
     return 0
 
 

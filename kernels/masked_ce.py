@@ -42,7 +42,11 @@ At B·L = 16384, half weighted (M = 8192), H = 4096, V = 126464, bf16, C = 1024 
 is 36.4 ms of kernels (GEMMs 33.8 ms; row kernel 1.8 ms; target terms 0.2 ms; the rest 0.6 ms), the timed
 median 41.5 ms, the same with 90% of the rows on one target and on the forced torch-2.7 branch. C is a multiple of 1024 where the budget allows: C = 1024 beat C = 1408 and 1664 (the d(hidden)
 product's C·H output fills whole waves of tiles). Transient memory is the (C, V) buffer (at most
-chunk_bytes = 448 MiB; 247 MiB at C = 1024) plus O(C·H): 0.28 GiB measured at that shape.
+chunk_bytes = 448 MiB; 247 MiB at C = 1024) plus O(C·H): 0.28 GiB measured at that shape. One exception: a
+float32 weight (master) on a torch without matmul ``out_dtype`` (the pinned 2.7) sums each chunk's bf16 d(weight)
+product into float32 in a pass of its own (read 4 + 2, write 4 bytes per V·H entry), so there the budget is
+``separate_sum_budget_factor`` (4) times larger: at the shape above 2 chunks of 4096 rows, 2 such passes
+instead of 8, for 1 GiB of buffer instead of 0.25.
 """
 
 from __future__ import annotations
@@ -75,6 +79,10 @@ class KernelConfig:
     dh_split: int = 1  # split-K of the d(hidden) product over the vocabulary (batched GEMM), when V divides
     # Sum d(weight) over the chunks in float32 even for a bf16 weight: exact, but 4·V·H transient bytes.
     fp32_weight_grad: bool = False
+    # Where that float32 sum of low-precision products is a pass of its own per chunk (torch without matmul
+    # out_dtype, e.g. the pinned 2.7, with an fp32 master weight): the buffer budget times this, so fewer,
+    # larger chunks make fewer passes over the 4·V·H-byte sum (each ~1.4 ms at V 126464, H 4096 on an H200).
+    separate_sum_budget_factor: int = 4
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -140,9 +148,9 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool
                 acc[s : s + step].add_(part)
 
 
-def _chunk_rows(num_rows: int, vocab: int, elt: int, cfg: KernelConfig) -> int:
-    """Rows per chunk: within the buffer budget, aligned, balanced over the chunks."""
-    cap = max(1, cfg.chunk_bytes // (vocab * elt))
+def _chunk_rows(num_rows: int, vocab: int, elt: int, cfg: KernelConfig, budget_factor: int = 1) -> int:
+    """Rows per chunk: within the buffer budget (times ``budget_factor``), aligned, balanced over the chunks."""
+    cap = max(1, cfg.chunk_bytes * budget_factor // (vocab * elt))
     if cfg.max_chunk_rows is not None:
         cap = min(cap, cfg.max_chunk_rows)
     if cap >= cfg.chunk_align:
@@ -209,7 +217,11 @@ def _forward(
     ce_M = torch.empty(num_w, dtype=torch.float32, device=device)
     correct_M = torch.empty(num_w, dtype=torch.int8, device=device)
     gt_M = torch.empty(num_w, dtype=torch.float32, device=device)
-    chunk = _chunk_rows(num_w, vocab, weight_c.element_size(), cfg)
+    separate_sum = (
+        d_weight is not None and d_weight.dtype != compute_dtype and not _has_out_dtype(device.type)
+    )  # _accumulate's last branch
+    factor = cfg.separate_sum_budget_factor if separate_sum else 1
+    chunk = _chunk_rows(num_w, vocab, weight_c.element_size(), cfg, factor)
     buf = torch.empty(chunk, vocab, dtype=compute_dtype, device=device)
     for start in range(0, num_w, chunk):
         stop = min(start + chunk, num_w)

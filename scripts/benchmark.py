@@ -1,4 +1,4 @@
-"""Benchmarks: `python scripts/benchmark.py {kernel,loader,train,sampler,startup} [options]`.
+"""Benchmarks: `python scripts/benchmark.py {kernel,loader,train,sampler,likelihood,startup,table,fp8,moe} [options]`.
 
 The same command as the installed `composer-dlm-benchmark`. Every benchmark is a module of
 composer_dlm/benchmarks/ (composer_dlm.commands.BENCHMARKS); this script only dispatches.

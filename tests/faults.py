@@ -49,11 +49,26 @@ def launch_ranks(nproc: int, args: list[str], env: dict[str, str] | None = None)
     )
 
 
-def kill_group(p: subprocess.Popen) -> None:
+def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Sends ``sig`` to every process of ``p``'s process group (``p`` started with ``start_new_session``), as
+    a crash of the machine (SIGKILL) or a Ctrl-C at the terminal (SIGINT) does."""
     try:
-        os.killpg(p.pid, signal.SIGKILL)
+        os.killpg(p.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the processes of group ``pgid`` still running (zombies, dead but not yet reaped, left out)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def run_ranks(nproc: int, args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> str:
@@ -84,19 +99,25 @@ def rank0_metrics(run_folder: Path, name: str) -> dict[int, float]:
     return out
 
 
-def kill_after_batches(p: subprocess.Popen, k: int, *, group: bool = False) -> str:
-    """SIGKILLs ``p`` (with ``group``, its whole process group) once it has logged ``k`` training batches;
-    returns what it printed."""
+def wait_for_batches(p: subprocess.Popen, k: int) -> str:
+    """Reads ``p``'s output until it has logged ``k`` training batches; returns what it printed so far."""
     assert p.stdout is not None
     lines, seen = [], 0
     for line in p.stdout:
         lines.append(line)
         seen += bool(BATCH_LINE.match(line))
         if seen == k:
-            kill_group(p) if group else p.kill()
             break
+    return "".join(lines)
+
+
+def kill_after_batches(p: subprocess.Popen, k: int, *, group: bool = False, sig: int = signal.SIGKILL) -> str:
+    """Sends ``sig`` (SIGKILL) to ``p`` (with ``group``, to its whole process group) once it has logged ``k``
+    training batches; returns what it printed."""
+    out = wait_for_batches(p, k)
+    kill_group(p, sig) if group else p.send_signal(sig)
     rest, _ = p.communicate(timeout=600)
-    return "".join(lines) + (rest or "")
+    return out + (rest or "")
 
 
 def _die() -> None:

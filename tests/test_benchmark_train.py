@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
 
+from composer_dlm import builders
 from composer_dlm.benchmarks import train as bench
 from composer_dlm.models.llada import LLaDAConfig
 
@@ -16,6 +19,17 @@ def test_train_benchmark_runs_and_reports(tmp_path, monkeypatch, capsys):
     # The fused loss through its plain-PyTorch twin (the interpreter is slow; the kernel has its own tests):
     # what is checked here is the benchmark's accounting.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # Each configuration's trainer must be freed before the next one starts (Composer's atexit hook held every
+    # trainer's model and optimizer to the end of the process, so a second configuration ran out of memory).
+    models: list[weakref.ref] = []
+    build_trainer = builders.build_trainer
+
+    def tracked(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        models.append(weakref.ref(trainer.state.model))
+        return trainer
+
+    monkeypatch.setattr(builders, "build_trainer", tracked)
     out = tmp_path / "result.json"
     bench.main(
         [
@@ -47,6 +61,8 @@ def test_train_benchmark_runs_and_reports(tmp_path, monkeypatch, capsys):
             str(out),
         ]
     )
+    gc.collect()
+    assert len(models) == 2 and all(ref() is None for ref in models)
     raw = json.loads(out.read_text())
     assert raw["environment"]["torch"] == torch.__version__ and raw["world_size"] == 1
     results = raw["results"]

@@ -56,7 +56,10 @@ def test_overrides_merge_and_are_typed():
         ("optimizer.lr=fast", r"optimizer.lr: expected float, got str 'fast'"),
         ("precision=amp_int3", r"precision: 'amp_int3' is not one of"),
         ("max_duration=10 steps", r"max_duration: '10 steps' is not a duration"),
-        ("model.pretrained=/x", r"model: set exactly one of"),
+        (
+            "model.pretrained=/x",
+            r"model: model.config and model.pretrained are both set.*add `model.config=null`",
+        ),
         ("global_train_batch_size=0", r"global_train_batch_size must be positive"),
         ("diffusion.mode=ar", r"'ar' is not one of"),
         # Callbacks count batches: another unit, or zero (a modulo by zero at the first batch), is refused here.
@@ -211,3 +214,13 @@ def test_the_run_record_reads_back_as_the_same_config(path, tmp_path):
 def test_console_interval_must_be_batches(interval):
     with pytest.raises(ConfigError, match="logging.console_interval"):
         load_config(ROOT / "yamls" / "quickstart.yaml", [f"logging.console_interval={interval}"])
+
+
+def test_hf_export_keep_must_be_positive_or_null():
+    quickstart = ROOT / "yamls" / "quickstart.yaml"
+    with pytest.raises(
+        ConfigError, match=r"callbacks.hf_export.keep must be >= 1 \(or null to keep every export\)"
+    ):
+        load_config(quickstart, ["callbacks.hf_export.keep=0"])
+    cfg = load_config(quickstart, ["callbacks.hf_export.keep=null"])
+    assert cfg.callbacks.hf_export is not None and cfg.callbacks.hf_export.keep is None

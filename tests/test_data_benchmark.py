@@ -42,3 +42,23 @@ def test_benchmark_runs_on_tiny_synthetic_shards(
     raw = json.loads((tmp_path / "loader.json").read_text())
     assert raw["results"] == results and raw["environment"]["torch"] == torch.__version__
     assert raw["environment"]["torch27_branch_forced"] is False
+
+
+def test_startup_data_benchmark_measures_each_verify_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`startup data` writes hashed synthetic shards of the asked size and builds the loader with each setting;
+    the JSON holds every build's seconds and the command that reproduces it."""
+    from composer_dlm.benchmarks import startup
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    out = tmp_path / "startup.json"
+    startup.main(["data", "--sizes-gib", "0.001", "--seq-len", "64", "--repeats", "2", "--out", str(out)])
+    raw = json.loads(out.read_text())
+    assert raw["command"] == "python scripts/benchmark.py startup data --repeats 2 --sizes-gib 0.001"
+    (row,) = raw["results"]
+    assert row["samples"] == 2**30 // 1000 // (4 * 64) and row["shards"] == 1
+    labels = ["first_start_quick", "second_start_quick", "every_start_full", "every_start_off"]
+    assert sorted(row["runs_s"]) == sorted(labels)
+    assert all(len(row["runs_s"][k]) == 2 and row[f"{k}_s"] > 0 for k in labels)
+    assert "2nd start s" in capsys.readouterr().out

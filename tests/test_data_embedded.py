@@ -24,6 +24,7 @@ from composer_dlm.data import (
 )
 from composer_dlm.data.embedded import CACHE_ENV, VOCAB_SIZE, embedded_root, ensure_embedded_tokenizer
 from composer_dlm.data.tokenizer import train_bpe_tokenizer
+from composer_dlm.data.verify import STAMP_NAME
 
 SEQ = 64
 # sha256 of json.dumps([documents(), sft_pairs()]): the corpus depends on synthetic.py alone, not on the
@@ -41,7 +42,12 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The files a build wrote (not the stamp a loader's shard check leaves, composer_dlm.data.verify)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != STAMP_NAME
+    }
 
 
 def test_corpus_is_pinned_and_independent_of_the_interpreter() -> None:
@@ -172,6 +178,6 @@ def test_embedded_loader_refuses_another_tokenizer(cache: Path, tmp_path: Path) 
         )
     assert str(info.value).startswith(
         "a loader reads `local: embedded`, the built-in corpus in the embedded tokenizer's ids, but the run's "
-        f"tokenizer is '{tmp_path / 'tok'}'; convert your data with it (`python scripts/convert_to_mds.py INPUT "
+        f"tokenizer is '{tmp_path / 'tok'}'; convert your data with it (`composer-dlm-convert INPUT "
         f"--out DIR --tokenizer {tmp_path / 'tok'} --seq-len N --val-fraction 0.01`)"
     )

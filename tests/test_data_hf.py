@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import datasets
 import pyarrow as pa
 import pytest
 from streaming import LocalDataset
@@ -19,6 +18,8 @@ from streaming import LocalDataset
 from composer_dlm.data import ConvertConfig, DataError, Fields, convert
 from composer_dlm.data.sources import HFDataset
 from composer_dlm.data.tokenizer import train_bpe_tokenizer
+
+datasets = pytest.importorskip("datasets", reason="the hf extra (pip install -e '.[hf]')")
 
 WORDS = "a masked diffusion model predicts hidden tokens of text all at once then unmasks".split()
 

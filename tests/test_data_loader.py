@@ -206,14 +206,14 @@ def test_remote_path_downloads_into_local_cache(data: dict[str, str], tmp_path: 
 @pytest.mark.parametrize(
     ("case", "pattern"),
     [
-        ("missing", r"no shard folder .*nowhere: convert data there with `python scripts/convert_to_mds.py"),
+        ("missing", r"no shard folder .*nowhere: convert data there with `composer-dlm-convert"),
         ("empty", r"shard folder .*empty is empty or holds no MDS index"),
         ("bad_split", r"no split 'validation' in .*pre \(it has train, val\); set the loader's split"),
         ("no_split", r"pre holds splits \(train, val\), not shards; set the loader's split"),
         (
             "split_folder",
             r"pre/train is itself a split folder \(shards and index.json\) and has no 'train' inside; set the "
-            r"loader's local to .*/pre, the folder convert_to_mds.py --out wrote \(its split 'train' is then read "
+            r"loader's local to .*/pre, the folder composer-dlm-convert --out wrote \(its split 'train' is then read "
             r"from .*/pre/train\)",
         ),
         (

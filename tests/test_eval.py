@@ -211,6 +211,7 @@ def test_cli_gives_the_in_process_results(toy, in_process, tmp_path):
     _check_against_in_process(tmp_path, in_process[1])
 
 
+@pytest.mark.slow
 @pytest.mark.world_size(2)
 def test_two_processes_give_the_one_process_results(toy, in_process, tmp_path):
     """Composer's launcher, gloo on CPU: each rank scores its share, rank 0 gathers and writes the results."""
@@ -235,6 +236,35 @@ def test_cli_bad_checkpoint_is_one_line(toy, tmp_path):
         -2000:
     ]
     assert "Traceback" not in done.stderr
+
+
+def test_installed_command_and_simple_evaluate_by_name(toy, tmp_path, monkeypatch):
+    """The README's route to lm-eval: ``composer-dlm-eval`` (lm-eval's CLI with the model registered; lm-eval
+    0.4.13 has no plugin discovery) in a subprocess, and ``simple_evaluate(model="composer_dlm")`` after
+    ``import composer_dlm.eval``, on the shipped quickstart task, give the same scores."""
+    command = Path(sys.executable).parent / "composer-dlm-eval"
+    if not command.is_file():
+        pytest.skip("composer-dlm-eval is not installed (pip install -e '.[eval]')")
+    model_args = f"pretrained={toy / 'model'},mc_num=4,batch_size=4,seed=3,device=cpu"
+    args = ["--model", "composer_dlm", "--include_path", "yamls/lm_eval", "--tasks", "quickstart_capitals"]
+    args += ["--model_args", model_args, "--limit", "3", "--log_samples", "--output_path", str(tmp_path)]
+    env = os.environ | {"HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "quickstart_capitals" in done.stdout
+    (path,) = tmp_path.glob("*/samples_quickstart_capitals_*.jsonl")
+    cli = [json.loads(line)["filtered_resps"] for line in path.read_text().splitlines()]
+
+    monkeypatch.chdir(ROOT)  # the task's data path is relative to the checkout
+    manager = TaskManager(include_path="yamls/lm_eval", include_defaults=False)
+    results = simple_evaluate(
+        model="composer_dlm", model_args=model_args, tasks=["quickstart_capitals"], task_manager=manager,
+        limit=3, log_samples=True,
+    )  # fmt: skip
+    here = [row["filtered_resps"] for row in results["samples"]["quickstart_capitals"]]
+    assert len(here) == len(cli) == 3
+    for got, want in zip(cli, here, strict=True):
+        assert [float(g[0]) for g in got] == pytest.approx([w[0] for w in want], rel=1e-5)
 
 
 # --- the training callback ----------------------------------------------------------------------------------------

@@ -9,10 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from faults import kill_after_batches, rank0_metrics
 
-from composer_dlm.checkpoints import is_complete_checkpoint, repair_checkpoint_folder
+from composer_dlm.checkpoints import (
+    is_complete_checkpoint,
+    manifest_path,
+    repair_checkpoint_folder,
+    write_manifest,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS = Path(__file__).parent / "faults.py"
@@ -64,6 +70,7 @@ def final_weights(base: Path) -> dict[str, torch.Tensor]:
     return state["state"]["model"]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     reference = launch(tmp_path / "ref")
     out, _ = reference.communicate(timeout=600)
@@ -133,3 +140,42 @@ def test_repair_leaves_a_sharded_checkpoint_alone(tmp_path):
     assert report.message() is None and not report.quarantined
     assert os.readlink(folder / "latest-rank0.pt") == "ep0-ba4"
     assert (folder / "ep0-ba4" / "__0_0.distcp").read_bytes() == b"shard"
+
+
+def test_completeness_is_judged_from_the_manifest_without_reading_tensors(tmp_path):
+    """A checkpoint's manifest (written at save) is compared at start from the file's size, its zip directory and
+    its pickle: a tensor byte damaged in place is not read (the check costs the same at 64 MB as at 64 GB), while
+    a truncated file, a torn zip directory or a pickle that changed since the save are caught; a checkpoint
+    without a manifest (older runs) is judged by its zip directory alone."""
+    path = tmp_path / "ep0-ba2-rank0.pt"
+    torch.save({"state": {"w": torch.zeros(16 << 20)}, "step": 2}, path)
+    assert is_complete_checkpoint(path)  # no manifest yet: the zip directory alone
+    write_manifest(path)
+    assert manifest_path(path).is_file() and is_complete_checkpoint(path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2  # inside the tensor's storage
+    data[middle] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert is_complete_checkpoint(path)  # tensors are not read
+    torch.save({"state": {"w": torch.zeros(16 << 20)}, "step": 3}, path)  # another pickle, same size
+    assert not is_complete_checkpoint(path)
+    manifest_path(path).unlink()
+    assert is_complete_checkpoint(path)
+    path.write_bytes(path.read_bytes()[:-100])  # the end of the zip directory lost
+    assert not is_complete_checkpoint(path)
+
+
+def test_repair_and_retention_take_the_manifest_along(tmp_path):
+    from composer_dlm.checkpoints import prune_checkpoints
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for step in (2, 4, 6):
+        torch.save({"step": step}, folder / f"ep0-ba{step}-rank0.pt")
+        write_manifest(folder / f"ep0-ba{step}-rank0.pt")
+    torch.save({"step": 66}, folder / "ep0-ba6-rank0.pt")  # replaced after its manifest was written
+    os.symlink("ep0-ba6-rank0.pt", folder / "latest-rank0.pt")
+    assert repair_checkpoint_folder(folder).latest == folder / "ep0-ba4-rank0.pt"
+    assert not manifest_path(folder / "ep0-ba6-rank0.pt").exists()
+    assert prune_checkpoints(folder, keep=1) == [folder / "ep0-ba2-rank0.pt"]
+    assert sorted(p.name for p in folder.glob("*.json")) == ["ep0-ba4-rank0.pt.manifest.json"]

@@ -139,6 +139,7 @@ def test_finetune_bf16_release_keeps_fp32_masters_and_exports_a_release_folder(t
     assert code in (0, 3) and "error" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.world_size(2)
 def test_finetune_with_two_processes_through_the_launcher(tmp_path):
     """``composer -n 2 composer_dlm/train.py ...`` (DDP on CPU): every rank reads the bf16 folder into fp32

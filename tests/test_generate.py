@@ -40,7 +40,8 @@ def reference_generate(
     cfg_scale: float = 0.0,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Temperature 0, low-confidence remasking: full logits everywhere, float64 softmax, a top-k per row."""
+    """Temperature 0, low-confidence remasking: full logits everywhere, the softmax in the logits' dtype, a top-k per
+    row over the whole sequence (LLaDA's current generate.py)."""
     batch, plen = prompt.shape
     x = torch.full((batch, plen + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :plen] = prompt
@@ -70,15 +71,12 @@ def reference_generate(
             else:
                 logits = model(x) if mask is None else model(x, attention_mask=mask)
             x0 = logits.argmax(-1)
-            p = F.softmax(logits.to(torch.float64), dim=-1).gather(-1, x0[..., None])[..., 0]
+            p = F.softmax(logits, dim=-1).gather(-1, x0[..., None])[..., 0]
             p[:, hi:] = -math.inf
             x0 = torch.where(masked, x0, x)
             confidence = torch.where(masked, p, -math.inf)
             for row in range(batch):
-                # the todo[row][s] most confident, exact ties to the leftmost position
-                conf = confidence[row].tolist()
-                order = sorted(range(len(conf)), key=lambda c: (-conf[c], c))  # noqa: B023 (used at once)
-                chosen = torch.tensor(order[: todo[row][s]], dtype=torch.long, device=x.device)
+                chosen = torch.topk(confidence[row], k=todo[row][s]).indices
                 x[row, chosen] = x0[row, chosen]
     return x
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +14,16 @@ import pytest
 import torch
 import toy_task as tt
 from composer import Trainer
+from composer.core import Callback
+from tiny_runs import embedded_run_overrides, fit
 from torch.utils.data import DataLoader
 
 from composer_dlm.data import load_tokenizer
 from composer_dlm.diffusion import DiffusionConfig
 from composer_dlm.generate import generate
 from composer_dlm.generate_cli import MASK_GLYPH, main
-from composer_dlm.models import LLaDAModel
-from composer_dlm.models.composer_llada import ComposerLLaDA
+from composer_dlm.models import LLaDAConfig, LLaDAModel
+from composer_dlm.models.composer_llada import ComposerLLaDA, llada_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,3 +243,112 @@ def test_an_sft_runs_checkpoint_gets_the_chat_template_by_default(run, tmp_path,
         code, out, err = cli(capsys, final, *common, *flags)  # no --tokenizer: the run's
         assert (code, out) == expected[:2], (mode, flags, err)
         assert ("chat template" in err) == (mode == "sft" and not flags)
+
+
+# --- sampling a run while it trains: a run folder, a mid-run .pt ------------------------------------------------
+
+
+class Snapshot(Callback):
+    """At the start of batch ``at + 1`` (batch ``at``'s export and checkpoint written): a copy of the run folder
+    as a user would find it then, and the weights the model had."""
+
+    def __init__(self, run_folder: Path, copy_to: Path, at: int) -> None:
+        self.run_folder, self.copy_to, self.at = run_folder, copy_to, at
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def batch_start(self, state, logger) -> None:
+        if int(state.timestamp.batch) == self.at:
+            shutil.copytree(self.run_folder, self.copy_to, symlinks=True)
+            self.weights = {k: v.detach().clone() for k, v in llada_weights(state.model.state_dict()).items()}
+
+
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory) -> dict:
+    """A tiny quickstart-style run (real Trainer, embedded corpus, exports every 2 batches keeping 1), copied as it
+    stood after batch 4 of 6, and the finished run."""
+    base = tmp_path_factory.mktemp("live")
+    snap = Snapshot(base / "run", base / "at4", at=4)
+    # No warmup and a high rate, so that 4 batches teach the model some text (an answer that is not empty).
+    learn = ["scheduler.t_warmup=0ba", "optimizer.lr=0.02", "callbacks.hf_export.keep=1"]
+    fit(embedded_run_overrides(base, "run", "6ba") + learn, [snap])
+    return {"finished": base / "run", "at4": base / "at4", "weights": snap.weights}
+
+
+def generate_script(*argv: str | Path) -> subprocess.CompletedProcess:
+    """scripts/generate.py in a subprocess, as a user runs it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+
+
+def expected_answer(weights: dict[str, torch.Tensor], run_folder: Path, prompt: str, gen_length: int) -> str:
+    """The answer of a model holding ``weights``, shaped as the run's hf export says, with the embedded tokenizer."""
+    tok = load_tokenizer("embedded")
+    with torch.device("meta"):
+        model = LLaDAModel(LLaDAConfig.from_json(run_folder / "hf" / "final" / "config.json"))
+    model.load_state_dict(weights, assign=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    out = generate(
+        model.eval(), torch.tensor([ids]), steps=gen_length, gen_length=gen_length,
+        block_length=gen_length, mask_token_id=model.config.mask_token_id,
+        eos_token_id=model.config.eos_token_id, min_new_tokens=gen_length,
+    )  # fmt: skip
+    return tok.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True) + "\n"
+
+
+# EOS forbidden: a model 4 batches into training would otherwise answer with EOS only (an empty answer).
+PROMPT = ["--prompt", "The capital of France is", "--gen-length", "8", "--min-new-tokens", "8"]
+
+
+def test_mid_run_folder_holds_the_newest_interval_export_only(live_run):
+    assert sorted(p.name for p in (live_run["at4"] / "hf").iterdir()) == ["ba4"]  # keep 1: ba2 removed
+    # The last batch gets final only; the newest interval export stays beside it.
+    assert sorted(p.name for p in (live_run["finished"] / "hf").iterdir()) == ["ba4", "final"]
+
+
+def test_generate_on_a_mid_run_checkpoint_takes_the_model_from_the_runs_config(live_run, tmp_path):
+    """A .pt with no --config and no export beside it: the shape comes from the run's config.yaml."""
+    at4 = tmp_path / "at4"
+    shutil.copytree(live_run["at4"], at4, symlinks=True)
+    shutil.rmtree(at4 / "hf")  # nothing to borrow a config.json from
+    pt = at4 / "checkpoints" / "ep0-ba4-rank0.pt"
+    done = generate_script(pt, *PROMPT)
+    assert done.returncode == 0, done.stderr
+    expected = expected_answer(live_run["weights"], live_run["finished"], PROMPT[1], 8)
+    assert expected.strip() and done.stdout == expected
+    assert "pickle" in done.stderr
+
+
+def test_generate_on_a_run_folder_samples_its_latest_export(live_run, tmp_path):
+    at4 = tmp_path / "at4"
+    shutil.copytree(live_run["finished"], at4, symlinks=True)
+    shutil.rmtree(at4 / "hf" / "final")  # as the run stood mid-run: ba4 is the newest export
+    done = generate_script(at4, *PROMPT)
+    assert done.returncode == 0, done.stderr
+    assert f"sampling {at4 / 'hf' / 'ba4'}, the run's latest export" in done.stderr
+    bf16 = {k: v.to(torch.bfloat16).float() for k, v in live_run["weights"].items()}  # exports are bf16
+    expected = expected_answer(bf16, live_run["finished"], PROMPT[1], 8)
+    assert expected.strip() and done.stdout == expected
+
+
+def test_a_run_folder_without_exports_samples_its_latest_checkpoint(live_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(live_run["finished"], run, symlinks=True)
+    shutil.rmtree(run / "hf")
+    code, out, err = cli(capsys, run, *PROMPT)
+    assert code == 0, err
+    assert (
+        f"sampling {(run / 'checkpoints' / 'ep0-ba6-rank0.pt').resolve()}, the run's latest checkpoint" in err
+    )
+    assert out == cli(capsys, run / "checkpoints" / "ep0-ba6-rank0.pt", *PROMPT)[1]
+
+
+def test_a_run_folder_with_nothing_to_sample_is_one_line(live_run, tmp_path, capsys):
+    empty = tmp_path / "starting"
+    empty.mkdir()
+    shutil.copy(live_run["finished"] / "config.yaml", empty / "config.yaml")
+    code, out, err = cli(capsys, empty, *PROMPT)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"composer-dlm: error: {empty} is a run folder with no Hugging Face export")
+    assert "checkpoint.save_interval" in err

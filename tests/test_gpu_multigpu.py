@@ -132,12 +132,12 @@ def _final_model_weights(run_folder: Path, steps: int, tmp: Path) -> dict[str, t
 STEPS = 8
 
 
-def _kill_and_resume(tmp_path: Path, nproc: int, deterministic: bool) -> None:
+def _kill_and_resume(tmp_path: Path, nproc: int, deterministic: bool, **model: str) -> None:
     """A FULL_SHARD run with sharded checkpoints, killed while every rank writes its 2nd checkpoint (ba4) and
     again mid-run, restarted each time, against an uninterrupted run: bit-identical weights under
-    ``deterministic: true``, otherwise the same losses within run-to-run noise."""
+    ``deterministic: true``, otherwise the same losses within run-to-run noise. ``model`` adds overrides."""
     fsdp = {"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"}
-    extra = {
+    extra = model | {
         "checkpoint.save_interval": "2ba",
         "max_duration": f"{STEPS}ba",
         "deterministic": str(deterministic),

@@ -19,7 +19,7 @@ from composer_dlm.config import ConfigError, load_config
 from composer_dlm.data import load_tokenizer, mask_token_id
 from composer_dlm.generate_cli import main as generate_main
 from composer_dlm.models import CheckpointError, LLaDAConfig, LLaDAModel
-from composer_dlm.models.hf_format import resolve_folder
+from composer_dlm.models.hf_format import REMOTE_AUTO_MAP, resolve_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_export_states_every_release_key_and_is_world_readable(tmp_path):
                          embedding_size=50, rope_theta=500000.0, rms_norm_eps=1e-5, mask_token_id=49, eos_token_id=48,
                          pad_token_id=48, max_sequence_length=4096)  # fmt: skip
     assert {k: written[k] for k in SIZE_KEYS} == expected_size
-    assert "auto_map" not in written  # no modeling files travel with a from-scratch model
+    assert written["auto_map"] == REMOTE_AUTO_MAP  # composer-dlm's own modeling files travel with it
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert (generation["eos_token_id"], generation["pad_token_id"]) == (48, 48)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
@@ -90,7 +90,7 @@ def test_export_states_every_release_key_and_is_world_readable(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
 
 
-def test_modeling_files_and_auto_map_come_along_only_together(tmp_path):
+def test_a_source_folders_modeling_files_and_auto_map_are_kept(tmp_path):
     source = tmp_path / "release"
     tiny().save_pretrained(source)
     data = json.loads((source / "config.json").read_text())
@@ -106,9 +106,9 @@ def test_modeling_files_and_auto_map_come_along_only_together(tmp_path):
     assert (tmp_path / "with" / "modeling_llada.py").read_text() == "# stand-in\n"
     assert (tmp_path / "with" / "configuration_llada.py").read_text() == "# stand-in too\n"
 
-    loaded.save_pretrained(tmp_path / "without")  # source unknown: the map would point at missing files
-    assert "auto_map" not in json.loads((tmp_path / "without" / "config.json").read_text())
-    assert not list((tmp_path / "without").glob("*.py"))
+    loaded.save_pretrained(tmp_path / "without")  # source unknown: composer-dlm's own files and map instead
+    assert json.loads((tmp_path / "without" / "config.json").read_text())["auto_map"] == REMOTE_AUTO_MAP
+    assert "# stand-in" not in (tmp_path / "without" / "modeling_llada.py").read_text()
 
 
 def test_tokenizer_written_beside_the_weights_loads_back(tmp_path):
@@ -224,8 +224,11 @@ def test_from_scratch_run_exports_a_release_folder(tmp_path, capsys):
     export = tmp_path / "scratch" / "hf" / "final"
     written = json.loads((export / "config.json").read_text())
     assert {k: written[k] for k in LLADA_RELEASE_KEYS} == LLADA_RELEASE_KEYS
-    assert set(SIZE_KEYS) <= set(written) and "auto_map" not in written
+    assert set(SIZE_KEYS) <= set(written) and written["auto_map"] == REMOTE_AUTO_MAP
     assert (export / "tokenizer.json").is_file() and (export / "generation_config.json").is_file()
+    tokenizer = load_tokenizer(str(export))  # pads as LLaDA's generate.py asks, within the model's context
+    assert tokenizer.pad_token_id == written["pad_token_id"] and tokenizer(["a", "b c"], padding=True)
+    assert tokenizer.model_max_length == written["max_sequence_length"]
     model = LLaDAModel.from_pretrained(export)
     assert model.config.d_model == 32 and model.config.mask_token_id == written["mask_token_id"]
     capsys.readouterr()
@@ -259,8 +262,8 @@ def test_release_folder_round_trips_names_and_extra_keys(tmp_path):
     assert set(load_file(str(tmp_path / "again" / "model.safetensors"))) == set(tensors)
     written = json.loads((tmp_path / "again" / "config.json").read_text())
     assert written["init_device"] == RELEASE_CONFIG["init_device"] and written["torch_dtype"] == "bfloat16"
-    # auto_map names modeling files; without them beside the weights (none given here) it is not written.
-    assert "auto_map" not in written
+    # The release's auto_map names files that are not given here: composer-dlm's own are written with their map.
+    assert written["auto_map"] == REMOTE_AUTO_MAP and (tmp_path / "again" / "modeling_llada.py").is_file()
     reloaded = LLaDAModel.from_pretrained(tmp_path / "again")
     assert reloaded.output_weight.dtype == torch.bfloat16
 

@@ -409,3 +409,12 @@ def test_gpu_compile_and_checkpoint() -> None:
     for got in (compiled, ckpt):
         for a, b in zip(got, eager, strict=True):
             assert _rel(a, b) <= 1e-2
+
+
+def test_separate_float32_sum_takes_fewer_larger_chunks() -> None:
+    """8192 weighted rows, V 126464, bf16: the 448 MiB budget holds 1857 rows, so 8 chunks of 1024 (aligned);
+    where d(weight)'s float32 sum is a pass of its own per chunk, 4x the budget holds 7429 rows: 2 chunks of
+    4096, so 2 passes over the sum instead of 8."""
+    cfg = KernelConfig()
+    assert masked_ce._chunk_rows(8192, 126464, 2, cfg) == 1024
+    assert masked_ce._chunk_rows(8192, 126464, 2, cfg, cfg.separate_sum_budget_factor) == 4096

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from composer_dlm.benchmarks import likelihood as bench
+from composer_dlm.benchmarks.tables import render
 from composer_dlm.callbacks.eval_likelihood import LikelihoodEval
 from composer_dlm.data import DataError, load_tokenizer
 from composer_dlm.diffusion import DiffusionConfig
@@ -370,14 +371,38 @@ def test_llada_loop_transcription_is_the_same_estimator():
     assert abs(statistics.fmean(estimates) - exact) < 4 * spread / math.sqrt(len(estimates))
 
 
-def test_benchmark_smoke_on_cpu(capsys):
-    rows = bench.main(["--shape", "tiny", "--device", "cpu", "--shapes", "8/3/4/2", "6/1/1/3", "6/1/1/4:2"])
+def test_benchmark_smoke_on_cpu(capsys, tmp_path):
+    shapes = ["8/3/4/2", "6/1/1/3", "6/1/1/4:2"]
+    rows = bench.main(
+        [
+            "--shape",
+            "tiny",
+            "--device",
+            "cpu",
+            "--shapes",
+            *shapes,
+            "--repeats",
+            "3",
+            "--out",
+            str(tmp_path / "l"),
+        ]
+    )
     assert [(r["prompt"], r["answer"], r["mc_num"], r["answers_per_context"]) for r in rows] == [
         (8, 3, 4, 1),
         (6, 1, 1, 1),
         (6, 1, 1, 2),
     ]
-    assert all(r["reference_ms"] > 0 and r["ours_ms"] > 0 for r in rows)
+    # Every repeat is kept, with its median and range; the raw file holds the same, and its table divides medians.
+    for r in rows:
+        for timing in (r["reference_ms"], r["ours_ms"]):
+            times = timing["repeats"]
+            assert len(times) == 3 and min(times) > 0
+            assert (timing["min"], timing["median"], timing["max"]) == tuple(sorted(times))
+    assert json.loads((tmp_path / "l.json").read_text())["rows"] == rows
+    table = render([str(tmp_path / "l.json")]).split("\n")
+    speed_ups = [float(line.rsplit("|", 2)[1].strip().rstrip("x")) for line in table[2:]]
+    expected = [r["reference_ms"]["median"] / r["ours_ms"]["median"] for r in rows]
+    assert speed_ups == pytest.approx(expected, abs=0.006)
     out = capsys.readouterr().out
     # One-token answers are exact: both give the same value per request, up to float rounding.
     differences = re.findall(r"max difference ([^ ]+) \|", out)

@@ -181,6 +181,29 @@ def test_likelihood_of_a_one_token_answer_is_exact_through_the_shared_interface(
     assert estimate == pytest.approx(float(logits[0, -1].log_softmax(-1)[11]), abs=1e-5)
 
 
+def test_fast_mode_threshold_decodes_and_its_cache_is_refused_in_one_line():
+    from composer_dlm.generate import FastMode, generate
+
+    model = LLaDAMoEModel.from_config(TINY, seed=5).eval()
+    prompt = torch.tensor([[3, 9, 27, 5]])
+    out = generate(
+        model, prompt, steps=4, gen_length=8, block_length=8, mask_token_id=63, fast=FastMode(threshold=0.9)
+    )
+    assert out.shape == (1, 12) and torch.equal(out[:, :4], prompt) and not (out == 63).any()
+    with pytest.raises(ValueError) as err:
+        generate(
+            model,
+            prompt,
+            steps=4,
+            gen_length=8,
+            block_length=8,
+            mask_token_id=63,
+            fast=FastMode(cache="dual"),
+        )
+    message = str(err.value)
+    assert "\n" not in message and "LLaDAMoEModel" in message and "leave the cache unset" in message
+
+
 @pytest.mark.gpu
 def test_grouped_experts_on_the_gpu_match_the_loop_in_bf16_autocast():
     """torch's grouped GEMM (where the torch has it) against dLLM's loop, forward and gradients, bf16 autocast."""

@@ -261,6 +261,7 @@ def test_fsdp_units_hold_one_dtype_each(tmp_path, two_processes):
     assert grads and all(has == (".lora_" in n) for n, has in grads.items()), grads
 
 
+@pytest.mark.slow
 @pytest.mark.world_size(2)
 def test_two_processes_through_the_launcher(base_folder, tmp_path):
     """``composer -n 2`` on CPU (gloo, DDP): both ranks train the same adapters; the checkpoint holds only them and

@@ -170,7 +170,7 @@ def test_readme_sections_hold_the_commands_run_here() -> None:
     assert readme_commands("Quickstart") == [
         "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
         "composer composer_dlm/train.py yamls/quickstart.yaml",
-        'python scripts/generate.py runs/quickstart/hf/final --prompt "The capital of Italy is" --gen-length 8',
+        'python scripts/generate.py runs/quickstart --prompt "The capital of Italy is" --gen-length 8',
     ]
     prep = readme_commands("Preparing data")
     assert [c.split(" --")[0] for c in prep[:6]] == [
@@ -189,6 +189,7 @@ def test_readme_sections_hold_the_commands_run_here() -> None:
     )
 
 
+@pytest.mark.slow
 def test_quickstart_through_composers_launcher(ws: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """The quickstart's last step as a user types it (`composer ...`, the launcher), then its sampling command."""
     install_and_train, generate = readme_commands("Quickstart")
@@ -200,12 +201,14 @@ def test_quickstart_through_composers_launcher(ws: Path, monkeypatch: pytest.Mon
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_folder = ws / "runs" / "quickstart"
     assert (run_folder / "hf" / "final" / "config.json").is_file()
+    assert (run_folder / "plots" / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "[sample @ batch 4]" in (run_folder / "samples.txt").read_text()
     monkeypatch.chdir(ws)
     capsys.readouterr()
-    assert_generates(run(shlex.split(generate)), capsys)
+    assert_generates(run(shlex.split(generate)), capsys)  # the run folder: its hf/final
 
 
+@pytest.mark.slow
 def test_preparing_data_commands_as_written(ws: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """Convert text/JSONL/Parquet for pretraining and prompt/response/chat for SFT, train on both, sample."""
     monkeypatch.chdir(ws)

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 from composer.core import Callback
 from test_train import ROOT, tiny_overrides
 
-from composer_dlm import builders, train
+from composer_dlm import builders, run_lock, train
 from composer_dlm.callbacks.nan_guard import NonFiniteLossError
 from composer_dlm.checkpoints import ResumeMismatchError, RunIdentity, check_resume, prune_checkpoints
 from composer_dlm.config import ConfigError, load_config
@@ -361,3 +362,75 @@ def test_optimizer_under_fsdp_amp_fp16_takes_the_shape_of_found_inf_the_sharded_
     assert not torch.equal(before, model.weight)
     with pytest.raises(ConfigError, match="optimizer.fused: true fails under fsdp with precision amp_fp16"):
         builders.build_optimizer(OptimizerConfig(fused=True), model, sharded_fp16=True)
+
+
+def no_flock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem without flock (some NFS and Lustre mounts): the call fails with ENOLCK."""
+
+    def flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", flock)
+
+
+def test_without_flock_the_lock_is_an_exclusive_owner_file(tmp_path, monkeypatch):
+    no_flock(monkeypatch)
+    first = RunLock(tmp_path / "run")
+    first.acquire()
+    owner = tmp_path / "run" / ".lock.owner"
+    assert owner.read_text() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
+    with pytest.raises(RunLockedError, match=rf"in use by another run \(pid {os.getpid()} on host .*has no flock, "
+                       rf"so the lock is the file {owner}: .*set checkpoint.lock=false"):  # fmt: skip
+        RunLock(tmp_path / "run").acquire()
+    first.release()
+    assert not owner.exists()
+    second = RunLock(tmp_path / "run")
+    second.acquire()
+    second.release()
+
+
+def test_without_flock_a_stale_owner_file_is_taken_over_only_on_its_host(tmp_path, monkeypatch):
+    no_flock(monkeypatch)
+    owner = tmp_path / ".lock.owner"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    owner.write_text(
+        f"pid {int(dead.stdout)} on host {socket.gethostname()}\n"
+    )  # killed hard: its file stayed
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert owner.read_text().startswith(f"pid {os.getpid()} ")
+    lock.release()
+    owner.write_text(f"pid {int(dead.stdout)} on host another-node-7\n")  # cannot be judged from here
+    with pytest.raises(RunLockedError, match="another-node-7"):
+        RunLock(tmp_path).acquire()
+    assert owner.read_text().endswith("another-node-7\n")
+
+
+def test_unlockable_run_folder_is_one_line_and_removed(tmp_path, monkeypatch, capsys):
+    """Neither flock nor an exclusive create works: one line naming checkpoint.lock=false, exit 2, no run folder
+    left behind; with checkpoint.lock=false the start goes past the lock."""
+    no_flock(monkeypatch)
+    real_open = os.open
+
+    def no_exclusive_create(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if flags & os.O_EXCL:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(run_lock.os, "open", no_exclusive_create)
+    args = [str(ROOT / "yamls" / "quickstart.yaml"), *tiny_overrides(tmp_path)]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"composer-dlm: error: cannot lock the run folder {tmp_path}"
+    )
+    assert "set checkpoint.lock=false" in err
+    assert not (tmp_path / "tiny").exists()
+    cfg = load_config(
+        ROOT / "yamls" / "quickstart.yaml", [*tiny_overrides(tmp_path), "checkpoint.lock=false"]
+    )
+    lock = RunLock(cfg.run_folder)
+    builders.start_run(cfg, lock)
+    assert not lock.held

@@ -161,6 +161,7 @@ def remote_batches(s3) -> int:
     return json.loads(body)["counts"]["samples"] // 4
 
 
+@pytest.mark.slow
 @pytest.mark.world_size(2)
 def test_two_processes_train_on_a_mixture_from_s3_killed_and_resumed_with_a_fresh_cache(
     s3, tmp_path: Path

@@ -12,6 +12,7 @@ import torch
 from composer.core import Callback
 
 from composer_dlm import builders, train
+from composer_dlm.checkpoints import checkpoint_listing, manifest_path
 from composer_dlm.config import ConfigError, load_config
 from composer_dlm.models import LLaDAModel
 
@@ -72,6 +73,9 @@ def test_run_writes_checkpoints_export_and_samples_then_resumes(tmp_path, capsys
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("ep*-ba*-rank0.pt"))
     assert ckpts == ["ep0-ba3-rank0.pt", "ep0-ba6-rank0.pt"]
     assert (run / "checkpoints" / "latest-rank0.pt").exists()
+    for name in ckpts:  # each save wrote its manifest, which the saved file matches
+        path = run / "checkpoints" / name
+        assert json.loads(manifest_path(path).read_text()) == checkpoint_listing(path)
 
     exported = LLaDAModel.from_pretrained(run / "hf" / "final", dtype=torch.float32)
     trained = trainer.state.model.model
@@ -131,7 +135,7 @@ def test_typo_is_a_one_paragraph_error(tmp_path, capsys):
 def test_missing_data_folder_is_a_one_paragraph_error(tmp_path, capsys):
     code, err = run_main(tmp_path, capsys, f"train_loader.local={tmp_path / 'nowhere'}")
     assert code == 2 and err.count("\n") == 1
-    assert str(tmp_path / "nowhere") in err and "convert_to_mds.py" in err
+    assert str(tmp_path / "nowhere") in err and "composer-dlm-convert" in err
 
 
 def test_pretrained_folder_without_config_is_a_one_paragraph_error(tmp_path, capsys):

@@ -195,7 +195,7 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     ),
     "corrupt, truncated or missing shard or index": (
         "tests/test_data_verify.py::test_damaged_split_is_named_at_loader_build",
-        "convert the data again with scripts/convert_to_mds.py",
+        "convert the data again with composer-dlm-convert",
     ),
     "tokenizer changed, loaders left on the embedded corpus": (
         "tests/test_data_embedded.py::test_embedded_loader_refuses_another_tokenizer",
@@ -216,6 +216,14 @@ ELSEWHERE: dict[str, tuple[str, str]] = {
     "SFT prompt longer than the sequence": (
         "tests/test_data_convert.py::test_overlong_sft_advice_says_raise_seq_len",
         "raise --seq-len above 8, or pass --overlong truncate",
+    ),
+    "model.pretrained on a YAML that sets model.config (the quickstart)": (
+        "tests/test_messages.py::test_pretrained_on_the_quickstart_names_model_config_null",
+        "model.config and model.pretrained are both set",
+    ),
+    "model.pretrained of another architecture": (
+        "tests/test_messages.py::test_gpt2_config_is_not_a_llada_config",
+        "not a LLaDA config (model_type 'gpt2')",
     ),
     "config.json with missing or unsupported fields": (
         "tests/test_hf_format.py::test_bad_config_errors",

@@ -11,6 +11,7 @@ api = pytest.importorskip("mypy.api", reason="mypy is a dev dependency (pip inst
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_mypy_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     stdout, stderr, status = api.run(["composer_dlm", "kernels"])

@@ -47,11 +47,35 @@ def tiny_run_overrides(base: Path, run: str, tokenizer: str, duration: str, seq_
     ]
 
 
-def fit_recording_batches(overrides: list[str]) -> tuple[list[torch.Tensor], TrainConfig]:
-    """The quickstart YAML with ``overrides``, trained to its max_duration; returns the batches read and the config."""
+def embedded_run_overrides(base: Path, run: str, duration: str, seq_len: int = 32) -> list[str]:
+    """:func:`tiny_run_overrides` on the embedded corpus and tokenizer, with an eval of one batch and an HF export
+    every 2 batches (the quickstart's outputs, in seconds)."""
+    kept = [
+        o
+        for o in tiny_run_overrides(base, run, "embedded", duration, seq_len)
+        if not o.startswith(("eval_loader=", "callbacks.hf_export=", "model.config.vocab_size="))
+    ]
+    return kept + [
+        "model.config.vocab_size=4096",
+        "eval_interval=2ba",
+        "eval_subset_num_batches=1",
+        "device_eval_batch_size=4",
+        "eval_loader.num_workers=0",
+        "callbacks.hf_export.interval=2ba",
+    ]
+
+
+def fit(overrides: list[str], extra_callbacks: list[Callback] | None = None) -> TrainConfig:
+    """The quickstart YAML with ``overrides``, built by the real builders and trained to its max_duration."""
     cfg = load_config(QUICKSTART, overrides)
-    batches = Batches()
-    trainer = builders.build_trainer(cfg, extra_callbacks=[batches])
+    trainer = builders.build_trainer(cfg, extra_callbacks=extra_callbacks)
     trainer.fit()
     trainer.close()
+    return cfg
+
+
+def fit_recording_batches(overrides: list[str]) -> tuple[list[torch.Tensor], TrainConfig]:
+    """The quickstart YAML with ``overrides``, trained to its max_duration; returns the batches read and the config."""
+    batches = Batches()
+    cfg = fit(overrides, [batches])
     return batches.seen, cfg

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,17 @@ H200_PEAK_FLOPS = (
 def int_list(text: str) -> list[int]:
     """argparse type of a comma-separated list of integers ('1,16'; empty items ignored)."""
     return [int(v) for v in text.split(",") if v]
+
+
+def repeats(values: Sequence[float]) -> dict[str, Any]:
+    """A figure measured ``len(values)`` times, as the raw JSON keeps it: every value, their median and range."""
+    assert values, "no repeat to summarise"
+    return {
+        "repeats": list(values),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def environment() -> dict[str, Any]:

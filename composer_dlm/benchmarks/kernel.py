@@ -267,8 +267,9 @@ def _config(spec: str) -> KernelConfig:
     return KernelConfig(**fields)
 
 
-def _trace(fn: LossFn, h, w, t, rw) -> None:
-    """One profiled step: the CUDA kernels by total time, so the stages and the gaps can be read off."""
+def _trace(fn: LossFn, h, w, t, rw) -> dict[str, object]:
+    """One profiled step: the CUDA kernels by total time, so the stages and the gaps can be read off; returns the
+    kernels' count, span and busy time and the 14 longest kernels (the JSON's ``traces``)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
@@ -287,14 +288,25 @@ def _trace(fn: LossFn, h, w, t, rw) -> None:
         except (AttributeError, KeyError, RuntimeError):
             continue
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    if kernels:
-        start = min(e.time_range.start for e in kernels)
-        end = max(e.time_range.end for e in kernels)
-        busy = sum(e.time_range.elapsed_us() for e in kernels)
-        print(
-            f"trace: {len(kernels)} kernels, span {(end - start) / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms",
-            flush=True,
-        )
+    if not kernels:
+        return {"kernels": 0}
+    start = min(e.time_range.start for e in kernels)
+    end = max(e.time_range.end for e in kernels)
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    print(
+        f"trace: {len(kernels)} kernels, span {(end - start) / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms",
+        flush=True,
+    )
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+    longest = sorted(by_name.items(), key=lambda item: -item[1])[:14]
+    return {
+        "kernels": len(kernels),
+        "span_ms": (end - start) / 1e3,
+        "busy_ms": busy / 1e3,
+        "longest_ms": dict(longest),
+    }
 
 
 def _peaked_accuracy(dim: int, vocab: int, n: int, frac: float) -> dict[str, list[float]]:
@@ -402,7 +414,9 @@ def main(argv: list[str]) -> None:
         help="comma-separated KernelConfig variants of ours, each 'default' or key=value[+key=value]",
     )
     p.add_argument(
-        "--trace", action="store_true", help="print the CUDA kernels of one step of ours (profiler)"
+        "--trace",
+        action="store_true",
+        help="profile one step of ours: its CUDA kernels (printed, and in the JSON's traces)",
     )
     p.add_argument("--methods", type=str, default="all", help="comma-separated subset of method keys")
     p.add_argument("--profile", action="store_true", help="also time the stages of our kernel")
@@ -425,6 +439,7 @@ def main(argv: list[str]) -> None:
     n = args.batch * args.seq
     results: list[dict[str, object]] = []
     profiles: dict[str, dict[str, float]] = {}
+    traces: dict[str, dict[str, object]] = {}
     peaked: dict[str, dict[str, list[float]]] = {}
     for dim in (int(x) for x in args.hidden.split(",")):
         g = torch.Generator(device="cuda").manual_seed(dim)
@@ -474,7 +489,7 @@ def main(argv: list[str]) -> None:
                         flush=True,
                     )
             if args.trace:
-                _trace(_ours(KernelConfig()), h, w, t, rw)
+                traces[f"H={dim} {kind}"] = _trace(_ours(KernelConfig()), h, w, t, rw)
             del t, refs
         if args.peaked:
             peaked[str(dim)] = _peaked_accuracy(dim, args.vocab, n, args.frac)
@@ -501,6 +516,7 @@ def main(argv: list[str]) -> None:
             "header": header,
             "results": results,
             "profiles": profiles,
+            "traces": traces,
             "peaked": peaked,
         }
         write_json(out.with_suffix(".json"), payload)

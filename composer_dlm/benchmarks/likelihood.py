@@ -16,7 +16,9 @@ up to ``--batch-tokens`` tokens, the last block computed over the answer positio
 positions projected, the fused inference forward on CUDA). Both stratify the counts within batches of 32 rows;
 the mean estimate over the requests is printed for each, and for one-token answers (where the estimate is
 exact) the largest difference per request. Time is per request: one whole call's wall time over R, after a
-warm-up call of each. ``--reference-requests`` times the reference on fewer requests (it does each alone, so
+warm-up call of each, timed ``--repeats`` times (the reference's speed depends on the host's, and varied
+1.6-fold between calls): the JSON keeps every repeat with its median and range, and the speed-up divides the
+medians. ``--reference-requests`` times the reference on fewer requests (it does each alone, so
 its time per request does not depend on R).
 """
 
@@ -33,14 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_dlm.benchmarks import write_json
+from composer_dlm.benchmarks import repeats, write_json
 from composer_dlm.benchmarks.sampler import SHAPES, setup, timed
 from composer_dlm.cli import ArgumentParser
 from composer_dlm.generate import guide
 from composer_dlm.likelihood import mc_log_likelihoods
 
-# LLaDA's own code and modeling file on one H200 (ms per request), from the issue.
-ANCHORS_MS = {(512, 32, 128): 2199.0, (128, 8, 128): 577.0, (512, 1, 1): 24.0}
 DEFAULT_SHAPES = ["512/32/128/4", "128/8/128/8", "512/1/1/256", "512/1/1/256:4"]
 REFERENCE_BATCH = 32  # rows per forward in LLaDA's evaluator
 
@@ -130,12 +130,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shapes", type=_shape, nargs="+", default=[_shape(s) for s in DEFAULT_SHAPES])
     p.add_argument("--reference-requests", type=int, default=None, help="time the reference on this many")
     p.add_argument("--batch-tokens", type=int, default=32768, help="our packing budget per forward")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls of each (median and range reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the figures as JSON to PATH.json")
     return p.parse_args(argv)
 
 
-def main(argv: list[str]) -> list[dict[str, float]]:
+def main(argv: list[str]) -> list[dict[str, Any]]:
     args = parse_args(argv)
     began = time.perf_counter()
     device, dtype_name, mask_id, model, _ = setup(args)
@@ -161,22 +162,26 @@ def main(argv: list[str]) -> list[dict[str, float]]:
         )  # fmt: skip
         _reference_all(model, requests[:1], mc_num=mc_num, mask_id=mask_id, batch_size=batch)  # warm-up
         ours(requests[:2])  # warm-up: kernels, cuBLAS handles, allocator
-        ref_scores, ref_s = timed(reference, device)
-        our_scores, our_s = timed(functools.partial(ours, requests), device)
-        ref_ms, our_ms = 1000 * ref_s / ref_n, 1000 * our_s / num_requests
+        ref_times, our_times = [], []
+        for _ in range(args.repeats):
+            ref_scores, ref_s = timed(reference, device)
+            our_scores, our_s = timed(functools.partial(ours, requests), device)
+            ref_times.append(1000 * ref_s / ref_n)
+            our_times.append(1000 * our_s / num_requests)
+        ref_ms, our_ms = repeats(ref_times), repeats(our_times)
         ref_mean, our_mean = sum(ref_scores) / ref_n, sum(our_scores[:ref_n]) / ref_n
-        note = ""
+        note, worst = "", None
         if answer_length == 1:  # exact: the two must agree request by request
             worst = max(abs(r - o) for r, o in zip(ref_scores, our_scores, strict=False))
             note = f"; max difference {worst:.3g}"
-        anchor = ANCHORS_MS.get((prompt_length, answer_length, mc_num))
-        anchor_text = (
-            f" (LLaDA's code, not this run: {anchor:g})" if anchor is not None and args.shape == "8b" else ""
-        )
-        print(f"| {prompt_length} | {answer_length} | {mc_num} | {num_requests} ({choices}) | {ref_ms:.1f}{anchor_text} | "
-              f"{our_ms:.1f} | {ref_ms / our_ms:.2f}x | {ref_mean:.3f} / {our_mean:.3f}{note} |", flush=True)  # fmt: skip
+        ref_text = f"{ref_ms['median']:.1f} ({ref_ms['min']:.1f}-{ref_ms['max']:.1f})"
+        our_text = f"{our_ms['median']:.1f} ({our_ms['min']:.1f}-{our_ms['max']:.1f})"
+        print(f"| {prompt_length} | {answer_length} | {mc_num} | {num_requests} ({choices}) | {ref_text} | "
+              f"{our_text} | {ref_ms['median'] / our_ms['median']:.2f}x | {ref_mean:.3f} / {our_mean:.3f}{note} |", flush=True)  # fmt: skip
         rows.append({"prompt": prompt_length, "answer": answer_length, "mc_num": mc_num, "requests": num_requests,
-                     "answers_per_context": choices, "reference_ms": ref_ms, "ours_ms": our_ms})  # fmt: skip
+                     "answers_per_context": choices, "reference_ms": ref_ms, "ours_ms": our_ms,
+                     "mean_estimate": {"reference": ref_mean, "ours": our_mean},
+                     "max_difference": worst})  # fmt: skip
     print(f"total {time.perf_counter() - began:.0f}s", flush=True)
     if args.out:
         command = "python scripts/benchmark.py likelihood " + " ".join(argv)

@@ -40,17 +40,19 @@ def target_sequences_per_second(seq_len: int = TARGET_SEQ_LEN) -> float:
 def write_synthetic(
     root: Path, *, mode: str, seq_len: int, num_samples: int, tokenizer: Any, seed: int = 0
 ) -> Path:
-    """Random-token shards for `mode` under root/<mode>/train, with a manifest for `tokenizer`."""
+    """Random-token shards for `mode` under root/<mode>/train (64 MB each, hashed in index.json as the converter
+    does), with a manifest for `tokenizer`."""
     from streaming import MDSWriter
 
     from composer_dlm.data.convert import COLUMNS, TRAIN
     from composer_dlm.data.manifest import build_manifest, tokenizer_info, write_manifest
+    from composer_dlm.data.verify import HASH
 
     rng = np.random.default_rng(seed)
     folder = root / mode / TRAIN
     vocab = len(tokenizer)
     total = 0
-    with MDSWriter(out=str(folder), columns=COLUMNS[mode]) as writer:
+    with MDSWriter(out=str(folder), columns=COLUMNS[mode], hashes=[HASH], size_limit="64mb") as writer:
         for _ in range(num_samples):
             if mode == "pretrain":
                 writer.write({"tokens": rng.integers(0, vocab, seq_len, dtype=np.uint32)})
@@ -72,6 +74,7 @@ def write_synthetic(
         counts={"samples": num_samples, "tokens": total},
         inputs=["synthetic"],
         options={"seed": seed},
+        hashes=[HASH],
     )
     write_manifest(folder, manifest)
     return folder.parent

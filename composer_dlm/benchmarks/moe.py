@@ -31,6 +31,18 @@ from composer_dlm.models.composer_llada import ComposerLLaDA
 from composer_dlm.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel, SparseMoE
 
 # LLaDA-MoE-7B-A1B's shape (the fields of its config.json this benchmark sets; the layer count is --n-layers).
+# Checked 2026-12-03 without network access to the release's config.json itself (not in any stored source):
+# - a vLLM port's README of LLaDA-MoE-7B-A1B (stored public text, repository not named by the index) lists
+#   hidden_size 2048, num_hidden_layers 16, num_attention_heads 16, num_key_value_heads 16, num_experts 64,
+#   num_experts_per_tok 8, expert_intermediate_size 1024, dense_intermediate_size 8192 (unused: moe_layer_freq is
+#   all 1), rope_theta 50000, max_position_embeddings 8192, qk_layernorm true, hidden_act silu, no shared expert;
+# - huggingface.co/inclusionAI/LLaDA-MoE-7B-A1B-Base/tree/main lists bf16 shards of 5 GB + 5 GB + 4.72 GB: this
+#   shape with vocab_size 157,184 and 16 layers is 7,356,880,896 parameters = 14.71 GB in bf16 (126,464, LLaDA's
+#   vocabulary, would give 14.46 GB), and 1.40B active without the input embedding (the card's "1.4B activated");
+# - inclusionAI/dInfer (fce4e32) and llama.cpp's converter use mask id 156,895 and EOS 156,892 (below 157,184);
+#   the release's configuration_lladamoe.py says model_type "llada" (dLLM's examples/llada/README.md, ca176752,
+#   tells users to rewrite it to "lladamoe"), which is why hf_format.is_moe_config also keys on num_experts.
+# No value differed from these sources.
 RELEASE_SHAPE: dict[str, Any] = {
     "hidden_size": 2048,
     "num_attention_heads": 16,

@@ -1,8 +1,15 @@
-"""Sampler throughput: ``composer_dlm.generate`` against a faithful transcription of LLaDA's reference sampler.
+"""Sampler throughput: ``composer_dlm.generate`` (exact and fast modes) against LLaDA's own sampler.
 
-    python scripts/benchmark.py sampler                      # 8B-shaped model on CUDA, the issue's grid
+    python scripts/benchmark.py sampler --reference-dir .peer/llada   # 8B-shaped model on CUDA
     python scripts/benchmark.py sampler --shape tiny --device cpu --batch-sizes 1,2 --steps 8,4 \\
         --prompt-length 8 --gen-length 16 --block-length 4  # a smoke test of the code path
+
+``--reference-dir DIR``: the reference is LLaDA's own code, ``DIR/generate.py`` (ML-GSAI/LLaDA) driving
+``DIR/modeling_llada.py`` + ``configuration_llada.py`` (a LLaDA modeling folder) holding the same weights (shared,
+not copied; see :mod:`composer_dlm.benchmarks.peer`). Without it, a transcription of LLaDA's current sampler run on
+our model stands in (labelled so; for smoke tests where their code is absent). Fast mode rows (``--fast-caches``: dual
+and prefix KV cache, no threshold, the same steps) are approximate samplers: their "identical" column says whether
+they happened to agree. ``--repeats N`` times every sampler N times: the table gives the median and the range.
 
 Both samplers run the same randomly initialised bf16 model (built directly on the device) on the same prompts
 in the same process, at temperature 0 with low-confidence remasking. Tokens/s counts generated tokens (batch *
@@ -17,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import math
 import os
+import statistics
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, TypedDict, TypeVar
@@ -30,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from composer_dlm.benchmarks import int_list, write_json
+from composer_dlm.benchmarks.peer import load_package, peer_model
 from composer_dlm.cli import ArgumentParser, fail
-from composer_dlm.generate import generate
+from composer_dlm.generate import FastMode, generate
 from composer_dlm.models.architectures import AnyConfig, AnyModel, module_for
 from composer_dlm.models.llada import LLaDAConfig, LLaDAModel
 
@@ -53,6 +64,7 @@ SHAPES: dict[str, _Shape] = {
 MASK_ID = {"8b": 126336, "tiny": 127}
 
 Sampler = Callable[[int], torch.Tensor]  # steps -> tokens
+PEER_FILES = ("generate.py", "modeling_llada.py", "configuration_llada.py")
 
 
 def _sampler(fn: functools.partial[torch.Tensor], **options: object) -> Sampler:
@@ -76,8 +88,8 @@ def reference_generate(
 ) -> torch.Tensor:
     """LLaDA's reference sampler (its generate.py) step for step, the work included: full logits at every
     position; the prediction as the argmax of the logits at temperature 0 (its ``add_gumbel_noise`` returns them
-    unchanged there), else of the Gumbel transform in float64 over every position's vocabulary; the float64
-    softmax over every position; a commit count table per row; a top-k per row whose ``k`` is read back from
+    unchanged there), else of the Gumbel transform in float64 over every position's vocabulary; the softmax
+    in the logits' dtype over every position; a commit count table per row; a top-k per row whose ``k`` is read back from
     the device (a host synchronisation per row and step); the commit by boolean indexing."""
     batch, plen = prompt.shape
     device = prompt.device
@@ -108,7 +120,7 @@ def reference_generate(
                 noise = torch.rand_like(logits64)
                 x0 = (logits64.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
             if remasking == "low_confidence":
-                p = F.softmax(logits.to(torch.float64), dim=-1)
+                p = F.softmax(logits, dim=-1)  # in the logits' dtype, as LLaDA's current generate.py
                 x0_p = torch.gather(p, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
             else:
                 x0_p = torch.rand(x0.shape, device=device)
@@ -121,6 +133,38 @@ def reference_generate(
                 transfer[row, chosen] = True
             x[transfer] = x0[transfer]
     return x
+
+
+def load_llada(folder: str) -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
+    """LLaDA's ``generate``, ``modeling_llada`` and ``configuration_llada`` modules from ``folder``."""
+    missing = [f for f in PEER_FILES if not (Path(folder) / f).is_file()]
+    if missing:
+        fail(f"--reference-dir {folder} lacks {', '.join(missing)}: it needs LLaDA's {', '.join(PEER_FILES)}")
+    load_package("llada_peer", folder)
+    generate_module, modeling, configuration = (
+        importlib.import_module(f"llada_peer.{Path(f).stem}") for f in PEER_FILES
+    )
+    return generate_module, modeling, configuration
+
+
+def reference_sampler(
+    peer: tuple[types.ModuleType, types.ModuleType, types.ModuleType] | None,
+    model: LLaDAModel,
+    prompts: torch.Tensor,
+    mask_id: int,
+    gen_length: int,
+    block_length: int,
+) -> Sampler:
+    """steps -> the reference's tokens: LLaDA's generate.py on its modeling class holding ``model``'s weights, or
+    the transcription on ``model`` when ``peer`` is None."""
+    if peer is None:
+        fn = functools.partial(reference_generate, model, prompts, mask_id=mask_id)
+    else:
+        generate_module, modeling, configuration = peer
+        fn = functools.partial(
+            generate_module.generate, peer_model(modeling, configuration, model), prompts, mask_id=mask_id
+        )
+    return _sampler(fn, gen_length=gen_length, block_length=block_length)
 
 
 # --- setup ----------------------------------------------------------------------------------------------------------
@@ -202,6 +246,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--budget-s", type=float, default=float("inf"), help="skip extra variants after this many seconds"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reference-dir", help="folder with LLaDA's generate.py and modeling files (the reference)"
+    )
+    p.add_argument(
+        "--fast-caches",
+        type=lambda t: [c for c in t.split(",") if c],
+        default=["dual", "prefix"],
+        help="fast mode's KV caches to time too, comma-separated (default: dual,prefix; '' for none)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="timed calls per sampler (median and range reported)"
+    )
     p.add_argument("--out", help="write PATH.md and PATH.json (default: $OUT/sampler when $OUT is set)")
     return p.parse_args(argv)
 
@@ -245,8 +301,8 @@ def main(argv: list[str]) -> None:
         f"Sampler throughput, {args.shape}-shaped random {dtype_name} model on {name} (torch {torch.__version__}); "
         f"prompt {args.prompt_length}, gen {args.gen_length}, block {args.block_length}, temperature 0.",
         "",
-        "| batch | steps | sampler | seconds | tok/s | vs reference | identical to reference |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | steps | sampler | seconds (median) | range | tok/s | vs reference | identical to reference |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
 
@@ -256,6 +312,8 @@ def main(argv: list[str]) -> None:
         if out_path is not None:
             out_path.write_text("\n".join(lines + [""] + notes) + "\n")
 
+    peer = load_llada(args.reference_dir) if args.reference_dir else None
+    reference_label = "LLaDA generate.py" if peer is not None else "reference (transcription)"
     vocab_ids = min(SHAPES[args.shape]["vocab_size"], mask_id) - 2
     common = dict(gen_length=args.gen_length, block_length=args.block_length)
     for batch in args.batch_sizes:
@@ -269,11 +327,14 @@ def main(argv: list[str]) -> None:
             True,
         )
         ours = functools.partial(generate, model, prompts, mask_token_id=mask_id, **common)
-        reference = functools.partial(reference_generate, model, prompts, mask_id=mask_id, **common)
         samplers: dict[str, Sampler] = {
-            "reference": _sampler(reference),
+            reference_label: reference_sampler(
+                peer, model, prompts, mask_id, args.gen_length, args.block_length
+            ),
             "ours": _sampler(ours),
         }
+        for cache in args.fast_caches:
+            samplers[f"ours, {cache} cache"] = _sampler(ours, fast=FastMode(cache=cache))
         extras: dict[str, Sampler] = {}
         if device.type == "cuda" and batch == 1:
             extras["ours, no CUDA graph"] = _sampler(ours, cuda_graph=False)
@@ -296,10 +357,12 @@ def main(argv: list[str]) -> None:
                     )
                     continue
                 try:
-                    out, seconds = timed(functools.partial(fn, steps), device)
+                    outs = [timed(functools.partial(fn, steps), device) for _ in range(args.repeats)]
                 except Exception as err:  # keep the table: report the failure in its row
-                    emit(f"| {batch} | {steps} | {label} | failed: {type(err).__name__}: {err} | | | |")
+                    emit(f"| {batch} | {steps} | {label} | failed: {type(err).__name__}: {err} | | | | |")
                     continue
+                times = sorted(t for _, t in outs)
+                out, seconds = outs[0][0], statistics.median(times)
                 if ref_out is None:
                     ref_out, ref_s = out, seconds
                     same, speedup = "-", "1.00x"
@@ -308,10 +371,14 @@ def main(argv: list[str]) -> None:
                     same = "yes" if diff == 0 else f"NO ({diff} tokens differ)"
                     speedup = f"{ref_s / seconds:.2f}x"
                 tok_s = batch * args.gen_length / seconds
-                emit(f"| {batch} | {steps} | {label} | {seconds:.2f} | {tok_s:.1f} | {speedup} | {same} |")
+                spread = f"{times[0]:.2f}-{times[-1]:.2f}"
+                emit(
+                    f"| {batch} | {steps} | {label} | {seconds:.2f} | {spread} | {tok_s:.1f} | {speedup} | {same} |"
+                )
                 rows.append(
-                    {"batch": batch, "steps": steps, "sampler": label, "seconds": seconds, "tokens_per_s": tok_s,
-                     "identical_to_reference": same in ("-", "yes")}
+                    {"batch": batch, "steps": steps, "sampler": label, "seconds": seconds, "seconds_all": times,
+                     "tokens_per_s": tok_s, "identical_to_reference": same in ("-", "yes"),
+                     "step_seconds": seconds / steps}
                 )  # fmt: skip
 
     notes.append(f"total {time.perf_counter() - began:.0f}s")

@@ -22,6 +22,13 @@ Before and after issue 14 on one machine, with extra overrides after the folder:
 The first is what the trainer did before: every rank reads the whole folder and keeps its bf16 dtype. The second
 has fp32 masters read on every rank; the third, the default, reads on local rank 0 only (the others start on the
 meta device and receive the weights from FSDP's broadcast).
+
+``data`` measures what a corpus costs each start: seconds to build the training loader (manifest and shard checks,
+StreamingDataset set-up) over synthetic pretraining corpora of each ``--sizes-gib`` (64 MB shards with xxh3
+hashes, as the converter writes), for a first start (``verify: quick``, no stamp yet: every shard hashed), a
+second start (the stamp: no shard read), ``verify: full`` and ``verify: off`` (the median of ``--repeats``):
+
+    python scripts/benchmark.py startup data --sizes-gib 0.25 1 4 --out startup_data.json
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -139,6 +147,71 @@ def run(folder: Path, out: Path, seq_len: int, extra: list[str]) -> None:
         shutil.rmtree(overrides["base_path"], ignore_errors=True)
 
 
+def loader_build_s(root: Path, verify: str, seq_len: int, tokenizer: Any) -> float:
+    """Seconds to build the pretraining loader over ``root``'s train split with ``train_loader.verify=verify``."""
+    import gc
+    import time
+
+    from composer_dlm.data import LoaderConfig, build_dataloader
+
+    cfg = LoaderConfig(local=str(root), split="train", num_workers=0, verify=verify)
+    start = time.perf_counter()
+    loader = build_dataloader(
+        cfg, tokenizer=tokenizer, mode="pretrain", max_seq_len=seq_len, device_batch_size=8
+    )
+    seconds = time.perf_counter() - start
+    del loader
+    gc.collect()  # frees the dataset's shared memory before the next build over the same folder
+    return seconds
+
+
+def data_startup(
+    sizes_gib: list[float], seq_len: int, repeats: int, out: Path | None
+) -> list[dict[str, Any]]:
+    from composer_dlm.benchmarks.loader import write_synthetic
+    from composer_dlm.data import load_tokenizer
+    from composer_dlm.data.verify import STAMP_NAME
+
+    tokenizer = load_tokenizer("embedded")
+    rows = []
+    for size in sizes_gib:
+        with tempfile.TemporaryDirectory(prefix="startup-data-") as tmp:
+            samples = int(size * 2**30) // (4 * seq_len)  # uint32 tokens
+            root = write_synthetic(
+                Path(tmp), mode="pretrain", seq_len=seq_len, num_samples=samples, tokenizer=tokenizer
+            )
+            shards = list((root / "train").glob("shard.*.mds"))
+            row: dict[str, Any] = {
+                "corpus_gib": sum(p.stat().st_size for p in shards) / 2**30,
+                "shards": len(shards),
+                "samples": samples,
+            }
+            stamp = root / "train" / STAMP_NAME
+            runs: dict[str, list[float]] = {}
+            for _ in range(repeats):  # the machine may be shared: the median of a few
+                stamp.unlink(missing_ok=True)
+                for label, verify in (("first_start_quick", "quick"), ("second_start_quick", "quick"),
+                                      ("every_start_full", "full"), ("every_start_off", "off")):  # fmt: skip
+                    runs.setdefault(label, []).append(loader_build_s(root, verify, seq_len, tokenizer))
+            row |= {f"{label}_s": statistics.median(times) for label, times in runs.items()}
+            row["runs_s"] = runs
+        rows.append(row)
+        print(json.dumps(row))
+    if out is not None:
+        sizes = " ".join(map(str, sizes_gib))
+        command = f"python scripts/benchmark.py startup data --repeats {repeats} --sizes-gib {sizes}"
+        write_json(
+            out, {"benchmark": "startup data", "command": command, "seq_len": seq_len, "results": rows}
+        )
+    print(f"{'corpus GiB':>10}{'shards':>8}{'1st start s':>13}{'2nd start s':>13}{'full s':>9}{'off s':>8}")
+    for r in rows:
+        print(
+            f"{r['corpus_gib']:>10.2f}{r['shards']:>8}{r['first_start_quick_s']:>13.2f}"
+            f"{r['second_start_quick_s']:>13.2f}{r['every_start_full_s']:>9.2f}{r['every_start_off_s']:>8.2f}"
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="benchmark.py startup", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -151,11 +224,18 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", type=Path, default=Path("startup.json"))
     r.add_argument("--seq-len", type=int, default=128)
     r.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides of the run")
+    d = sub.add_parser("data", help="seconds to build the loader against corpus size, per verify setting")
+    d.add_argument("--sizes-gib", type=float, nargs="+", default=[0.25, 1.0, 4.0])
+    d.add_argument("--seq-len", type=int, default=4096)
+    d.add_argument("--repeats", type=int, default=3, help="builds per setting; the median is reported")
+    d.add_argument("--out", type=Path)
     args, rest = p.parse_known_args(argv)  # overrides may also follow --out
-    if args.command == "write" or any("=" not in r for r in rest):
+    if args.command in ("write", "data") or any("=" not in r for r in rest):
         args = p.parse_args(argv)  # reports anything unknown
     if args.command == "write":
         write_random_folder(SHAPES[args.shape], args.out)
+    elif args.command == "data":
+        data_startup(args.sizes_gib, args.seq_len, args.repeats, args.out)
     else:
         run(args.folder, args.out, args.seq_len, args.overrides + rest)
 

@@ -6,7 +6,8 @@ for a fixed number of steps and reports tokens/s per GPU, MFU (model FLOPs by th
 bf16), and, labelled apart, the utilisation of the FLOPs actually executed (the fused loss projects only the
 masked rows, counted in the timed steps), and peak memory. With ``--reference`` it also times, in the same process, the baseline step: the same model
 with full logits + F.cross_entropy as LLaDA's guidelines write it, eager, bf16 autocast, fp32 master
-weights, fused AdamW. ``--max-micro-batch`` finds the largest micro-batch our step fits.
+weights, fused AdamW; and with ``--compile`` (the default) the same step again with its blocks compiled, so that
+what torch.compile gives and what our loss gives are told apart. ``--max-micro-batch`` finds the largest micro-batch our step fits.
 
 ``--lora-r R`` fine-tunes with LoRA (rank R on every block projection, models/lora.py) instead: a random model
 of the shape is first written as a bf16 release-style folder (on the GPU, cached beside the data) and is the
@@ -16,6 +17,7 @@ frozen base; ``--from-base`` fully fine-tunes that same folder (fp32 masters and
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import os
 import tempfile
@@ -54,6 +56,22 @@ def _free() -> None:
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
+
+
+def _release_trainers() -> None:
+    """Free what the configurations run so far in this process hold, before the next one.
+
+    Composer's ``Engine`` registers ``atexit.register(Engine._close, state, logger)`` and unregisters it only when
+    an engine is garbage-collected unclosed, so every trainer built here (closed, or stopped by an out-of-memory
+    error) kept its state (the model, the optimizer with its AdamW moments) referenced until the process ended:
+    LLaDA-8B full fine-tuning at micro-batch 1 ran out of memory after micro-batch 2 only because of that. Dropping
+    those hooks (the benchmark closes its trainers itself) and torch.compile's caches frees them.
+    """
+    from composer.core.engine import Engine
+
+    atexit.unregister(Engine._close)
+    torch._dynamo.reset()
+    _free()
 
 
 def _mfu(config: AnyConfig, seq_len: int, tokens_per_s: float, projected_fraction: float = 1.0) -> float:
@@ -105,7 +123,11 @@ class _StepTimer(Callback):
             self.end, self.batches = now, batch - self.warmup
 
 
-def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
+def run_ours(
+    args: argparse.Namespace, data_root: Path, out_root: Path, callbacks: list[Callback] | None = None
+) -> dict:
+    """Our trainer on ``data_root``'s shards (:func:`bench_data`) as ``args`` say; its figures as a dict.
+    ``callbacks`` are added to the run (e.g. to record its losses)."""
     from composer.utils import dist
 
     from composer_dlm.builders import build_trainer
@@ -117,6 +139,7 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
         "config": _model_config(args),
         "loss_impl": args.loss_impl,
         "compile_blocks": args.compile,
+        "fp8": args.fp8,
     }
     if args.lora_r or args.from_base:
         del model_section["config"]
@@ -146,7 +169,8 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
             "samples": None,
             "speed_window": max(1, args.steps - args.warmup - 1),
         },
-        "logging": {"console_interval": f"{args.steps}ba", "log_file": False},
+        "logging": {"console_interval": f"{args.steps}ba", "plot": False},
+        "loggers": {"file": None},
         "eval_interval": f"{10 * args.steps}ba",
         "deterministic": args.deterministic,
     }
@@ -158,8 +182,11 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
         }
     cfg = build(TrainConfig, raw)
     timer = _StepTimer(args.warmup)
-    trainer = build_trainer(cfg, extra_callbacks=[timer])
-    trainer.fit()
+    trainer = build_trainer(cfg, extra_callbacks=[timer, *(callbacks or [])])
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
     model = cast(ComposerLLaDA, trainer.state.model)  # build_trainer's model
     tokens_per_batch = args.micro_batch * args.grad_accum * args.seq_len  # per GPU
     assert timer.start is not None and timer.end is not None, (
@@ -169,10 +196,8 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
     tps = timer.batches * tokens_per_batch / dt
     masked_fraction = float(timer.masked) / timer.rows if timer.rows else 1.0
     projected = masked_fraction if args.loss_impl == "fused" else 1.0
-    lora = f"LoRA r{args.lora_r} " if args.lora_r else ("full fine-tune " if args.from_base else "")
     result = {
-        "path": f"ours ({args.mode}, {lora}{args.loss_impl} loss, compile={args.compile}, fsdp={args.fsdp}, "
-        f"ac={args.ac}, world={world}{', deterministic' if args.deterministic else ''})",
+        "path": _our_path(args, world),
         "micro_batch": args.micro_batch,
         "tokens_per_s_per_gpu": tps,
         "mfu": _mfu(model.model.config, args.seq_len, tps),
@@ -181,12 +206,20 @@ def run_ours(args: argparse.Namespace, data_root: Path, out_root: Path) -> dict:
         "peak_gib": _peak_gib(),
         "step_s": dt / timer.batches,
     }
-    trainer.close()
     del trainer, model
-    _free()
     if dist.get_world_size() > 1:
         dist.barrier()
     return result
+
+
+def _our_path(args: argparse.Namespace, world: int) -> str:
+    """What our configuration runs, as the results' ``path`` names it."""
+    lora = f"LoRA r{args.lora_r} " if args.lora_r else ("full fine-tune " if args.from_base else "")
+    fp8 = f"fp8={args.fp8}, " if args.fp8 != "off" else ""
+    return (
+        f"ours ({args.mode}, {lora}{args.loss_impl} loss, {fp8}compile={args.compile}, fsdp={args.fsdp}, "
+        f"ac={args.ac}, world={world}{', deterministic' if args.deterministic else ''})"
+    )
 
 
 def _base_folder(args: argparse.Namespace, data_root: Path) -> Path:
@@ -208,14 +241,20 @@ def _base_folder(args: argparse.Namespace, data_root: Path) -> Path:
     return folder
 
 
-def run_reference(args: argparse.Namespace, micro_batch: int) -> dict:
-    """LLaDA's guideline step: full logits, masked rows' CE / p_mask, sum / (B L); eager; bf16 autocast."""
+def run_reference(args: argparse.Namespace, micro_batch: int, compiled: bool) -> dict:
+    """LLaDA's guideline step: full logits, masked rows' CE / p_mask, sum / (B L); bf16 autocast; eager, or with
+    each block ``torch.compile``-d as ours are (``compiled``), which separates what torch.compile gives from
+    what our loss gives."""
     from composer_dlm.diffusion import forward_process
     from composer_dlm.models import LLaDAModel
 
     _free()
     device = "cuda" if CUDA else "cpu"
     model = LLaDAModel.from_config(_model_config(args) | {"mask_token_id": args.vocab - 128}).to(device)
+    if compiled:
+        torch.compiler.reset()  # compiled afresh, not under the guards and recompile count of the runs before
+        for block in model.blocks:
+            block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -247,7 +286,8 @@ def run_reference(args: argparse.Namespace, micro_batch: int) -> dict:
     model.cpu()
     opt.state.clear()
     _free()
-    result: dict = {"path": "reference (full logits + F.cross_entropy, eager)", "micro_batch": micro_batch}
+    how = "compiled blocks" if compiled else "eager"
+    result: dict = {"path": f"reference (full logits + F.cross_entropy, {how})", "micro_batch": micro_batch}
     if oom:
         return result | {"oom": True}
     tps = (args.steps - args.warmup) * micro_batch * args.seq_len / dt
@@ -260,7 +300,8 @@ def run_reference(args: argparse.Namespace, micro_batch: int) -> dict:
     }
 
 
-def main(argv: list[str]) -> None:
+def parser() -> ArgumentParser:
+    """The train benchmark's options (also what the fp8 benchmark passes to :func:`run_ours`)."""
     p = ArgumentParser(prog="benchmark.py train", description=__doc__)
     p.add_argument("--d-model", type=int, default=2048)
     p.add_argument("--n-layers", type=int, default=22)
@@ -282,8 +323,14 @@ def main(argv: list[str]) -> None:
     )
     p.add_argument("--ac", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--deterministic", action="store_true", help="deterministic: true (its throughput cost)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compile the blocks (ours; --reference then times the reference step both eager and compiled)",
+    )
     p.add_argument("--loss-impl", default="fused", choices=["fused", "plain"])
+    p.add_argument("--fp8", default="off", choices=["off", "rowwise", "tensorwise"], help="model.fp8")
     p.add_argument(
         "--mode", default="pretrain", choices=["pretrain", "sft"], help="diffusion.mode and shards"
     )
@@ -297,44 +344,37 @@ def main(argv: list[str]) -> None:
         "--reference", action="store_true", help="also time the reference step (rank 0 only, 1 GPU)"
     )
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
-    args = p.parse_args(argv)
-    if not CUDA:
-        print("no CUDA GPU: running on the CPU in fp32 (a smoke test; the figures mean nothing)")
-    rank = int(os.environ.get("RANK", "0"))
-    results = []
-    with tempfile.TemporaryDirectory(prefix=f"cdlm-bench-{rank}-") as tmp:
-        from composer_dlm.data import load_tokenizer
+    return p
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        samples = (args.steps + 2) * max([args.micro_batch, *args.micro_batches]) * world * args.grad_accum
-        data_root = (
-            Path(os.environ.get("CDLM_BENCH_DATA", "/tmp/cdlm-bench-data")) / f"seq{args.seq_len}-n{samples}"
+
+def bench_data(args: argparse.Namespace) -> Path:
+    """The synthetic shards the runs read (written by rank 0 once, cached under $CDLM_BENCH_DATA), after
+    starting the process group when there are several processes."""
+    from composer_dlm.data import load_tokenizer
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    samples = (args.steps + 2) * max([args.micro_batch, *args.micro_batches]) * world * args.grad_accum
+    data_root = (
+        Path(os.environ.get("CDLM_BENCH_DATA", "/tmp/cdlm-bench-data")) / f"seq{args.seq_len}-n{samples}"
+    )
+    if rank == 0 and not (data_root / args.mode / "train" / "manifest.json").exists():
+        write_synthetic(
+            data_root,
+            mode=args.mode,
+            seq_len=args.seq_len,
+            num_samples=samples,
+            tokenizer=load_tokenizer("embedded"),
         )
-        if rank == 0 and not (data_root / args.mode / "train" / "manifest.json").exists():
-            write_synthetic(
-                data_root,
-                mode=args.mode,
-                seq_len=args.seq_len,
-                num_samples=samples,
-                tokenizer=load_tokenizer("embedded"),
-            )
-        if world > 1:
-            from composer.utils import dist
+    if world > 1:
+        from composer.utils import dist
 
-            dist.initialize_dist("gpu")
-            dist.barrier()
-        for mb in args.micro_batches or [args.micro_batch]:
-            args.micro_batch = mb
-            try:
-                results.append(run_ours(args, data_root, Path(tmp) / f"run{mb}"))
-            except torch.OutOfMemoryError:
-                results.append({"path": "ours", "micro_batch": mb, "oom": True})
-                _free()
-        if args.reference and rank == 0:
-            for mb in (4, 8):
-                results.append(run_reference(args, mb))
-    if rank != 0:
-        return
+        dist.initialize_dist("gpu")
+        dist.barrier()
+    return data_root
+
+
+def print_table(args: argparse.Namespace, results: list[dict]) -> None:
+    """The results as a markdown table under a line naming the shape and the device."""
     device_name = torch.cuda.get_device_name() if CUDA else "CPU"
     print(f"\nLLaDA d_model={args.d_model} layers={args.n_layers} seq={args.seq_len} on {device_name}")
     print(f"| {'path':<70} | mb | tokens/s/GPU | MFU | executed FLOPs util. | peak GiB |")
@@ -347,6 +387,30 @@ def main(argv: list[str]) -> None:
                 f"| {r['path']:<70} | {r['micro_batch']:>2} | {r['tokens_per_s_per_gpu']:>12,.0f} | "
                 f"{100 * r['mfu']:.1f}% | {100 * r['executed_utilisation']:.1f}% | {r['peak_gib']:.1f} |"
             )
+
+
+def main(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    if not CUDA:
+        print("no CUDA GPU: running on the CPU in fp32 (a smoke test; the figures mean nothing)")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    results = []
+    with tempfile.TemporaryDirectory(prefix=f"cdlm-bench-{rank}-") as tmp:
+        data_root = bench_data(args)
+        for mb in args.micro_batches or [args.micro_batch]:
+            args.micro_batch = mb
+            try:
+                results.append(run_ours(args, data_root, Path(tmp) / f"run{mb}"))
+            except torch.OutOfMemoryError:
+                results.append({"path": _our_path(args, world), "micro_batch": mb, "oom": True})
+            _release_trainers()  # after the handler: its traceback no longer holds run_ours's frame
+        if args.reference and rank == 0:
+            for compiled in (False, True) if args.compile else (False,):  # --no-compile: eager only
+                for mb in (4, 8):
+                    results.append(run_reference(args, mb, compiled))
+    if rank != 0:
+        return
+    print_table(args, results)
     if args.out:
         command = "python scripts/benchmark.py train " + " ".join(argv)
         write_json(

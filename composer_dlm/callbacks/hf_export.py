@@ -11,10 +11,11 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.config import batch_interval
+from composer_dlm.fsutil import remove_folder
 from composer_dlm.models.composer_llada import llada_weights
-from composer_dlm.models.hf_format import SavesPretrained
 from composer_dlm.models.lora import base_model_path, lora_settings, merge_adapters, write_adapter
 from composer_dlm.parallel import unwrap_llada
 
@@ -29,8 +30,27 @@ def full_llada_state_dict(state: State) -> dict[str, torch.Tensor]:
     return llada_weights(full)
 
 
+def reached_max_duration(state: State) -> bool:
+    """Whether training has reached its ``max_duration`` (this batch is the last one)."""
+    assert state.max_duration is not None, "build_trainer always sets max_duration"
+    return state.timestamp.get(state.max_duration.unit) >= state.max_duration
+
+
+def interval_exports(folder: Path) -> list[Path]:
+    """The ``ba{N}`` exports in ``folder``, oldest (smallest N) first."""
+    found = [p for p in folder.glob("ba*") if p.is_dir() and p.name[2:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[2:]))
+
+
+def latest_export(folder: Path) -> Path | None:
+    """A run's newest export in ``folder``: ``final``, else the ``ba{N}`` of the largest N, else None."""
+    final = folder / "final"
+    return final if final.is_dir() else next(reversed(interval_exports(folder)), None)
+
+
 class HuggingFaceExport(Callback):
-    """Writes ``{folder}/ba{N}`` every ``interval`` and ``{folder}/final`` when training ends.
+    """Writes ``{folder}/ba{N}`` every ``interval`` (keeping the newest ``keep``; None: all) and
+    ``{folder}/final`` when training ends. The last batch gets ``final`` only.
 
     Every rank takes part in gathering the weights; rank 0 writes. Each export is atomic (temporary folder, then
     rename), loadable with ``LLaDAModel.from_pretrained``, and a drop-in LLaDA folder: every architecture key in
@@ -47,9 +67,10 @@ class HuggingFaceExport(Callback):
         interval: str | None = None,
         dtype: torch.dtype = torch.bfloat16,
         *,
-        tokenizer: SavesPretrained | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         source: str | Path | None = None,
         merge: bool = False,
+        keep: int | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.interval = batch_interval(interval, "callbacks.hf_export.interval") if interval else None
@@ -57,10 +78,16 @@ class HuggingFaceExport(Callback):
         self.tokenizer = tokenizer
         self.source = source
         self.merge = merge
+        self.keep = keep
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        if self.interval is not None and int(state.timestamp.batch) % self.interval == 0:
-            self.export(state, self.folder / f"ba{int(state.timestamp.batch)}")
+        batch = int(state.timestamp.batch)
+        if self.interval is None or batch % self.interval or reached_max_duration(state):
+            return
+        self.export(state, self.folder / f"ba{batch}")
+        if dist.get_global_rank() == 0 and self.keep is not None:
+            for old in interval_exports(self.folder)[: -self.keep]:
+                remove_folder(old)
 
     def fit_end(self, state: State, logger: Logger) -> None:
         self.export(state, self.folder / "final")

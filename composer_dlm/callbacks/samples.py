@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from composer_dlm.config import batch_interval
 from composer_dlm.data.tokenizer import user_turn
-from composer_dlm.generate import generate
+from composer_dlm.generate import FastMode, generate
 from composer_dlm.parallel import inference
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class SampleText(Callback):
         gen_length: int,
         steps: int,
         block_length: int | None = None,
+        fast: FastMode | None = None,
         mask_token_id: int,
         out_file: str | Path | None = None,
         chat_template: bool = False,
@@ -53,6 +54,7 @@ class SampleText(Callback):
         self.interval = batch_interval(interval, "callbacks.samples.interval")
         self.gen_length, self.steps = gen_length, steps
         self.block_length = block_length or gen_length
+        self.fast = fast
         self.mask_token_id = mask_token_id
         self.out_file = Path(out_file) if out_file else None
 
@@ -77,6 +79,7 @@ class SampleText(Callback):
                     gen_length=self.gen_length,
                     block_length=self.block_length,
                     mask_token_id=self.mask_token_id,
+                    fast=self.fast,
                 )
                 texts.append(self.tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True))
         if dist.get_global_rank() == 0:

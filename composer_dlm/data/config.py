@@ -3,12 +3,22 @@ source of a mixture (`train_loader.streams.<name>`)."""
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 from composer_dlm.data.tokenizer import EMBEDDED
+from composer_dlm.data.verify import VERIFY_MODES
 
 PAD_TO = ("longest", "max_seq_len")
 SHUFFLE_ALGOS = ("naive", "py1b", "py1br", "py1e", "py1s", "py2s")
+
+log = logging.getLogger(__name__)
+
+
+def check_verify(value: str, where: str) -> None:
+    if value not in VERIFY_MODES:
+        raise ValueError(f"{where}: verify must be one of {', '.join(VERIFY_MODES)}, got {value!r}")
 
 
 @dataclass
@@ -19,6 +29,7 @@ class StreamConfig:
     defaults to the loader's. At most one of: `proportion` (this stream's share of each epoch, relative
     to the other proportions), `repeat` (how many times over its samples per epoch, e.g. 0.5 or 2), or
     `choose` (exactly that many samples per epoch). With none, the stream contributes its samples once.
+    `verify` defaults to the loader's.
     """
 
     local: str | None = None
@@ -27,10 +38,13 @@ class StreamConfig:
     proportion: float | None = None
     repeat: float | None = None
     choose: int | None = None
+    verify: str | None = None
 
     def __post_init__(self) -> None:
         if not self.local and not self.remote:
             raise ValueError("stream: set `local` (a shard folder) or `remote`")
+        if self.verify is not None:
+            check_verify(self.verify, "stream")
         if self.local == EMBEDDED:
             raise ValueError("stream: the embedded corpus cannot be a stream; convert data to shards for it")
         weights = [n for n in ("proportion", "repeat", "choose") if getattr(self, n) is not None]
@@ -57,6 +71,9 @@ class LoaderConfig:
     `pin_memory` applies only when CUDA is present; `persistent_workers` and `prefetch_factor` only
     with `num_workers` > 0. `streams` (instead of `local`/`remote`) mixes several shard folders, each a
     StreamConfig; `split` is then their default split. Streams either all set `proportion` or none does.
+    `verify` is how local shards are checked at start-up (composer_dlm.data.verify): `quick` (sizes and
+    index at every start, each shard's content hash once, remembered), `full` (every hash at every start) or
+    `off`. Shards downloaded from a remote are hash-checked by Streaming as they arrive, whatever `verify` says.
     """
 
     local: str | None = None
@@ -80,8 +97,10 @@ class LoaderConfig:
     num_canonical_nodes: int | None = None
     shuffle_algo: str = "py1e"
     shuffle_block_size: int | None = None
+    verify: str = "quick"
 
     def __post_init__(self) -> None:
+        check_verify(self.verify, "loader")
         if self.streams is not None:
             if self.local or self.remote:
                 raise ValueError(
@@ -96,6 +115,10 @@ class LoaderConfig:
                 raise ValueError(
                     f"loader: streams {', '.join(with_proportion)} set `proportion` but {', '.join(missing)} "
                     "do not; give every stream a proportion, or use repeat/choose instead"
+                )
+            if with_proportion:
+                _say_if_rescaled(
+                    {n: s.proportion for n, s in self.streams.items() if s.proportion is not None}
                 )
             absolute = [n for n, s in self.streams.items() if s.repeat is not None or s.choose is not None]
             if absolute and self.subset_size is not None:
@@ -131,3 +154,14 @@ class LoaderConfig:
             raise ValueError("loader: prefetch_factor needs num_workers > 0; leave it null")
         if self.timeout < 0 or self.download_timeout <= 0 or self.download_retry < 0:
             raise ValueError("loader: timeout must be >= 0, download_timeout > 0, download_retry >= 0")
+
+
+def _say_if_rescaled(proportions: dict[str, float]) -> None:
+    """Streaming reads proportions as relative weights and divides them by their sum, as llm-foundry's and
+    Streaming's users expect; when they do not sum to 1, one warning line shows the shares actually drawn."""
+    total = sum(proportions.values())
+    if total > 0 and not math.isclose(total, 1.0, rel_tol=1e-6):
+        shares = ", ".join(f"{name} {p:g} -> {p / total:.4g}" for name, p in proportions.items())
+        log.warning(
+            "stream proportions sum to %g, not 1; they are relative weights, rescaled to %s", total, shares
+        )

@@ -1,8 +1,8 @@
 """StreamingDataset subclasses over our MDS shards: pretraining sequences and SFT examples.
 
 Both check the split's manifest against the run (mode, sequence length, tokenizer) and, for local
-shards, every shard's size and hash against the index (composer_dlm.data.verify) before reading a
-sample, so a wrong folder or a damaged file fails at start-up with a message naming it and the fix.
+shards, every shard's size and hash against the index (composer_dlm.data.verify; hashes once per shard
+with the default `verify: quick`) before reading a sample, so a wrong folder or a damaged file fails at start-up with a message naming it and the fix.
 Shards downloaded from a remote are hash-checked by Streaming itself as they arrive. Mid-epoch resumption is
 StreamingDataset's own: `state_dict(num_samples, from_beginning)` / `load_state_dict(obj)`, which
 Composer calls on the train dataloader's dataset.
@@ -50,6 +50,7 @@ class _TokenDataset(StreamingDataset):
                 max_seq_len=max_seq_len,
                 tokenizer=tokenizer,
                 download_timeout=cfg.download_timeout,
+                verify=cfg.verify,
             )
             num_samples = int(manifest["counts"]["samples"])
         if cfg.subset_size is not None and cfg.subset_size > num_samples:

@@ -34,7 +34,7 @@ def check_run_tokenizer(tokenizer: Any) -> None:
     name = getattr(tokenizer, "name_or_path", "?")
     raise DataError(
         f"a loader reads `local: embedded`, the built-in corpus in the embedded tokenizer's ids, but the run's "
-        f"tokenizer is {name!r}; convert your data with it (`python scripts/convert_to_mds.py INPUT --out DIR "
+        f"tokenizer is {name!r}; convert your data with it (`composer-dlm-convert INPUT --out DIR "
         f"--tokenizer {name} --seq-len N --val-fraction 0.01`) and set train_loader.local=DIR "
         "(and eval_loader.local=DIR unless your YAML makes it follow), or set tokenizer.name=embedded"
     )

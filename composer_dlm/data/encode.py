@@ -135,8 +135,12 @@ _worker_encoder: Encoder | None = None
 
 def init_worker(encoder: Encoder) -> None:
     """Pool initializer: this worker's copy of the converter's Encoder (forked or unpickled), tokenizer threads
-    off (the processes are the parallelism)."""
+    off (the processes are the parallelism). Ctrl-C is left to the parent, which ends the pool: each worker
+    would otherwise print its own traceback."""
     import os
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _worker_encoder

@@ -98,7 +98,7 @@ def locate_manifest(
             _check_local_folder(Path(local).expanduser(), split)
             raise DataError(
                 f"shard folder {path.parent} has MDS shards but no {MANIFEST_NAME}, so its tokenizer and "
-                "sequence length are unknown; convert the data with scripts/convert_to_mds.py"
+                "sequence length are unknown; convert the data with composer-dlm-convert"
             )
     assert remote is not None
     url = "/".join([remote.rstrip("/"), *([split] if split else []), MANIFEST_NAME])
@@ -111,7 +111,7 @@ def locate_manifest(
         except Exception as e:  # the cloud clients raise their own error types
             raise DataError(
                 f"could not fetch {url} ({e}); check the remote path and split, and that the data was "
-                "converted with scripts/convert_to_mds.py"
+                "converted with composer-dlm-convert"
             ) from e
         return _parse(Path(target), url)
 
@@ -125,13 +125,13 @@ def _check_local_folder(local: Path, split: str | None) -> None:
     folder = local / (split or "")
     if (folder / INDEX_NAME).is_file():
         return
-    fix = f"convert data there with `python scripts/convert_to_mds.py INPUT --out {local} ...` or fix the loader's local"
+    fix = f"convert data there with `composer-dlm-convert INPUT --out {local} ...` or fix the loader's local"
     if not local.is_dir():
         raise DataError(f"no shard folder {local}: {fix}")
     if split and (local / INDEX_NAME).is_file():
         raise DataError(
             f"{local} is itself a split folder (shards and {INDEX_NAME}) and has no {split!r} inside; set the "
-            f"loader's local to {local.parent}, the folder convert_to_mds.py --out wrote (its split {split!r} "
+            f"loader's local to {local.parent}, the folder composer-dlm-convert --out wrote (its split {split!r} "
             f"is then read from {local.parent / split})"
         )
     splits = sorted(p.name for p in local.iterdir() if (p / INDEX_NAME).is_file())

@@ -1,7 +1,8 @@
 """Where a loader's samples come from: one shard folder, or a mixture of them (`streams:`).
 
 Every source's manifest is read (locally, or from its remote) and checked against the run before any
-shard is touched, and local shards are checked against their index (composer_dlm.data.verify), so a
+shard is touched, and local shards are checked against their index (composer_dlm.data.verify, as the
+loader's or stream's `verify` says, once per node), so a
 wrong or damaged folder in a mixture fails at start-up naming the stream. A mixture becomes a list of
 Streaming `Stream`s with the stream's proportion / repeat / choose; Streaming then draws, shuffles and
 resumes mid-epoch over all of them as one dataset.
@@ -17,7 +18,7 @@ from streaming import Stream
 
 from composer_dlm.data.config import LoaderConfig
 from composer_dlm.data.manifest import check_manifest, locate_manifest
-from composer_dlm.data.verify import HASH, verify_split
+from composer_dlm.data.verify import HASH, once_per_node, verify_split
 
 
 def source_name(local: str | None, remote: str | None, split: str | None) -> str:
@@ -35,13 +36,17 @@ def checked_manifest(
     max_seq_len: int,
     tokenizer: Any,
     download_timeout: float,
+    verify: str,
 ) -> dict[str, Any]:
-    """The manifest of one source, checked against the run; local shards also checked against their index."""
+    """The manifest of one source, checked against the run; local shards also checked against their index
+    (`verify`: quick, full or off; see composer_dlm.data.verify)."""
     manifest = locate_manifest(local, remote, split, download_timeout=download_timeout)
     check_manifest(manifest, where=where, mode=mode, max_seq_len=max_seq_len, tokenizer=tokenizer)
     if remote is None:
         assert local is not None  # the configs require local or remote
-        verify_split(Path(local).expanduser() / (split or ""), int(manifest["counts"]["samples"]))
+        folder = Path(local).expanduser() / (split or "")
+        num_samples = int(manifest["counts"]["samples"])
+        once_per_node(lambda: verify_split(folder, num_samples, verify))
     return manifest
 
 
@@ -87,6 +92,7 @@ def open_mixture(cfg: LoaderConfig, *, mode: str, max_seq_len: int, tokenizer: A
             max_seq_len=max_seq_len,
             tokenizer=tokenizer,
             download_timeout=cfg.download_timeout,
+            verify=s.verify or cfg.verify,
         )
         streams.append(
             Stream(

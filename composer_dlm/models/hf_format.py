@@ -3,8 +3,9 @@
 A release folder (``GSAI-ML/LLaDA-8B-Base``) holds ``config.json``, safetensors shards (with
 ``model.safetensors.index.json`` when sharded), the tokenizer files, ``generation_config.json`` and LLaDA's own
 modeling files, which ``config.json``'s ``auto_map`` points at for ``AutoModel.from_pretrained(...,
-trust_remote_code=True)``. Tensor names equal our parameter names (``model.transformer.blocks.0.q_proj.weight``),
-so no renaming map is needed.
+trust_remote_code=True)``; an export of a network trained here ships composer-dlm's own modeling files instead
+(:mod:`composer_dlm.models.hf_remote`). Tensor names equal our parameter names
+(``model.transformer.blocks.0.q_proj.weight``), so no renaming map is needed.
 
 LLaDA's configuration class fills every key missing from ``config.json`` with a default that describes another
 network (fused "sequential" blocks, layer norm, no RoPE, tied weights, dropout 0.1). An export therefore states
@@ -20,19 +21,33 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from copy import deepcopy
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from composer_dlm.fsutil import staged_folder
+from composer_dlm.models.hf_remote.configuration_llada import unsupported_settings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+
+# composer-dlm's own remote code, written into every export whose source folder has none, and its auto_map.
+REMOTE_CODE = Path(__file__).resolve().parent / "hf_remote"
+REMOTE_CODE_FILES = ("configuration_llada.py", "modeling_llada.py", "llada_layers.py")
+REMOTE_AUTO_MAP = {
+    "AutoConfig": "configuration_llada.LLaDAConfig",
+    "AutoModel": "modeling_llada.LLaDAModelLM",
+    "AutoModelForMaskedLM": "modeling_llada.LLaDAModelLM",
+}
 
 # Modes of exported files and folders: readable by everyone (the safetensors writer alone would leave 0600).
 C = TypeVar("C")
@@ -77,36 +92,17 @@ RELEASE_ARCHITECTURE: dict[str, Any] = {
     "use_cache": False,
 }
 
-# Values of the keys above that this implementation does not compute. A folder that sets one of them to
-# anything else is refused rather than silently computed wrongly; an absent key is read as our network's
-# (exports written before every key was stated lack them).
-_SUPPORTED: dict[str, tuple[Any, ...]] = {
-    "alibi": (False,),
-    "block_type": ("llama",),
-    "layer_norm_type": ("rms",),
-    "activation_type": ("silu", "swiglu"),
-    "attention_layer_norm": (False,),
-    "input_emb_norm": (False,),
-    "scale_logits": (False,),
-    "clip_qkv": (None,),
-    "rope": (True,),
-    "include_bias": (False,),
-    "include_qkv_bias": (False,),
-    "multi_query_attention": (False, None),
-    "layer_norm_with_affine": (True,),
-    "bias_for_layer_norm": (False, None),
-    "block_group_size": (1,),
-}
-
 
 def check_supported(data: Mapping[str, Any], source: str) -> None:
-    """Raises :class:`CheckpointError` when ``data`` (a config.json mapping) asks for a network we do not build."""
-    for key, allowed in _SUPPORTED.items():
-        if key in data and data[key] is not None and data[key] not in allowed:
-            raise CheckpointError(
-                f"{source}: {key}={data[key]!r} is not supported by composer-dlm's LLaDA implementation "
-                f"(supported: {', '.join(repr(a) for a in allowed if a is not None)})"
-            )
+    """Raises :class:`CheckpointError` when ``data`` (a config.json mapping) asks for a network we do not build
+    (the table is the shipped configuration file's, so both refuse the same folders); an absent key is read as
+    our network's (exports written before every key was stated lack them)."""
+    problems = unsupported_settings(data)
+    if problems:
+        raise CheckpointError(
+            f"{source}: {'; '.join(problems)}; composer-dlm's LLaDA implementation computes LLaDA's released "
+            "network only"
+        )
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -148,20 +144,23 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def export_config(
-    fields: Mapping[str, Any], *, with_auto_map: bool, architecture: Mapping[str, Any] = RELEASE_ARCHITECTURE
+    fields: Mapping[str, Any],
+    auto_map: Mapping[str, str],
+    *,
+    architecture: Mapping[str, Any] = RELEASE_ARCHITECTURE,
 ) -> dict[str, Any]:
     """The config.json of an export: ``architecture`` (:data:`RELEASE_ARCHITECTURE` or
     :data:`MOE_RELEASE_ARCHITECTURE`), overridden by ``fields`` (the network's own values plus any keys a loaded
-    release folder carried, which are kept as they were).
+    release folder carried, which are kept as they were), with ``auto_map`` naming the modeling files written
+    beside it (none: no ``auto_map`` key).
 
-    ``pad_token_id`` defaults to the EOS id (as in LLaDA's release); ``auto_map`` is kept only when the modeling
-    files it names are written beside it (``with_auto_map``).
+    ``pad_token_id`` defaults to the EOS id (as in LLaDA's release).
     """
-    data = {**architecture, **fields}
+    data = {**architecture, **fields, "auto_map": dict(auto_map)}
+    if not auto_map:
+        del data["auto_map"]
     if data.get("pad_token_id") is None:
         data["pad_token_id"] = data.get("eos_token_id")
-    if not with_auto_map:
-        data.pop("auto_map", None)
     return data
 
 
@@ -304,10 +303,7 @@ def read_tensors(
             ) from None
 
 
-class SavesPretrained(Protocol):
-    """A tokenizer (anything with ``save_pretrained(folder)``), written beside the weights."""
-
-    def save_pretrained(self, save_directory: str) -> Any: ...
+ExportedTokenizer = TypeVar("ExportedTokenizer", bound="PreTrainedTokenizerBase")
 
 
 def write_folder(
@@ -317,17 +313,22 @@ def write_folder(
     *,
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
-    tokenizer: SavesPretrained | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     source: str | os.PathLike[str] | None = None,
     architecture: Mapping[str, Any] = RELEASE_ARCHITECTURE,
+    own_remote_code: bool = True,
 ) -> None:
-    """Writes a LLaDA (or, with ``architecture``, LLaDA-MoE) folder atomically (a temporary sibling renamed into place): config.json
+    """Writes a LLaDA folder atomically (a temporary sibling renamed into place): config.json
     (:func:`export_config`), safetensors shards under LLaDA's tensor names (an index when there are several),
-    generation_config.json, the tokenizer's files, and, when ``source`` (the folder the run started from) holds
-    modeling ``*.py`` files and ``config`` an ``auto_map``, those files with the map. Files are world-readable.
+    generation_config.json, the tokenizer's files (:func:`export_tokenizer`), and the modeling files with their
+    ``auto_map`` (:func:`modeling_files`: those of ``source``, the folder the run started from, when it has
+    them, else composer-dlm's own, so ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` works
+    without composer-dlm). Files are world-readable.
 
     ``config`` is the network's config.json mapping (``LLaDAConfig.to_dict()``); ``state_dict`` has LLaDA's
-    tensor names. With ``weight_tying`` the output projection is not stored.
+    tensor names. With ``weight_tying`` the output projection is not stored. A LLaDA-MoE folder passes
+    ``architecture=MOE_RELEASE_ARCHITECTURE`` and its own tensor names, and ``own_remote_code=False``: composer-dlm
+    has no remote code for LLaDA-MoE, so such an export ships modeling files only when ``source`` has them.
     """
     folder = Path(folder)
     limit = parse_size(max_shard_size)
@@ -350,8 +351,13 @@ def write_folder(
         shards[-1][name] = tensor
         size += nbytes
 
-    modeling = _modeling_files(Path(source)) if source is not None and "auto_map" in config else []
-    data = export_config(config, with_auto_map=bool(modeling), architecture=architecture)
+    modeling, auto_map = modeling_files(
+        Path(source) if source is not None else None, config, own_code=own_remote_code
+    )
+    data = export_config(config, auto_map, architecture=architecture)
+    if tokenizer is not None:
+        tokenizer = export_tokenizer(tokenizer, data)
+        data["pad_token_id"] = tokenizer.pad_token_id
     first = next(iter(tensors.values()), None)
     if first is not None:
         data["torch_dtype"] = str(first.dtype).removeprefix("torch.")
@@ -398,9 +404,36 @@ def generation_config(config: Mapping[str, Any], tokenizer: object | None) -> di
     return data
 
 
-def _modeling_files(source: Path) -> list[Path]:
-    """The modeling ``*.py`` files of a source folder (LLaDA's configuration_llada.py, modeling_llada.py)."""
-    return sorted(p for p in source.glob("*.py") if p.is_file())
+def modeling_files(
+    source: Path | None, config: Mapping[str, Any], *, own_code: bool = True
+) -> tuple[list[Path], dict[str, str]]:
+    """The modeling ``*.py`` files an export ships and the ``auto_map`` that points at them: those of ``source``
+    (the folder the run started from, e.g. LLaDA's release) with the map of its config.json when it has both,
+    else composer-dlm's own self-contained files (:mod:`composer_dlm.models.hf_remote`), or none without
+    ``own_code``."""
+    theirs = sorted(p for p in source.glob("*.py") if p.is_file()) if source is not None else []
+    if theirs and isinstance(config.get("auto_map"), Mapping):
+        return theirs, dict(config["auto_map"])
+    if not own_code:
+        return [], {}
+    return [REMOTE_CODE / name for name in REMOTE_CODE_FILES], dict(REMOTE_AUTO_MAP)
+
+
+def export_tokenizer(tokenizer: ExportedTokenizer, config: Mapping[str, Any]) -> ExportedTokenizer:
+    """A copy of ``tokenizer`` as an export ships it: able to pad, and knowing the model's context.
+
+    A tokenizer without a pad token pads with the token at config.json's ``pad_token_id`` (EOS by default, as
+    LLaDA's release does); one that has a pad token keeps it, and config.json then states its id (the caller
+    writes it), so the two agree. ``model_max_length`` becomes ``max_sequence_length`` (LLaDA-MoE:
+    ``max_position_embeddings``), not transformers' "no limit" placeholder.
+    """
+    copy = deepcopy(tokenizer)
+    if copy.pad_token_id is None and config.get("pad_token_id") is not None:
+        copy.pad_token = copy.convert_ids_to_tokens(int(config["pad_token_id"]))
+    context = config.get("max_sequence_length", config.get("max_position_embeddings"))
+    if context is not None:
+        copy.model_max_length = int(context)
+    return copy
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,11 @@ from torch import nn
 
 from composer_dlm.models import hf_format
 from composer_dlm.models.hf_format import CheckpointError
+from composer_dlm.models.hf_remote.llada_layers import RMSNorm, apply_rope, attend, rope_cos_sin
 from kernels import inference as fused_ops
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 
@@ -105,6 +109,13 @@ class LLaDAConfig:
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> LLaDAConfig:
         """Builds a config from a ``config.json`` mapping, refusing settings this implementation lacks; keys that
         are not fields are kept in ``extra``."""
+        model_type = data.get("model_type")
+        if model_type not in (None, "llada"):
+            raise CheckpointError(
+                f"{source}: not a LLaDA config (model_type {model_type!r}); composer-dlm builds LLaDA and LLaDA-MoE "
+                "networks only: give a LLaDA folder (model_type 'llada', e.g. GSAI-ML/LLaDA-8B-Base or one of our "
+                "exports) or a LLaDA-MoE one (model_type 'lladamoe')"
+            )
         hf_format.check_supported(data, source)
         required = ("d_model", "n_layers", "n_heads", "vocab_size")
         config = hf_format.build_config(cls, data, required=required, source=source)
@@ -184,55 +195,6 @@ def training_flops(
     return float(3 * forward)
 
 
-class RMSNorm(nn.Module):
-    """y = (x * rsqrt(mean(x^2) + eps)) * weight, normalised in fp32 and cast back before the weight."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return normed * self.weight.to(x.dtype)
-
-
-def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (seq_len, head_dim) in fp32; angle(p, i) = p * theta^(-2i/head_dim), i < head_dim/2,
-    repeated for the second half so that position i and i + head_dim/2 share a frequency."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x_BHLD: torch.Tensor, cos_LD: torch.Tensor, sin_LD: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE in fp32: x * cos + rotate_half(x) * sin, rotate_half(a, b) = (-b, a)."""
-    x = x_BHLD.float()
-    first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
-    return (x * cos_LD + rotated * sin_LD).to(x_BHLD.dtype)
-
-
-def attend(
-    q_BHLD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor, key_mask_B11L: torch.Tensor | None
-) -> torch.Tensor:
-    """Bidirectional attention softmax(q k^T / sqrt(head_dim)) v of (B, heads, R, head_dim) q over (B, kv_heads, L,
-    head_dim) k, v (R = L, or fewer queries than keys; kv_heads divides heads: grouped-query attention), returned
-    as (B, R, heads * head_dim) for the output projection. Shared by every architecture here."""
-    b, n_heads, length, _ = q_BHLD.shape
-    n_kv_heads = k_BKLD.shape[1]
-    if n_kv_heads != n_heads:
-        groups = n_heads // n_kv_heads
-        k_BKLD = k_BKLD.repeat_interleave(groups, dim=1)
-        v_BKLD = v_BKLD.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q_BHLD, k_BKLD, v_BKLD, attn_mask=key_mask_B11L, is_causal=False)
-    return out.transpose(1, 2).reshape(b, length, -1)
-
-
 @contextlib.contextmanager
 def eager_blocks() -> Iterator[None]:
     """Runs ``torch.compile``-d blocks eagerly inside the block.
@@ -298,6 +260,33 @@ class LLaDABlock(nn.Module):
         x_BRH = x_BRH + self.attention(self.attn_norm(x_BLH), cos, sin, key_mask_B11L, positions_BR)
         h = self.ff_norm(x_BRH)
         return x_BRH + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+    def forward_cached(
+        self,
+        x_BSH: torch.Tensor,
+        cos_SD: torch.Tensor,
+        sin_SD: torch.Tensor,
+        key_mask_B11L: torch.Tensor | None,
+        keys_BKLD: torch.Tensor,
+        values_BKLD: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor:
+        """:meth:`forward` of the S positions ``[start, start + S)`` of a longer sequence whose other keys and values
+        come from a cache: this slice's keys (after RoPE) and values are written into ``keys_BKLD`` /
+        ``values_BKLD`` (B, kv_heads, L, head_dim) in place, then its queries attend over all L of them.
+        ``cos_SD`` / ``sin_SD`` are the RoPE tables of those S positions. With ``start=0`` and S = L this is the
+        full forward that fills the cache."""
+        b, length, _ = x_BSH.shape
+        h = self.attn_norm(x_BSH)
+        q = self.q_proj(h).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        keys_BKLD[:, :, start : start + length] = apply_rope(k, cos_SD, sin_SD)
+        values_BKLD[:, :, start : start + length] = v
+        q = apply_rope(q, cos_SD, sin_SD)
+        x_BSH = x_BSH + self.attn_out(attend(q, keys_BKLD, values_BKLD, key_mask_B11L))
+        h = self.ff_norm(x_BSH)
+        return x_BSH + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
     def qkv_weight(self) -> torch.Tensor:
         """The q, k and v projection weights stacked (one product instead of three); a new tensor."""
@@ -401,6 +390,21 @@ class FusedInference:
     :meth:`LLaDAModel.fused_inference`. ``qkv_weights``: per block, the stacked q/k/v weight."""
 
     qkv_weights: list[torch.Tensor] | None = None
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys (after RoPE) and values of every position of a sequence, per block, each (B, kv_heads, L, head_dim),
+    for :meth:`LLaDAModel.forward_cached`; ``key_mask`` (B, 1, 1, L) bool marks the real (non-padding) keys, or is
+    None when every key is real."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_mask: torch.Tensor | None
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
 
 
 class LLaDAModel(nn.Module):
@@ -546,6 +550,54 @@ class LLaDAModel(nn.Module):
             return head(hidden, self.output_weight)
         return F.linear(hidden, self.output_weight)
 
+    def new_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> KVCache:
+        """An empty (uninitialised) :class:`KVCache` for sequences shaped like ``input_ids`` (B, L); the first
+        :meth:`forward_cached` call should cover all L positions (``start=0``) to fill it."""
+        batch, length = input_ids.shape
+        weight = self.model.transformer.wte.weight
+        shape = (batch, self.config.n_kv_heads or self.config.n_heads, length, self.config.head_dim)
+        blocks = range(len(self.blocks))
+        key_mask = None if attention_mask is None else attention_mask.to(torch.bool)[:, None, None, :]
+        return KVCache(
+            keys=[weight.new_empty(shape) for _ in blocks],
+            values=[weight.new_empty(shape) for _ in blocks],
+            key_mask=key_mask,
+        )
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        head: Callable[[torch.Tensor, torch.Tensor], T] | None = None,
+    ) -> torch.Tensor | T:
+        """Logits (B, S, embedding_size) (or ``head(hidden, output_weight)``) of the S positions ``[start,
+        start + S)`` of a cached sequence, ``input_ids`` (B, S) being their tokens now: each block recomputes these
+        positions' keys and values into ``cache`` and reads the others from it (no grad; the inference path of
+        block-level KV caching). ``start=0`` with all L positions is the full forward and fills the cache.
+
+        The other positions' keys and values are those of the forward that last wrote them: exact when their
+        tokens have not changed since and, in a bidirectional model, approximate otherwise, since their states
+        depended on the tokens then.
+        """
+        if torch.is_grad_enabled():
+            raise ValueError("forward_cached is an inference path: call it under torch.no_grad()")
+        t = self.model.transformer
+        length = input_ids.shape[1]
+        if start < 0 or start + length > cache.length:
+            raise ValueError(f"positions [{start}, {start + length}) fall outside the cache's {cache.length}")
+        cos, sin = rope_cos_sin(cache.length, self.config.head_dim, self.config.rope_theta, input_ids.device)
+        cos, sin = cos[start : start + length], sin[start : start + length]
+        x = t.wte(input_ids)
+        for block, keys, values in zip(
+            cast(list[LLaDABlock], list(t.blocks)), cache.keys, cache.values, strict=True
+        ):
+            x = block.forward_cached(x, cos, sin, cache.key_mask, keys, values, start)
+        hidden = t.ln_f(x)
+        if head is not None:
+            return head(hidden, self.output_weight)
+        return F.linear(hidden, self.output_weight)
+
     @torch.no_grad()
     def fused_inference(self, example_ids: torch.Tensor, *, headroom_bytes: int = 2 << 30) -> FusedInference:
         """Options for the fused forward on inputs shaped like ``example_ids`` (B, L).
@@ -621,7 +673,7 @@ class LLaDAModel(nn.Module):
         *,
         max_shard_size: int | str = "5GB",
         dtype: torch.dtype | None = None,
-        tokenizer: hf_format.SavesPretrained | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         source: str | os.PathLike[str] | None = None,
     ) -> None:
         """Writes a drop-in LLaDA folder (:func:`.hf_format.write_folder`): config.json stating every architecture

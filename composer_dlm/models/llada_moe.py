@@ -28,7 +28,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,12 @@ from torch import nn
 
 from composer_dlm.models import hf_format
 from composer_dlm.models.hf_format import CheckpointError
-from composer_dlm.models.llada import LLaDAModel, RMSNorm, apply_rope, attend, rope_cos_sin, training_flops
+from composer_dlm.models.hf_remote.llada_layers import RMSNorm, apply_rope, attend, rope_cos_sin
+from composer_dlm.models.llada import LLaDAModel, training_flops
 from kernels.grouped_mm import GROUP_ALIGN, grouped_mm
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 
@@ -546,7 +550,7 @@ class LLaDAMoEModel(nn.Module):
         *,
         max_shard_size: int | str = "5GB",
         dtype: torch.dtype | None = None,
-        tokenizer: hf_format.SavesPretrained | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         source: str | os.PathLike[str] | None = None,
     ) -> None:
         """Writes a folder LLaDA-MoE's code loads (the release's names and keys; atomic, as for LLaDA)."""
@@ -568,6 +572,7 @@ class LLaDAMoEModel(nn.Module):
             export_state(state_dict, self.config),
             folder,
             architecture=hf_format.MOE_RELEASE_ARCHITECTURE,
+            own_remote_code=False,
             **options,
         )
 

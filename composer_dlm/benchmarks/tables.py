@@ -1,0 +1,251 @@
+"""The README's benchmark tables, made from the raw JSON under ``results/``: ``python scripts/benchmark.py table``.
+
+    python scripts/benchmark.py table train_1b_h200.json train_1b_h200_ga4.json   # print one table
+    python scripts/benchmark.py table kernel_h200.json hidden=4096               # only rows with hidden 4096
+    python scripts/benchmark.py table --update README.md                         # regenerate every marked table
+
+In the README each table follows a marker comment and a blank line, ``<!-- table: FILE [FILE ...] [key=value
+...] -->``, naming its raw files (bare names are looked up in ``results/``) and optional row filters;
+``--update`` rewrites the table under every marker and ``tests/test_readme_figures.py`` fails when a table
+differs from what its raw files give. The formatter is chosen by the file's ``"benchmark"`` field: a new
+benchmark adds its own to :data:`FORMATTERS`. A figure timed repeatedly is stored as
+:func:`composer_dlm.benchmarks.repeats` (every value, their median and range) and shown as
+``median (min-max, n=N)``; ratios are taken between medians.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from composer_dlm.benchmarks import RESULTS_DIR
+from composer_dlm.cli import ArgumentParser, fail
+
+Raw = dict[str, Any]
+MARKER = re.compile(r"^(?P<indent>[ \t]*)<!-- table: (?P<args>[^>]*?) -->[ \t]*$")
+
+
+def central(value: float | dict[str, Any]) -> float:
+    """The figure to compare or divide: the value itself, or the median of a ``repeats`` record."""
+    return float(value["median"]) if isinstance(value, dict) else float(value)
+
+
+def _fmt(value: float | dict[str, Any], spec: str) -> str:
+    if not isinstance(value, dict):
+        return format(value, spec)
+    n = len(value["repeats"])
+    return f"{value['median']:{spec}} ({value['min']:{spec}}-{value['max']:{spec}}, n={n})"
+
+
+def _row(cells: Sequence[object]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    return [_row(header), "|" + "---|" * len(header), *(_row(r) for r in rows)]
+
+
+def _train(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``train`` results (one row per result; OOM rows say so): MFU and the executed FLOPs' utilisation."""
+    out = []
+    for name, r in rows:
+        forced = "torch27 (forced)" if dict(files)[name]["environment"]["torch27_branch_forced"] else "native"
+        lead = [r["path"], name, forced, r["micro_batch"]]
+        if r.get("oom"):
+            out.append([*lead, "out of memory", "", "", ""])
+        else:
+            out.append(
+                [
+                    *lead,
+                    _fmt(r["tokens_per_s_per_gpu"], ",.0f"),
+                    f"{100 * r['mfu']:.1f}%",
+                    f"{100 * r['executed_utilisation']:.1f}%",
+                    f"{r['peak_gib']:.1f}",
+                ]
+            )
+    header = ["run", "raw", "torch branch", "micro-batch", "tokens/s per GPU", "MFU", "executed FLOPs util."]
+    return _table([*header, "peak GiB"], out)
+
+
+def _kernel(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``kernel`` results: forward + backward time, transient memory, gradient errors against fp32."""
+    out = [
+        [
+            r["hidden"],
+            r["targets"],
+            r["method"],
+            r["branch"],
+            f"{r['ms']:.2f}",
+            f"{r['transient_gib']:.2f}",
+            f"{r['err_dh']:.1e}",
+            f"{r['err_dw']:.1e}",
+        ]  # fmt: skip
+        for _, r in rows
+        if "ms" in r
+    ]
+    header = ["H", "targets", "method", "branch", "ms", "transient GiB", "d(hidden) err", "d(weight) err"]
+    return _table(header, out)
+
+
+def _sampler(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``sampler`` results; "vs reference" divides the reference's seconds at the same batch and steps."""
+    reference = {
+        (r["batch"], r["steps"]): central(r["seconds"]) for _, r in rows if r["sampler"] == "reference"
+    }
+    out = []
+    for _, r in rows:
+        ref = reference.get((r["batch"], r["steps"]))
+        speed = "-" if ref is None else f"{ref / central(r['seconds']):.2f}x"
+        same = "-" if r["sampler"] == "reference" else ("yes" if r["identical_to_reference"] else "no")
+        out.append(
+            [
+                r["batch"],
+                r["steps"],
+                r["sampler"],
+                _fmt(r["seconds"], ".2f"),
+                _fmt(r["tokens_per_s"], ".1f"),
+                speed,
+                same,
+            ]  # fmt: skip
+        )
+    header = ["batch", "steps", "sampler", "seconds", "tokens/s", "vs reference", "tokens identical"]
+    return _table(header, out)
+
+
+def _likelihood(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``likelihood`` rows, milliseconds per request; the speed-up divides the medians where timed repeatedly."""
+    out = [
+        [
+            f"{r['prompt']} / {r['answer']} / {r['mc_num']}",
+            f"{r['requests']} ({r['answers_per_context']})",
+            _fmt(r["reference_ms"], ".1f"),
+            _fmt(r["ours_ms"], ".1f"),
+            f"{central(r['reference_ms']) / central(r['ours_ms']):.2f}x",
+        ]  # fmt: skip
+        for _, r in rows
+    ]
+    header = ["P / A / M", "requests (answers per context)", "reference loop ms", "ours ms", "speed-up"]
+    return _table(header, out)
+
+
+def _startup(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``startup`` calls: the overrides a call has beyond those all the files share (its temporary folder aside)."""
+    shared = set.intersection(*(set(raw["overrides"]) for _, raw in files))
+    out = []
+    for name, raw in rows:
+        extra = [o for o in raw["overrides"] if o not in shared and not o.startswith("base_path=")]
+        label = " ".join(f"`{o}`" for o in extra) or "(defaults)"
+        out.append(
+            [name, label, f"{raw['max_peak_rss_gib_at_start']:.1f}", f"{raw['max_to_first_batch_s']:.1f}"]
+        )
+    return _table(["raw", "overrides", "peak host RSS GiB", "to first batch s"], out)
+
+
+def _peer_logits(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``peer_logits`` checks (a fixture made with a peer's modeling code, e.g. tests/fixtures/lladamoe/check.json):
+    the largest absolute logit difference of each comparison."""
+    labels = {
+        "ours_vs_dllm": "ours vs dLLM's code",
+        "ours_vs_dllm_attention_mask": "ours vs dLLM's code, padding mask",
+        "dllm_on_our_export_vs_fixture": "dLLM's code loading our export vs its own logits",
+    }
+    out = [
+        [name, f"`{r['dllm']}`", r["torch"], labels.get(key, key), f"{value:.3g}"]
+        for name, r in rows
+        for key, value in r["max_abs_logit_difference"].items()
+    ]
+    return _table(["raw", "peer code", "torch", "comparison (fp32)", "max abs logit difference"], out)
+
+
+# benchmark name -> (where its rows are, formatter)
+FORMATTERS: dict[
+    str, tuple[str | None, Callable[[list[tuple[str, Raw]], list[tuple[str, Raw]]], list[str]]]
+] = {
+    "train": ("results", _train),
+    "kernel": ("results", _kernel),
+    "sampler": ("results", _sampler),
+    "likelihood": ("rows", _likelihood),
+    "startup": (None, _startup),  # one row per file
+    "peer_logits": (None, _peer_logits),
+}
+
+
+def resolve(name: str) -> Path:
+    """A raw file: the path as given, or a bare name under ``results/``."""
+    path = Path(name)
+    return path if path.is_file() or path.is_absolute() or "/" in name else RESULTS_DIR / name
+
+
+def _matches(row: Raw, filters: dict[str, str]) -> bool:
+    return all(str(row.get(key)) == value for key, value in filters.items())
+
+
+def render(args: Sequence[str]) -> str:
+    """The markdown table of raw files ``FILE ...`` with ``key=value`` row filters (all files of one benchmark)."""
+    names = [a for a in args if "=" not in a]
+    filters = dict(a.split("=", 1) for a in args if "=" in a)
+    if not names:
+        raise ValueError("name at least one raw JSON file")
+    files = []
+    for name in names:
+        path = resolve(name)
+        if not path.is_file():
+            raise ValueError(f"no raw file {path}; benchmarks write one with --out")
+        files.append((Path(name).name, json.loads(path.read_text())))
+    kinds = {raw.get("benchmark") for _, raw in files}
+    if len(kinds) != 1 or (kind := kinds.pop()) not in FORMATTERS:
+        raise ValueError(
+            f"{', '.join(names)}: one table takes files of one benchmark of {sorted(FORMATTERS)}"
+        )
+    key, formatter = FORMATTERS[str(kind)]
+    rows = [(name, row) for name, raw in files for row in (raw[key] if key else [raw])]
+    rows = [(name, row) for name, row in rows if _matches(row, filters)]
+    if not rows:
+        raise ValueError(f"no row of {', '.join(names)} matches {filters}")
+    return "\n".join(formatter(files, rows))
+
+
+def refresh(text: str) -> str:
+    """``text`` (a README) with the table under every ``<!-- table: ... -->`` marker made again from its raw files."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        out.append(lines[i])
+        marker = MARKER.match(lines[i])
+        i += 1
+        if marker is None:
+            continue
+        while i < len(lines) and (not lines[i].strip() or lines[i].strip().startswith("|")):
+            i += 1  # the blank line and the table there now, replaced
+        out.append("")
+        out.extend(marker["indent"] + line for line in render(marker["args"].split()).split("\n"))
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> None:
+    p = ArgumentParser(prog="benchmark.py table", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "files", nargs="*", help="raw JSON files (bare names: under results/) and key=value filters"
+    )
+    p.add_argument(
+        "--update", type=Path, default=None, help="regenerate every marked table of this markdown file"
+    )
+    args = p.parse_args(argv)
+    try:
+        if args.update is not None:
+            text = args.update.read_text()
+            new = refresh(text)
+            if new != text:
+                args.update.write_text(new)
+            print(
+                f"{args.update}: {'tables updated' if new != text else 'tables already match their raw files'}"
+            )
+        else:
+            print(render(args.files))
+    except ValueError as e:
+        fail(str(e))

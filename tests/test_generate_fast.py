@@ -1,0 +1,135 @@
+"""Fast mode: the KV-cached forward against the full forward, the cached sampler with a fresh cache at every step
+against exact mode, and batches with prompts of different lengths against their rows run alone, in every mode.
+(Fast-dLLM's own outputs: tests/test_peer_sampler.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from composer_dlm.generate import FastMode, Selection, generate, left_pad
+from composer_dlm.models import LLaDAModel
+
+MASK = 127
+CONFIG = dict(
+    d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, mlp_hidden_size=128, mask_token_id=MASK,
+    eos_token_id=126, init_std=0.15,
+)  # fmt: skip
+MODES: dict[str, dict[str, Any]] = {
+    "exact": {},
+    "prefix": dict(fast=FastMode(cache="prefix")),
+    "dual": dict(fast=FastMode(cache="dual")),
+    "threshold": dict(fast=FastMode(threshold=0.2)),
+    "dual_threshold": dict(fast=FastMode(cache="dual", threshold=0.2)),
+    "prefix_factor": dict(fast=FastMode(cache="prefix", factor=1.0)),
+}
+
+
+def _model(dtype: torch.dtype) -> LLaDAModel:
+    return LLaDAModel.from_config(CONFIG, seed=0).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_forward_equals_full_forward(dtype):
+    model = _model(dtype)
+    ids = torch.randint(0, 120, (3, 20), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[1, :5] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=attn)
+        cache = model.new_cache(ids, attn)
+        assert torch.equal(model.forward_cached(ids, cache, 0), full)
+        # Recomputing positions 8..12 (dual) or 8..20 (prefix) from that cache: the same rows, bit for bit.
+        assert torch.equal(model.forward_cached(ids[:, 8:12], cache, 8), full[:, 8:12])
+        assert torch.equal(model.forward_cached(ids[:, 8:], cache, 8), full[:, 8:])
+        # New tokens in the recomputed slice: with one layer, the other keys and values depend on their own tokens
+        # only, so the cache is still exact and the slice must see its new keys.
+        one_layer = LLaDAModel.from_config({**CONFIG, "n_layers": 1}, seed=0).to(dtype).eval()
+        cache = one_layer.new_cache(ids, attn)
+        one_layer.forward_cached(ids, cache, 0)
+        changed = ids.clone()
+        changed[:, 9:] = 3
+        fresh = one_layer(changed, attention_mask=attn)[:, 8:]
+        assert torch.equal(one_layer.forward_cached(changed[:, 8:], cache, 8), fresh)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_cache_refreshed_every_step_equals_exact_mode(dtype, cache, cfg_scale):
+    model = _model(dtype)
+    ids, attn = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13]], pad_id=0)
+    kw: dict[str, Any] = dict(
+        steps=16, gen_length=16, block_length=4, mask_token_id=MASK, cfg_scale=cfg_scale
+    )
+    exact = generate(model, ids, attention_mask=attn, **kw)
+    cached = generate(model, ids, attention_mask=attn, fast=FastMode(cache=cache, refresh_every=1), **kw)
+    assert torch.equal(cached, exact)
+    # Refreshed once per block, the later steps read stale keys and values: a different sampler.
+    assert (generate(model, ids, attention_mask=attn, fast=FastMode(cache=cache), **kw) != MASK).all()
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_batch_rows_equal_rows_alone(mode):
+    # float64 keeps rounding at shifted absolute RoPE positions away from argmax and confidence ties.
+    model = _model(torch.float64)
+    rows = [[5, 6, 7], [8, 9, 10, 11, 12], [1, 2], [30, 31, 32, 33, 34, 35, 36]]
+    ids, attn = left_pad(rows, pad_id=0)
+    kw: dict[str, Any] = dict(steps=16, gen_length=16, block_length=8, mask_token_id=MASK, **MODES[mode])
+    batched = generate(model, ids, attention_mask=attn, **kw)
+    for row, prompt in enumerate(rows):
+        alone = generate(model, torch.tensor([prompt]), **kw)
+        assert batched[row, -16:].tolist() == alone[0, -16:].tolist(), row
+    assert (batched[:, -16:] != MASK).all()
+
+
+def test_parallel_rules_by_hand():
+    inf = float("-inf")
+    conf = torch.tensor([[0.1, 0.95, 0.5, inf, 0.9], [inf, inf, inf, inf, inf], [0.3, 0.2, inf, 0.1, inf]])
+    assert Selection(threshold=0.8).mask(conf).tolist() == [
+        [False, True, False, False, True],
+        [False] * 5,  # nothing left to commit in this row
+        [True, False, False, False, False],  # none reaches the threshold: the most confident alone
+    ]
+    # factor f = 1: the i-th most confident must reach 1 - 1 / (i + 1): 0.5, 0.667, 0.75, ...
+    # row 0 sorted: 0.95 (first, always), 0.9 >= 0.667, 0.5 < 0.75 -> two; row 2: 0.3 first, 0.2 < 0.667 -> one.
+    assert Selection(factor=1.0).mask(conf).tolist() == [
+        [False, True, False, False, True],
+        [False] * 5,
+        [True, False, False, False, False],
+    ]
+
+
+def test_threshold_commits_several_tokens_per_step():
+    model = _model(torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    steps: list[int] = []
+    kw: dict[str, Any] = dict(steps=16, gen_length=16, block_length=8, mask_token_id=MASK)
+    out = generate(model, ids, fast=FastMode(threshold=0.05), on_step=lambda i, x: steps.append(i), **kw)
+    assert (out != MASK).all() and len(steps) < 16
+
+
+def test_fast_mode_arguments():
+    with pytest.raises(ValueError, match="threshold or factor, not both"):
+        FastMode(threshold=0.5, factor=1.0)
+    with pytest.raises(ValueError, match="cache must be None"):
+        FastMode(cache="full")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threshold must lie in"):
+        FastMode(threshold=1.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cuda_bf16_cached_modes(cache):
+    model = _model(torch.bfloat16).cuda()
+    ids, attn = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13]], pad_id=0)
+    ids, attn = ids.cuda(), attn.cuda()
+    kw: dict[str, Any] = dict(
+        steps=16, gen_length=16, block_length=4, mask_token_id=MASK, attention_mask=attn
+    )
+    eager = generate(model, ids, cuda_graph=False, fused=False, **kw)
+    assert torch.equal(generate(model, ids, fast=FastMode(cache=cache, refresh_every=1), **kw), eager)
+    fast = generate(model, ids, fast=FastMode(cache=cache, threshold=0.2), **kw)
+    assert (fast[:, -16:] != MASK).all()

@@ -1,0 +1,145 @@
+"""The README's benchmark tables are what their raw files under composer_dlm/benchmarks/results/ give, cell for cell.
+
+Each table follows a marker ``<!-- table: FILE ... -->`` (composer_dlm/benchmarks/tables.py); the tables are made
+again from the raw files and compared with the README's text. Spot checks recompute a few cells by hand from
+the raw JSON, so that a formatter that misreads a field fails too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from composer_dlm.benchmarks import RESULTS_DIR, repeats
+from composer_dlm.benchmarks.tables import MARKER, refresh, render
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"\n{title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else None]
+
+
+def _marked_tables(text: str) -> list[tuple[str, list[str]]]:
+    """(marker arguments, table lines) for every marker of ``text``."""
+    lines = text.split("\n")
+    found = []
+    for i, line in enumerate(lines):
+        marker = MARKER.match(line)
+        if marker:
+            j = i + 1
+            while j < len(lines) and not lines[j].strip():
+                j += 1
+            table = []
+            while j < len(lines) and lines[j].strip().startswith("|"):
+                table.append(lines[j].strip())
+                j += 1
+            found.append((marker["args"], table))
+    return found
+
+
+def _first_difference(text: str) -> str:
+    for (args, table), (_, fresh) in zip(_marked_tables(text), _marked_tables(refresh(text)), strict=True):
+        for old, new in zip(table + [""] * len(fresh), fresh + [""] * len(table), strict=False):
+            if old != new:
+                return f"table of {args}: README has {old!r}, its raw files give {new!r}"
+    return ""
+
+
+def test_readme_tables_match_their_raw_files():
+    assert refresh(README) == README, (
+        f"{_first_difference(README)}; run `python scripts/benchmark.py table --update README.md`"
+    )
+    # The LoRA and start-up tables and the six of ## Benchmarks are made from raw files.
+    assert len(_marked_tables(README)) >= 8
+
+
+def test_every_benchmarks_table_names_its_raw_files():
+    lines = _section(README, "## Benchmarks").split("\n")
+    for i, line in enumerate(lines):
+        if re.match(r"^\s*\|[-| ]+\|\s*$", line):  # a table's separator row; its marker is above its header
+            above = [x for x in lines[: i - 1] if x.strip()][-1]
+            assert MARKER.match(above), (
+                f"a table in ## Benchmarks has no <!-- table: ... --> marker: {lines[i - 1]}"
+            )
+
+
+def test_an_edited_cell_or_raw_value_fails(tmp_path):
+    # A cell changed in a copy of the README: its table no longer matches.
+    edited = README.replace("| 50,726 |", "| 50,762 |", 1)
+    assert edited != README and refresh(edited) != edited
+    assert "50,762" in _first_difference(edited)
+    # A figure changed in a raw file: the table made from it changes (and the README's copy would fail).
+    raw = json.loads((RESULTS_DIR / "train_1b_h200.json").read_text())
+    raw["results"][0]["tokens_per_s_per_gpu"] = 49_000.4
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(raw))
+    assert "| 49,000 |" in render([str(path)]) and "50,726" not in render([str(path)])
+
+
+def test_cells_recomputed_by_hand():
+    # train_1b_h200.json, ours: 50726.318 tokens/s, MFU 0.54118, executed 0.50272, 66.214 GiB.
+    train = render(["train_1b_h200.json"]).split("\n")
+    assert train[2].endswith("| train_1b_h200.json | native | 8 | 50,726 | 54.1% | 50.3% | 66.2 |")
+    assert train[4].endswith("| 8 | out of memory |  |  |  |")
+    # likelihood_h200.json: 35.7865 / 13.8331 = 2.587 at 512/1/1 with distinct contexts.
+    assert "| 512 / 1 / 1 | 256 (1) | 35.8 | 13.8 | 2.59x |" in render(["likelihood_h200.json"])
+    # sampler_h200.json: the reference's 1.68202 s over ours' 0.72667 s at batch 1, 64 steps = 2.315.
+    assert "| 1 | 64 | ours | 0.73 | 352.3 | 2.31x | yes |" in render(["sampler_h200.json"])
+    # kernel_h200.json filtered to one row kind: 11 methods x 1 target kind at H = 2048.
+    kernel = render(["kernel_h200.json", "hidden=2048", "targets=sft"]).split("\n")
+    assert len(kernel) == 2 + 11 and all(row.startswith("| 2048 | sft |") for row in kernel[2:])
+    # Start-up: the overrides only the "before" call has.
+    startup = render(["startup_8b_h200_before.json", "startup_8b_h200_after.json"])
+    assert (
+        "| `fsdp.sync_module_states=false` `model.master_weights=bf16` `model.load_on_gpu=false` | 10.8 |"
+        in startup
+    )
+    assert "| startup_8b_h200_after.json | (defaults) | 6.9 | 19.0 |" in startup
+    # tests/fixtures/lladamoe/check.json: ours vs dLLM's code 1.1920928955078125e-07, its export read back 0.0.
+    peer = render([str(ROOT / "tests/fixtures/lladamoe/check.json")])
+    assert "| ours vs dLLM's code | 1.19e-07 |" in peer and "vs its own logits | 0 |" in peer
+
+
+def test_repeated_figures_show_median_and_range_and_ratios_divide_medians(tmp_path):
+    raw = {
+        "benchmark": "likelihood",
+        "rows": [
+            {"prompt": 8, "answer": 1, "mc_num": 1, "requests": 4, "answers_per_context": 1,
+             "reference_ms": repeats([30.0, 10.0, 20.0, 40.0, 25.0]), "ours_ms": repeats([5.0, 4.0, 6.0])},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "likelihood.json"
+    path.write_text(json.dumps(raw))
+    # Medians 25 and 5: the speed-up is 5.00x, not the slowest reference (40) over anything.
+    assert render([str(path)]).split("\n")[2] == (
+        "| 8 / 1 / 1 | 4 (1) | 25.0 (10.0-40.0, n=5) | 5.0 (4.0-6.0, n=3) | 5.00x |"
+    )
+
+
+def test_table_command(tmp_path):
+    copy = tmp_path / "README.md"
+    copy.write_text(README.replace("| 50,726 |", "| 50,762 |", 1))
+    run = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "table"]
+    done = subprocess.run([*run, "--update", str(copy)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "tables updated" in done.stdout
+    assert copy.read_text() == README
+    done = subprocess.run([*run, "no_such_file.json"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("composer-dlm: error: no raw file") and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args", [["sampler_h200.json", "train_1b_h200.json"], ["train_1b_h200.json", "hidden=1"]]
+)
+def test_tables_refuse_mixed_files_and_empty_filters(args):
+    with pytest.raises(ValueError, match="one benchmark|matches"):
+        render(args)
