@@ -63,7 +63,6 @@ from composer_dlm.models.architectures import (
 )
 from composer_dlm.models.composer_llada import ComposerLLaDA
 from composer_dlm.models.hf_format import CONFIG_NAME, resolve_folder
-from composer_dlm.models.llada import LLaDAModel
 from composer_dlm.models.lora import apply_lora, drop_frozen_weights
 from composer_dlm.parallel import parallelize
 from composer_dlm.run_lock import LockUnavailableError, RunLock, RunLockedError
@@ -158,17 +157,16 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
         )
     if cfg.model.lora is not None:
         assert folder is not None  # ModelConfig requires model.pretrained
-        if not isinstance(model, LLaDAModel):
-            raise ConfigError(
-                "model.lora: LoRA adapters are implemented for LLaDA (dense) models only so far"
+        try:
+            apply_lora(
+                model,
+                cfg.model.lora,
+                base_dtype=dtype,
+                seed=cfg.model.init_seed,
+                base_model=str(folder.resolve()),
             )
-        apply_lora(
-            model,
-            cfg.model.lora,
-            base_dtype=dtype,
-            seed=cfg.model.init_seed,
-            base_model=str(folder.resolve()),
-        )
+        except ValueError as err:  # target names of the other architecture, dropout on LLaDA-MoE's experts
+            raise ConfigError(f"model.lora: {err}") from None
     if cfg.model.fp8 != "off":  # a module swap, before torch.compile and FSDP see the blocks
         count = convert_to_fp8(model, cfg.model.fp8)
         log.info("model.fp8: %d linear layers compute in FP8 (%s scales)", count, cfg.model.fp8)

@@ -25,6 +25,7 @@ from composer_dlm.callbacks.hf_export import HuggingFaceExport  # noqa: E402
 from composer_dlm.config import load_config  # noqa: E402
 from composer_dlm.data import load_tokenizer, mask_token_id  # noqa: E402
 from composer_dlm.models import LLaDAModel  # noqa: E402
+from composer_dlm.models.architectures import from_pretrained  # noqa: E402
 from composer_dlm.models.lora import TARGETS, load_merged, merge_adapters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,28 @@ def adapter_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
+def check_exports(
+    trainer: Any,
+    run_folder: Path,
+    base_folder: Path,
+    tmp_path: Path,
+    ids: torch.Tensor,
+    reference: torch.Tensor,
+) -> Path:
+    """A LoRA run's exports give the trained model's ``reference`` logits on ``ids``: the adapter folder (fit_end
+    export, returned) loaded with peft on the base, the merged export, and the merge-on-load path that
+    scripts/generate.py uses for an adapter folder."""
+    final = run_folder / "hf" / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    peft_model = PeftModel.from_pretrained(from_pretrained(base_folder, dtype=torch.float32), final)
+    torch.testing.assert_close(peft_model(ids), reference, rtol=0, atol=1e-6)
+    HuggingFaceExport(tmp_path / "hf", dtype=torch.float32, merge=True).export(trainer.state, tmp_path / "m")
+    exported = from_pretrained(tmp_path / "m", dtype=torch.float32)
+    torch.testing.assert_close(exported(ids), reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(load_merged(final)(ids), reference, rtol=0, atol=1e-5)
+    return final
+
+
 def test_only_adapters_train_and_both_exports_match_the_adapter_model(base_folder, tmp_path, capsys):
     cfg, trainer, losses = fit(
         base_folder, tmp_path, **{"diffusion.mode": "sft", "max_seq_len": "256", "model.loss_impl": "fused"}
@@ -125,15 +148,7 @@ def test_only_adapters_train_and_both_exports_match_the_adapter_model(base_folde
     ids = torch.randint(0, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = trained(ids)
-        # The adapter folder (fit_end export) loads with peft on the base and gives the trained model's logits.
-        final = cfg.run_folder / "hf" / "final"
-        assert sorted(p.name for p in final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-        peft_model = PeftModel.from_pretrained(
-            LLaDAModel.from_pretrained(base_folder, dtype=torch.float32), final
-        )
-        torch.testing.assert_close(peft_model(ids), reference, rtol=0, atol=1e-6)
-        # Merged weights (W + alpha/r B A) give the adapter model's logits; so do the merged export and the
-        # merge-on-load path that scripts/generate.py uses for an adapter folder.
+        # Merged weights (W + alpha/r B A) give the adapter model's logits.
         merged = LLaDAModel(base.config)
         merged.load_state_dict(
             merge_adapters(
@@ -142,12 +157,7 @@ def test_only_adapters_train_and_both_exports_match_the_adapter_model(base_folde
             )  # fmt: skip
         )
         torch.testing.assert_close(merged(ids), reference, rtol=0, atol=1e-5)
-        HuggingFaceExport(tmp_path / "hf", dtype=torch.float32, merge=True).export(
-            trainer.state, tmp_path / "m"
-        )
-        exported = LLaDAModel.from_pretrained(tmp_path / "m", dtype=torch.float32)
-        torch.testing.assert_close(exported(ids), reference, rtol=0, atol=1e-5)
-        torch.testing.assert_close(load_merged(final)(ids), reference, rtol=0, atol=1e-5)
+        final = check_exports(trainer, cfg.run_folder, base_folder, tmp_path, ids, reference)
     trainer.close()
     # scripts/generate.py samples from the adapter folder as from any export (a 6-batch model may well answer
     # with special tokens only: exit 3, not an error).

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from composer_dlm.config import batch_interval
 from composer_dlm.fsutil import remove_folder
 from composer_dlm.models.composer_llada import llada_weights
-from composer_dlm.models.lora import base_model_path, lora_settings, merge_adapters, write_adapter
+from composer_dlm.models.lora import lora_settings, merge_adapters, wrapped_parameters, write_adapter
 from composer_dlm.parallel import unwrap_llada
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,11 @@ class HuggingFaceExport(Callback):
         model = unwrap_llada(state.model)
         lora = lora_settings(model)
         if dist.get_global_rank() == 0 and lora is not None and not self.merge:
-            write_adapter(lora, weights, target, base_model_path(model))
+            write_adapter(model, weights, target)
             log.info("Exported LoRA adapter folder %s", target)
         elif dist.get_global_rank() == 0:
             if lora is not None:
-                weights = merge_adapters(weights, lora)
+                weights = merge_adapters(weights, lora, wrapped_parameters(model))
             model.write_pretrained(
                 weights, target, dtype=self.dtype, tokenizer=self.tokenizer, source=self.source
             )

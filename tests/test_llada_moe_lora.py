@@ -1,0 +1,148 @@
+"""LoRA on LLaDA-MoE: adapters on the attention projections, the shared expert, dense layers' MLPs and the routed
+experts' stacked parameters (peft's ``target_parameters``), checked against a hand computation of
+``W + scaling * B @ A`` per expert; a LoRA run through the real trainer trains only the adapters, and its adapter
+folder (loaded with peft on the base) and merged export give the trained model's logits."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.tuners.lora.layer import ParamWrapper  # noqa: E402
+from test_llada_moe import TINY  # noqa: E402
+from test_llada_moe_train import TINY_MOE, moe_overrides  # noqa: E402
+from test_lora import check_exports  # noqa: E402
+
+from composer_dlm import builders  # noqa: E402
+from composer_dlm.config import ConfigError, load_config  # noqa: E402
+from composer_dlm.data import load_tokenizer  # noqa: E402
+from composer_dlm.models.llada_moe import LLaDAMoEModel  # noqa: E402
+from composer_dlm.models.lora import LoRAConfig, apply_lora, merge_adapters, wrapped_parameters  # noqa: E402
+
+
+def _randomise_adapters(model: torch.nn.Module, seed: int) -> None:
+    """B starts at zero (the adapted model equals the base); random A and B make the deltas visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.2)
+
+
+def test_lora_forward_equals_base_plus_scaled_b_a_per_expert():
+    model = LLaDAMoEModel.from_config(TINY, seed=0).eval()
+    hand = copy.deepcopy(model)
+    cfg = LoRAConfig(r=2, alpha=6)
+    apply_lora(model, cfg, base_dtype=torch.float32, seed=1)
+    _randomise_adapters(model, seed=2)
+
+    # The hand computation, layer by layer, from the adapters peft holds: a linear layer's W + 3 * B @ A; a stacked
+    # (E, out, in) expert parameter's W_e + 3 * B_e @ A_e, with expert e's rows e*r..e*r+r-1 of A and its columns
+    # e, e + E of B (r = 2).
+    weights = dict(hand.named_parameters())
+    adapted: list[str] = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            if isinstance(module, ParamWrapper):
+                target = f"{name.replace('.base_layer', '')}.{module.parameter_name}"
+                w = weights[target]
+                experts = w.shape[0]
+                for e in range(experts):
+                    a_e = a[[e * 2, e * 2 + 1]]
+                    b_e = b[:, [e, e + experts]]
+                    w[e] += 3.0 * b_e @ a_e
+            else:
+                target = f"{name}.weight"
+                weights[target] += 3.0 * b @ a
+            adapted.append(target)
+    # Attention (4 per layer, 3 layers), the dense layer's MLP, the shared expert's and the routed experts' three
+    # projections in the two MoE layers; never the router (mlp.gate) nor the output head.
+    assert len(adapted) == 4 * 3 + 3 + 2 * 3 + 2 * 3
+    assert not any(t.endswith("mlp.gate.weight") or t.startswith("lm_head") for t in adapted)
+    assert sum(".mlp.experts." in t for t in adapted) == 6
+
+    ids = torch.randint(0, 62, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, expected, base = model(ids), hand(ids), LLaDAMoEModel.from_config(TINY, seed=0)(ids)
+        assert (ours - base).abs().max() > 1e-2  # the adapters change the output
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+        # merge_adapters (what a merged export writes) gives the same network.
+        merged = LLaDAMoEModel(model.config)
+        merged.load_state_dict(merge_adapters(model.state_dict(), cfg, wrapped_parameters(model)))
+        torch.testing.assert_close(merged(ids), expected, rtol=0, atol=1e-5)
+
+
+def test_dense_names_and_dropout_on_experts_are_refused():
+    model = LLaDAMoEModel.from_config(TINY, seed=0)
+    with pytest.raises(ValueError, match="'attn_out' not LLaDAMoE layer name"):
+        apply_lora(copy.deepcopy(model), LoRAConfig(target_modules=["attn_out"]), base_dtype=torch.float32)
+    with pytest.raises(ValueError, match="dropout must be 0"):
+        apply_lora(copy.deepcopy(model), LoRAConfig(dropout=0.1), base_dtype=torch.float32)
+    # Attention only: dropout is fine there.
+    apply_lora(model, LoRAConfig(dropout=0.1, target_modules=["q_proj", "v_proj"]), base_dtype=torch.float32)
+    assert not any(isinstance(m, ParamWrapper) for m in model.modules())
+
+
+def test_lora_run_trains_adapters_only_and_both_exports_give_its_logits(tmp_path: Path):
+    base = tmp_path / "base"
+    config = load_config(TINY_MOE, moe_overrides(tmp_path)).model.config
+    assert config is not None
+    LLaDAMoEModel.from_config(config, seed=1).save_pretrained(base, dtype=torch.bfloat16)
+    extra = {
+        "model.config": "null",
+        "model.pretrained": str(base),
+        "model.lora.r": "4",
+        "model.lora.alpha": "8",
+        "max_duration": "3ba",
+        "eval_interval": "3ba",
+        "checkpoint.save_interval": "3ba",
+        "optimizer.lr": "1e-2",
+        "optimizer.weight_decay": "0.0",
+    }
+    cfg = load_config(TINY_MOE, [*moe_overrides(tmp_path, "lora"), *(f"{k}={v}" for k, v in extra.items())])
+    trainer = builders.build_trainer(cfg)
+    trainer.fit()
+    trained = trainer.state.model.model
+    assert isinstance(trained, LLaDAMoEModel)
+
+    # Only adapters train; every other tensor still equals the folder's; every B moved off zero.
+    base_state = LLaDAMoEModel.from_pretrained(base, dtype=torch.float32).state_dict()
+    names = dict(trained.named_parameters())
+    for name, param in names.items():
+        if ".lora_" in name:
+            assert param.requires_grad and param.dtype == torch.float32, name
+        else:
+            assert not param.requires_grad
+            assert torch.equal(param, base_state[name.replace(".base_layer", "")]), name
+    lora_b = [n for n in names if ".lora_B." in n]
+    assert sum(".mlp.experts." in n for n in lora_b) == 2 * 3  # routed experts of both MoE layers
+    assert all(names[n].abs().sum() > 0 for n in lora_b)
+    ckpt = torch.load(cfg.checkpoint_folder / "ep0-ba3-rank0.pt", weights_only=False, map_location="cpu")
+    assert all(".lora_" in k for k in ckpt["state"]["model"])
+
+    ids = torch.randint(0, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = trained(ids)
+        check_exports(trainer, cfg.run_folder, base, tmp_path, ids, reference)
+    trainer.close()
+
+    # A LLaDA name on an MoE base: one line naming the valid ones.
+    bad = load_config(
+        TINY_MOE,
+        [
+            *moe_overrides(tmp_path, "bad"),
+            *(f"{k}={v}" for k, v in extra.items()),
+            "model.lora.target_modules=[attn_out]",
+        ],
+    )
+    with pytest.raises(ConfigError, match="model.lora: target_modules: .attn_out. not LLaDAMoE layer name"):
+        builders.build_model(bad, load_tokenizer(bad.tokenizer.name))
