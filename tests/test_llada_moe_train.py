@@ -1,6 +1,6 @@
 """LLaDA-MoE through the real trainer: pretraining from yamls/llada_moe_tiny.yaml on the embedded corpus, the router
-losses in the objective, exact resume, an export LLaDA-MoE's format loads, sampling from it, and two processes
-through Composer's launcher."""
+losses in the objective, exact resume, an export LLaDA-MoE's format loads, sampling from it, two processes
+through Composer's launcher, and lm-eval's command on an export."""
 
 from __future__ import annotations
 
@@ -143,3 +143,71 @@ def test_sft_fine_tunes_a_release_style_bf16_folder_in_fp32_masters(tmp_path):
     exported = json.loads((tmp_path / "sft" / "hf" / "final" / "config.json").read_text())
     assert exported["model_type"] == "llada" and exported["num_experts"] == 4
     trainer.close()
+
+
+@pytest.mark.slow  # about 40 s: lm-eval's start-up in a subprocess
+def test_lm_eval_command_on_a_tiny_moe_export(tmp_path):
+    """``composer-dlm-eval`` (the installed lm-eval entry) on a LLaDA-MoE export, in a subprocess, on the shipped
+    quickstart task: the results file holds the task's accuracy over the samples, and every score in the samples
+    file is ``mc_log_likelihood`` of the same request on the same model with the documented seed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import zlib
+
+    from composer_dlm.likelihood import mc_log_likelihood
+
+    command = Path(sys.executable).parent / "composer-dlm-eval"
+    if not command.is_file():
+        pytest.skip("composer-dlm-eval is not installed (pip install -e '.[eval]')")
+    tokenizer = load_tokenizer("embedded")
+    config = load_config(TINY_MOE, []).model.config
+    assert config is not None
+    fields = config.to_dict() | {
+        "mask_token_id": mask_token_id(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    LLaDAMoEModel.from_config(fields, seed=4).save_pretrained(tmp_path / "moe", tokenizer=tokenizer)
+
+    model_args = f"pretrained={tmp_path / 'moe'},mc_num=4,batch_size=4,seed=3,device=cpu"
+    args = ["--model", "composer_dlm", "--include_path", "yamls/lm_eval", "--tasks", "quickstart_capitals"]
+    args += [
+        "--model_args",
+        model_args,
+        "--limit",
+        "3",
+        "--log_samples",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
+    env = os.environ | {"HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    (results_file,) = (tmp_path / "out").glob("*/results_*.json")
+    results = json.loads(results_file.read_text())
+    (samples_file,) = (tmp_path / "out").glob("*/samples_quickstart_capitals_*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert len(samples) == 3 and results["n-samples"]["quickstart_capitals"]["effective"] == 3
+    model = from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
+    assert isinstance(model, LLaDAMoEModel)
+    right = 0
+    for sample in samples:
+        scores = []
+        for i, resp in enumerate(sample["filtered_resps"]):
+            context, continuation = (sample["arguments"][f"gen_args_{i}"][f"arg_{j}"] for j in (0, 1))
+            ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (context, continuation)]
+            seed = torch.Generator().manual_seed(3 * 1_000_003 + zlib.crc32(context.encode()))
+            expected = mc_log_likelihood(
+                model,
+                *ids,
+                mask_token_id=mask_token_id(tokenizer),
+                num_samples=4,
+                batch_size=4,
+                generator=seed,
+            )
+            assert float(resp[0]) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+            scores.append(expected)
+        right += max(range(len(scores)), key=scores.__getitem__) == int(sample["target"])
+    assert results["results"]["quickstart_capitals"]["acc,none"] == pytest.approx(right / 3)
