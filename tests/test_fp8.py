@@ -273,3 +273,26 @@ def test_llada_moe_conversion_covers_attention_and_shared_expert_not_router_or_e
     with torch.no_grad():
         got, want = model(ids), reference(ids)
     assert 1e-4 < _rel(got, want) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_FP8, reason="needs a GPU with FP8 tensor cores")
+def test_llada_moe_fp8_forward_and_backward_close_to_bf16():
+    """LLaDA-MoE with FP8 attention / shared-expert / dense-MLP products under bf16 autocast, against the same model
+    in bf16: the output within FP8's error, every parameter's gradient finite."""
+    from composer_dlm.models.llada_moe import LLaDAMoEModel
+
+    shape = dict(
+        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=512, num_experts=8,
+        num_experts_per_tok=2, expert_intermediate_size=128, shared_expert_intermediate_size=128,
+        dense_intermediate_size=256, moe_layer_freq=[0, 1], mask_token_id=511,
+    )  # fmt: skip
+    reference = LLaDAMoEModel.from_config(shape, seed=0).cuda()
+    model = copy.deepcopy(reference)
+    assert convert_to_fp8(model, "rowwise") == 2 * 4 + 3 + 3
+    ids = torch.randint(0, 511, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, want = model(ids).float(), reference(ids).float()
+    assert _rel(got, want) < 0.1
+    got.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -146,3 +146,30 @@ def test_lora_run_trains_adapters_only_and_both_exports_give_its_logits(tmp_path
     )
     with pytest.raises(ConfigError, match="model.lora: target_modules: .attn_out. not LLaDAMoE layer name"):
         builders.build_model(bad, load_tokenizer(bad.tokenizer.name))
+
+
+@pytest.mark.gpu
+def test_lora_on_grouped_experts_in_bf16_autocast_on_the_gpu():
+    """On CUDA (torch's grouped GEMM where the torch has it) under bf16 autocast: the adapted model's logits match
+    those of the merged weights (``merge_adapters``) within bf16's error; every adapter gets a finite, non-zero
+    gradient and the frozen base none."""
+    shape = TINY | {"hidden_size": 64, "expert_intermediate_size": 32, "shared_expert_intermediate_size": 32}
+    model = LLaDAMoEModel.from_config(shape, seed=0).cuda()
+    cfg = LoRAConfig(r=4, alpha=8)
+    apply_lora(model, cfg, base_dtype=torch.bfloat16, seed=1)
+    _randomise_adapters(model, seed=2)
+    merged = LLaDAMoEModel(model.config).cuda()
+    merged.load_state_dict(merge_adapters(model.state_dict(), cfg, wrapped_parameters(model)))
+    ids = torch.randint(0, 62, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    probe = torch.randn(4, 256, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours, want = model(ids).float(), merged(ids).float()
+    assert ((ours - want).norm() / want.norm()).item() < 2e-2
+    (ours * probe).sum().backward()
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            assert (
+                param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0
+            ), name
+        else:
+            assert param.grad is None, name
