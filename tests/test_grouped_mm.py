@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from composer_dlm.benchmarks.moe import routed_groups
 from kernels.grouped_mm import GROUP_ALIGN, grouped_mm, grouped_mm_reference
 
 triton_kernels = pytest.importorskip("kernels.grouped_mm_triton")
@@ -137,13 +138,10 @@ def test_dispatch_checks_shapes_and_takes_the_reference_on_cpu() -> None:
 def routed_inputs(
     tokens: int, top_k: int, num_experts: int, k: int, n: int, dtype: torch.dtype, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (rows, K) of tokens * top_k random routed pairs grouped by expert, padded to GROUP_ALIGN inside the
-    static buffer size tokens * top_k + E * GROUP_ALIGN as the MoE layer lays them out; w (E, N, K); ends."""
+    """x (rows, K) for tokens * top_k randomly routed pairs laid out as the MoE layer lays them out (groups
+    padded to GROUP_ALIGN inside a static buffer), w (E, N, K), ends (E,), on the GPU."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    scores = torch.rand(tokens, num_experts, device="cuda", generator=gen)
-    counts = torch.bincount(scores.topk(top_k, dim=1).indices.flatten(), minlength=num_experts)
-    rows = tokens * top_k + num_experts * GROUP_ALIGN
-    ends = ((counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN).cumsum(0)
+    ends, rows = routed_groups(tokens, top_k, num_experts, gen)
     x = torch.randn(rows, k, device="cuda", generator=gen, dtype=dtype)
     w = (torch.randn(num_experts, n, k, device="cuda", generator=gen) / k**0.5).to(dtype)
     return x, w, ends
