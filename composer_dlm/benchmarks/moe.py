@@ -164,18 +164,11 @@ def _median_ms(f: Callable[[], object], reps: int, warmup: int = 2) -> float:
 
 
 # Tile sizes tried for each Triton kernel besides its default (BM, BN, BK, warps, stages).
-PRODUCT_ALTERNATIVES = [
-    (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (128, 128, 32, 8, 5),
-]
+PRODUCT_ALTERNATIVES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 8, 5)]
 WEIGHT_GRAD_ALTERNATIVES = [
     (32, 128, 128, 8, 4),
     (64, 128, 64, 8, 4),
     (128, 128, 128, 8, 2),
-    (64, 64, 128, 4, 4),
     (64, 256, 128, 8, 3),
 ]
 
