@@ -110,42 +110,43 @@ def _grouped_mm_kernel(
     tiles = tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M)
     tile_ends = tl.cumsum(tiles, 0)
     expert = tl.sum((tile_ends <= tile).to(tl.int32), 0)
-    if expert < E:
-        this = e_offs == expert
-        group_end = tl.sum(tl.where(this, ends, 0), 0)
-        first_row = tl.sum(tl.where(this, starts + (tile - tile_ends + tiles) * BLOCK_M, 0), 0)
-        rows = first_row + tl.arange(0, BLOCK_M)
-        row_ok = rows < group_end
-        rows64 = rows.to(tl.int64)
-        w_base = w_ptr + expert.to(tl.int64) * stride_we
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            a = tl.load(
-                x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                mask=k_ok[:, None] & (cols[None, :] < N),
-                other=0.0,
-            )
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-        out = acc.to(y_ptr.dtype.element_ty)
-    else:  # a spare program: the (tile - total)-th block of the rows past the last group gets zeros
-        rows = tl.max(ends, 0) + (tile - tl.max(tile_ends, 0)) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        rows64 = rows.to(tl.int64)
-        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty)
+    # A spare program (expert == E) takes the (tile - total)-th block of the rows past the last group, with an
+    # empty reduction: it writes zeros there. No branch: one code path for the pipelined loop.
+    real = expert < E
+    this = e_offs == expert
+    group_end = tl.where(real, tl.sum(tl.where(this, ends, 0), 0), M)
+    first_row = tl.where(
+        real,
+        tl.sum(tl.where(this, starts + (tile - tile_ends + tiles) * BLOCK_M, 0), 0),
+        tl.max(ends, 0) + (tile - tl.max(tile_ends, 0)) * BLOCK_M,
+    )
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < group_end
+    rows64 = rows.to(tl.int64)
+    col_ok = cols < N
+    w_base = w_ptr + tl.minimum(expert, E - 1).to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.where(real, K, 0), BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(
+            x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
     tl.store(
         y_ptr + rows64[:, None] * stride_ym + cols[None, :] * stride_yn,
-        out,
-        mask=row_ok[:, None] & (cols[None, :] < N),
+        acc.to(y_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
     )
 
 

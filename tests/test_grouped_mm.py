@@ -80,20 +80,29 @@ def test_forward_and_gradients_match_both_references(sizes: list[int], align: in
             assert not dw[e].any()  # an empty group: zero gradient, exactly
 
 
-def test_rows_past_the_last_group_are_not_read() -> None:
+def test_rows_past_the_last_group_are_not_read_and_come_out_zero() -> None:
+    """NaN in the padding rows past the last group (inputs and d(y)) reaches no result, and those rows of y
+    and d(x) are written as zeros. Deterministic mode fills new empty tensors with NaN, so an output row the
+    kernel left unwritten would show."""
     x, w, ends = make_inputs([20, 0, 45, 33], GROUP_ALIGN, 180)
-    x[int(ends[-1]) :] = float("nan")
+    used = int(ends[-1])
+    x[used:] = float("nan")
     probe = torch.randn(180, 48)
-    probe[int(ends[-1]) :] = float("nan")  # d(y) of the padding rows: don't-care, never read for d(w)
-    y = triton_kernels.grouped_mm_forward(x, w, ends)
-    dw = triton_kernels.grouped_mm_weight_grad(probe, x, ends)
-    dx = triton_kernels.grouped_mm_forward(probe, w.transpose(1, 2), ends)
-    clean = int(ends[-1])
-    assert torch.isfinite(y).all() and torch.isfinite(dw).all() and torch.isfinite(dx).all()
-    torch.testing.assert_close(y[:clean], gathered_product(x[:clean], w, ends))
-    expected_dw = torch.stack(
-        [probe[s:e].T @ x[s:e] for s, e in zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True)]
-    )
+    probe[used:] = float("nan")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.empty(4).isnan().all()  # the fill this test relies on
+        y = triton_kernels.grouped_mm_forward(x, w, ends)
+        dw = triton_kernels.grouped_mm_weight_grad(probe, x, ends)
+        dx = triton_kernels.grouped_mm_forward(probe, w.transpose(1, 2), ends)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert not y[used:].any() and not dx[used:].any()
+    torch.testing.assert_close(y[:used], gathered_product(x[:used], w, ends))
+    torch.testing.assert_close(dx[:used], gathered_product(probe[:used], w.transpose(1, 2), ends))
+    starts = [0, *ends[:-1].tolist()]
+    expected_dw = torch.stack([probe[s:e].T @ x[s:e] for s, e in zip(starts, ends.tolist(), strict=True)])
     torch.testing.assert_close(dw, expected_dw)
 
 
