@@ -8,6 +8,9 @@ LLaDA-MoE-7B-A1B's expert shape, that nothing waits for the host, and torch.comp
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -196,8 +199,9 @@ def test_bf16_at_the_release_expert_shape(shape: str, monkeypatch: pytest.Monkey
     for got, exact in ((y[:used], y_exact), (xr.grad[:used], dx_exact), (wr.grad, dw_exact)):
         assert got.dtype == torch.bfloat16
         assert_within_one_rounding(got, exact, torch.bfloat16)
-    y_loop = grouped_mm_reference(x, w, ends)
-    assert_within_one_rounding(y_loop[:used], y_exact, torch.bfloat16)  # the tolerance holds the loop too
+    # Against the loop over experts (cuBLAS, bf16 output): two roundings apart at most, with room for cuBLAS's
+    # reduced-precision bf16 reductions (torch allows them by default).
+    torch.testing.assert_close(y, grouped_mm_reference(x, w, ends), rtol=2**-6, atol=1e-2)
     assert not y[used:].any()
 
 
@@ -214,15 +218,41 @@ def test_float32_on_the_gpu_is_ieee() -> None:
         torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-4)  # TF32 would miss by ~1e-3
 
 
+def run_without_host_sync(step: Callable[[], object]) -> None:
+    """``step`` once to compile and warm up, then again under CUDA's sync debug mode "error", where any call that
+    waits for the device (``.item()``, ``.tolist()``, a device-to-host copy) raises."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.gpu
-def test_triton_path_and_moe_dispatch_never_wait_for_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under CUDA's sync debug mode "error" any synchronising call raises: the forced torch-2.7 path runs the
-    grouped GEMMs forward and backward, and the whole MoE layer (routing, dispatch, experts) runs, without one.
-    The loop reference raises there (the check can fail)."""
+def test_triton_path_never_waits_for_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forced torch-2.7 path runs the grouped GEMM forward and backward without a host sync; the loop
+    reference fails the same check (so the check can fail)."""
+    monkeypatch.setenv("COMPOSER_DLM_FORCE_TORCH27", "1")
+    x, w, ends = routed_inputs(1024, 8, 16, 256, 128, torch.bfloat16)
+
+    def step(fn: Callable[..., torch.Tensor] = grouped_mm) -> None:
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        fn(xr, wr, ends).float().sum().backward()
+
+    run_without_host_sync(step)
+    with pytest.raises(RuntimeError, match="synchroniz"):
+        run_without_host_sync(functools.partial(step, grouped_mm_reference))
+
+
+@pytest.mark.gpu
+def test_moe_layer_never_waits_for_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole MoE layer on the forced torch-2.7 path (routing, dispatch to the padded groups, grouped
+    experts, combine), forward and backward under bf16 autocast, without a host sync."""
     from composer_dlm.models.llada_moe import LLaDAMoEConfig, SparseMoE
 
     monkeypatch.setenv("COMPOSER_DLM_FORCE_TORCH27", "1")
-    x, w, ends = routed_inputs(1024, 8, 16, 256, 128, torch.bfloat16)
     config = LLaDAMoEConfig(
         hidden_size=256,
         num_hidden_layers=1,
@@ -237,22 +267,13 @@ def test_triton_path_and_moe_dispatch_never_wait_for_the_host(monkeypatch: pytes
         torch.nn.init.normal_(p, std=0.02)
     h = torch.randn(2, 64, 256, device="cuda", requires_grad=True)
 
-    def run() -> None:
-        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        grouped_mm(xr, wr, ends).sum().backward()
+    def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out, stats = moe(h)
         (out.float().square().sum() + stats.sum()).backward()
 
-    run()  # compile the kernels and warm the allocator first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()
-        with pytest.raises(RuntimeError, match="synchroniz"):
-            grouped_mm_reference(x, w, ends)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    run_without_host_sync(step)
+    assert h.grad is not None and moe.experts.down_proj.grad is not None
 
 
 @pytest.mark.gpu
@@ -285,4 +306,5 @@ def test_inductor_compiles_the_experts_without_a_graph_break() -> None:
         out.float().square().sum().backward()
         results.append((out, xr.grad, w1.grad, w2.grad))
     for eager, comp in zip(*results, strict=True):
-        torch.testing.assert_close(comp, eager, rtol=2**-7, atol=1e-2)
+        # the compiled silu may skip a bf16 rounding of eager's: a few roundings apart
+        torch.testing.assert_close(comp, eager, rtol=2**-6, atol=2e-2)
