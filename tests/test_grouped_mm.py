@@ -110,12 +110,18 @@ def test_rows_past_the_last_group_are_not_read_and_come_out_zero() -> None:
 
 
 def test_strided_operands() -> None:
-    """Non-contiguous x and w (a column slice, a transposed weight) are read through their strides."""
+    """Non-contiguous x and w (a column slice, a transposed weight) and d(y) (``sum()``'s expanded gradient,
+    stride 0) are read through their strides."""
     x, w, ends = make_inputs([20, 0, 45, 33], GROUP_ALIGN, 180, k=40, n=48)
-    x_view = torch.cat([x, torch.randn(180, 8)], dim=1)[:, :40]
-    w_view = w.transpose(1, 2).contiguous().transpose(1, 2)
-    y = triton_kernels.grouped_mm_forward(x_view, w_view, ends)
+    x_view = torch.cat([x, torch.randn(180, 8)], dim=1)[:, :40].requires_grad_()
+    w_view = w.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    y = triton_kernels.grouped_mm(x_view, w_view, ends)
     torch.testing.assert_close(y, gathered_product(x, w, ends))
+    dx, dw = torch.autograd.grad(y.sum(), [x_view, w_view])
+    x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    dx_gather, dw_gather = torch.autograd.grad(gathered_product(x2, w2, ends).sum(), [x2, w2])
+    torch.testing.assert_close(dx, dx_gather)
+    torch.testing.assert_close(dw, dw_gather)
 
 
 def test_compiles_into_one_graph_with_its_backward() -> None:
