@@ -35,7 +35,7 @@ def padded_ends(sizes: list[int], align: int) -> torch.Tensor:
 
 
 # (group sizes, alignment, rows): uneven sizes, empty groups (first, middle, last, all), one-row groups padded
-# to GROUP_ALIGN, groups larger than a tile, unaligned sizes, and padding rows past the last group.
+# to GROUP_ALIGN, groups larger than a tile, unaligned sizes, padding rows past the last group, E not a power of 2.
 LAYOUTS = [
     ([20, 0, 45, 33], GROUP_ALIGN, 180),
     ([1, 1, 0, 1], GROUP_ALIGN, 64),
@@ -43,6 +43,7 @@ LAYOUTS = [
     ([0, 0, 0, 0], GROUP_ALIGN, 40),
     ([7, 33, 1, 50], 1, 100),
     ([64, 0, 0, 37], 1, 101),
+    ([3, 0, 17, 16, 40], GROUP_ALIGN, 150),  # E = 5: the kernel's expert vector has masked lanes
 ]
 
 
