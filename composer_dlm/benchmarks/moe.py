@@ -104,6 +104,16 @@ def _set_experts(model: LLaDAMoEModel, cls: type[SparseMoE]) -> None:
             module.__class__ = cls
 
 
+def _compile_blocks(model: LLaDAMoEModel, compiled: bool) -> None:
+    """Each block compiled afresh (as ``model.compile_blocks`` does in a run), or back to eager."""
+    torch.compiler.reset()
+    for block in model.blocks:
+        if compiled:
+            block.compile()
+        else:
+            block._compiled_call_impl = None  # what nn.Module.compile() set
+
+
 def time_steps(
     objective: ComposerLLaDA,
     optimizer: torch.optim.Optimizer,
@@ -294,6 +304,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reference-steps", type=int, default=4)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time ours with each block compiled (model.compile_blocks)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     p.add_argument(
         "--grouped-gemm", action="store_true", help="time only the experts' grouped GEMMs (see above)"
@@ -342,12 +357,15 @@ def main(argv: list[str]) -> None:
     flops_per_token = config.training_flops(1, args.seq_len) / args.seq_len
     check = same_batch_losses(objective, batches(1, 1)[0])
     results: list[dict[str, Any]] = []
-    runs = [("ours", SparseMoE, mb, args.steps, False) for mb in args.micro_batches]
+    branches = [False]
     if hasattr(torch, "_grouped_mm") and not forced_torch27():  # and as the pinned torch runs it
-        runs += [
-            ("ours, torch-2.7 branches (Triton grouped GEMM)", SparseMoE, mb, args.steps, True)
-            for mb in args.micro_batches
-        ]
+        branches.append(True)
+    runs = [
+        ("ours", SparseMoE, mb, args.steps, torch27, compiled)
+        for compiled in ([False, True] if args.compile else [False])
+        for torch27 in branches
+        for mb in args.micro_batches
+    ]
     runs.append(
         (
             "reference (dLLM's loop over experts)",
@@ -355,14 +373,21 @@ def main(argv: list[str]) -> None:
             args.reference_micro_batch,
             args.reference_steps,
             False,
+            False,
         )
     )
-    for path, cls, micro_batch, steps, torch27 in runs:
+    for path, cls, micro_batch, steps, torch27, compiled in runs:
         _set_experts(model, cls)
+        _compile_blocks(model, compiled)
+        if path == "ours":
+            path += (", torch-2.7 branches (Triton grouped GEMM)" if torch27 else "") + (
+                ", compiled blocks" if compiled else ""
+            )
         row: dict[str, Any] = {
             "path": path,
             "micro_batch": micro_batch,
             "torch27_branches": torch27 or forced_torch27(),
+            "compiled": compiled,
         }
         try:
             with _branch("torch27") if torch27 else contextlib.nullcontext():
