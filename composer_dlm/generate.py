@@ -308,8 +308,10 @@ class FastMode:
 class Selection:
     """Which still-masked candidates a step commits: the ``k`` most confident; or (parallel decoding) every one
     whose confidence reaches ``threshold``; or, with ``factor`` f, the n most confident where n is the largest
-    count whose sorted confidences c_1 >= c_2 >= ... satisfy ``c_i >= 1 - f / (i + 1)`` for every i <= n. The
-    parallel rules always commit the most confident candidate of a row that has any."""
+    count whose sorted confidences c_1 >= c_2 >= ... satisfy ``c_i >= 1 - f / (i + 1)`` for every i <= n, except
+    that n = N - 1 of a row's N candidates becomes N (Fast-dLLM's factor rule does so: it commits the least
+    confident candidate too when that one alone fails; so a row with two candidates commits both). The parallel rules
+    always commit the most confident candidate of a row that has any."""
 
     k: int | None = None
     threshold: float | None = None
@@ -332,6 +334,9 @@ class Selection:
             passes = sorted_BW >= 1 - self.factor / (rank + 1)
             passes[:, 0] = True
             n_B1 = passes.long().cumprod(-1).sum(-1, keepdim=True)
+            # Fast-dLLM's rule: when the first to fail is the least confident candidate, it is committed too.
+            count_B1 = candidate.sum(-1, keepdim=True)
+            n_B1 = torch.where(n_B1 == count_B1 - 1, count_B1, n_B1)
             ranks_BW = torch.empty_like(order_BW).scatter_(
                 1,
                 order_BW,

@@ -101,6 +101,13 @@ def test_parallel_rules_by_hand():
         [False] * 5,
         [True, False, False, False, False],
     ]
+    # Fast-dLLM's factor rule commits the least confident candidate too when it alone fails: 0.9 >= 0.5 (first),
+    # 0.8 >= 0.667, 0.1 < 0.75 is the last of three -> all three; of two, 0.1 < 0.667 -> both.
+    last = torch.tensor([[0.9, inf, 0.8, 0.1], [inf, 0.1, 0.3, inf]])
+    assert Selection(factor=1.0).mask(last).tolist() == [
+        [True, False, True, True],
+        [False, True, True, False],
+    ]
 
 
 def test_threshold_commits_several_tokens_per_step():
