@@ -722,13 +722,18 @@ class _Graphs:
             return
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             step()
+            # Captured as torch.cuda.graph does, less its device synchronisation, gc.collect() and empty_cache(),
+            # which would cost every capture (one per block in fast mode) milliseconds to tens of them.
+            # thread_local: CUDA work of other threads (a data loader's pin-memory thread) must not break the capture.
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                step()
+            finally:
+                graph.capture_end()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA work of other threads (a data loader's pin-memory thread) must not break the capture.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            step()
         self.pool = graph.pool()
         self.graphs[key] = graph
 
