@@ -44,8 +44,10 @@ LLaDA's earlier version), so in bf16 its ties may be broken differently from Fas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Hashable, Sequence
 from typing import Literal
 
 import torch
@@ -306,8 +308,10 @@ class FastMode:
 class Selection:
     """Which still-masked candidates a step commits: the ``k`` most confident; or (parallel decoding) every one
     whose confidence reaches ``threshold``; or, with ``factor`` f, the n most confident where n is the largest
-    count whose sorted confidences c_1 >= c_2 >= ... satisfy ``c_i >= 1 - f / (i + 1)`` for every i <= n. The
-    parallel rules always commit the most confident candidate of a row that has any."""
+    count whose sorted confidences c_1 >= c_2 >= ... satisfy ``c_i >= 1 - f / (i + 1)`` for every i <= n, except
+    that n = N - 1 of a row's N candidates becomes N (Fast-dLLM's factor rule does so: it commits the least
+    confident candidate too when that one alone fails; so a row with two candidates commits both). The parallel rules
+    always commit the most confident candidate of a row that has any."""
 
     k: int | None = None
     threshold: float | None = None
@@ -330,6 +334,9 @@ class Selection:
             passes = sorted_BW >= 1 - self.factor / (rank + 1)
             passes[:, 0] = True
             n_B1 = passes.long().cumprod(-1).sum(-1, keepdim=True)
+            # Fast-dLLM's rule: when the first to fail is the least confident candidate, it is committed too.
+            count_B1 = candidate.sum(-1, keepdim=True)
+            n_B1 = torch.where(n_B1 == count_B1 - 1, count_B1, n_B1)
             ranks_BW = torch.empty_like(order_BW).scatter_(
                 1,
                 order_BW,
@@ -492,7 +499,8 @@ def generate(
             :class:`LLaDAModel` on CUDA (as for ``cuda_graph``); ``False`` for checking.
 
         fast: opt-in fast mode (:class:`FastMode`): Fast-dLLM's block-level KV cache and/or parallel decoding.
-            None (the default) is exact mode. Fast mode runs eagerly (no CUDA graph, no fused forward).
+            None (the default) is exact mode. ``fused`` applies to every forward of fast mode; ``cuda_graph`` to
+            the cached steps (see :class:`_FastSampler`), the full forwards running eagerly.
 
     Steps that commit nothing (more steps per block than block_length) are skipped: they would change nothing.
     """
@@ -501,8 +509,6 @@ def generate(
             f"fast mode's cache needs a LLaDAModel (its forward_cached), not {type(model).__name__}; LLaDA-MoE has "
             "no KV-cached forward yet: leave the cache unset (threshold/factor decoding works without it)"
         )
-    if fast is not None and (cuda_graph or fused):
-        raise ValueError("fast mode runs eagerly: leave cuda_graph and fused unset")
     squeeze = prompt_ids.dim() == 1
     if squeeze:
         prompt_ids = prompt_ids.unsqueeze(0)
@@ -529,7 +535,7 @@ def generate(
         )
     plain_cuda = fused_by_default(model, device)
     use_graph = (deterministic and plain_cuda) if cuda_graph is None else cuda_graph
-    if fused and not plain_cuda:
+    if fused and not (plain_cuda or (_graph_safe(model) and os.environ.get("TRITON_INTERPRET") == "1")):
         raise ValueError("fused=True needs a plain LLaDAModel on CUDA (not FSDP-sharded, no autocast)")
     use_fused = plain_cuda if fused is None else fused
     if generator is not None and generator.device.type != device.type:
@@ -545,7 +551,8 @@ def generate(
 
     rule = _Rule(mask_token_id, temperature, cfg_scale, remasking, eos_token_id, min_new_tokens, generator)
     if fast is not None:
-        _FastSampler(model, x, full_mask, plan, rule, fast).run(on_step)
+        cached_graphs = _Graphs(device) if use_graph and fast.cache is not None else None
+        _FastSampler(model, x, full_mask, plan, rule, fast, use_fused, cached_graphs).run(on_step)
         return x[0] if squeeze else x
     fused_options: FusedInference | bool = False
     if use_fused:
@@ -581,10 +588,16 @@ class _FastSampler:
     """Fast mode: Fast-dLLM's block-level KV cache and/or confidence-threshold (or factor) parallel decoding.
 
     Per block: step 0 (and every ``refresh_every``-th step) is a full forward over the whole sequence, whose
-    candidates are the masked positions up to the block's end, as in exact mode; with ``cache`` it also fills the
-    key/value cache. Later steps recompute, from the cache, the block and the suffix (``"prefix"``) or the block
-    alone (``"dual"``); their candidates are the block's masked positions. Without ``selection`` each step commits
-    the exact schedule's count; with it, the parallel rule, and the block ends when no row has a mask left in it.
+    candidates are the masked positions up to the block's end, as in exact mode; with ``cache`` it also refills the
+    key/value cache (allocated once, refilled in place). Later steps recompute, from the cache, the block and the
+    suffix (``"prefix"``) or the block alone (``"dual"``); their candidates are the block's masked positions.
+    Without ``selection`` each step commits the exact schedule's count; with it, the parallel rule, and the block
+    ends when no row has a mask left in it.
+
+    ``fused``: the model's fused forward (:meth:`LLaDAModel.forward_cached`). ``graphs``: the cached steps (forward,
+    prediction and commit, all on the device) are replayed from CUDA graphs, one per block and selection rule,
+    captured at the block's first cached step; the refreshes run eagerly. The parallel rules are masks on the
+    device, so a graph serves every step of a block whatever it commits; only the end-of-block check reads the host.
     """
 
     model: nn.Module
@@ -593,6 +606,8 @@ class _FastSampler:
     plan: BlockPlan
     rule: _Rule
     fast: FastMode
+    fused: bool = False
+    graphs: _Graphs | None = None
 
     def run(self, on_step: StepCallback | None) -> None:
         plan, x, prompt_length = self.plan, self.x, self.plan.prompt_length
@@ -601,8 +616,10 @@ class _FastSampler:
         max_steps = plan.block_length if parallel is not None else plan.steps_per_block
         step_index = 0
         kv: KVCache | None = None
+        length = x.shape[1]
         for block in range(plan.num_blocks):
             start, end = plan.block_bounds(block)
+            block_cols = torch.arange(start, end, device=x.device)  # read by this block's graph
             for step in range(max_steps):
                 if parallel is None and counts[step] == 0:
                     step_index += 1
@@ -615,34 +632,49 @@ class _FastSampler:
                 )
                 if refresh:
                     cols = torch.arange(prompt_length, end, device=x.device)
-                    window = (0, x.shape[1])
                     if cache is None:
                         logits = guided_logits(
                             self.model, x, self.attention_mask, cols, prompt_length=prompt_length,
                             mask_token_id=self.rule.mask_token_id, cfg_scale=self.rule.cfg_scale,
+                            fused=self.fused,
                         )  # fmt: skip
+                        self._commit(logits, cols, (0, length), selection)
                     else:
-                        assert isinstance(self.model, LLaDAModel)
-                        kv = self.model.new_cache(self._guided_input(x), self._guided_mask())
-                        logits = self._cached_logits(kv, 0, x.shape[1], cols)
+                        if kv is None:
+                            assert isinstance(self.model, LLaDAModel)
+                            kv = self.model.new_cache(self._guided_input(x), self._guided_mask())
+                        self._cached_step(kv, 0, length, cols, selection)
                 else:
                     assert kv is not None
-                    cols = torch.arange(start, end, device=x.device)
-                    stop = end if cache == "dual" else x.shape[1]
-                    window = (start, stop)
-                    logits = self._cached_logits(kv, start, stop, cols)
-                logits = forbid_early_eos(
-                    logits, cols, prompt_length, self.rule.eos_token_id, self.rule.min_new_tokens
-                )
-                x0_BR, conf_BR = predict_tokens(
-                    logits, self.rule.temperature, self.rule.remasking, self.rule.generator
-                )
-                commit(x, cols, x0_BR, conf_BR, window, self.rule.mask_token_id, selection)
+                    stop = end if cache == "dual" else length
+                    run = functools.partial(self._cached_step, kv, start, stop, block_cols, selection)
+                    if self.graphs is None:
+                        run()
+                    else:
+                        self.graphs.run((start, stop, selection), run)
                 if on_step is not None:
                     on_step(step_index, x)
                 step_index += 1
                 if parallel is not None and not bool((x[:, start:end] == self.rule.mask_token_id).any()):
                     break
+
+    def _cached_step(
+        self, kv: KVCache, start: int, stop: int, cols: torch.Tensor, selection: Selection
+    ) -> None:
+        """One step from the cache: recompute the columns ``[start, stop)``, commit among the candidates ``cols``
+        (selecting over that window, as Fast-dLLM's ``topk`` runs over the part it recomputes)."""
+        self._commit(self._cached_logits(kv, start, stop, cols), cols, (start, stop), selection)
+
+    def _commit(
+        self, logits_BRV: torch.Tensor, cols: torch.Tensor, window: tuple[int, int], selection: Selection
+    ) -> None:
+        logits_BRV = forbid_early_eos(
+            logits_BRV, cols, self.plan.prompt_length, self.rule.eos_token_id, self.rule.min_new_tokens
+        )
+        x0_BR, conf_BR = predict_tokens(
+            logits_BRV, self.rule.temperature, self.rule.remasking, self.rule.generator
+        )
+        commit(self.x, cols, x0_BR, conf_BR, window, self.rule.mask_token_id, selection)
 
     def _guided_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x``, followed under guidance by its unconditional copy (prompt replaced by mask tokens)."""
@@ -666,48 +698,67 @@ class _FastSampler:
             return F.linear(hidden_BSH.index_select(1, rows), weight_VH)
 
         ids = self._guided_input(self.x)[:, start:stop]
-        logits_BRV = self.model.forward_cached(ids, kv, start, head=head)
+        logits_BRV = self.model.forward_cached(ids, kv, start, head=head, fused=self.fused)
         if self.rule.cfg_scale > 0:
             cond, uncond = logits_BRV.chunk(2)
             logits_BRV = guide(cond, uncond, self.rule.cfg_scale)
         return logits_BRV
 
 
+class _Graphs:
+    """Replays steps from CUDA graphs, one per key, all in one memory pool.
+
+    The first call with a key runs the step eagerly on a side stream (warming up cuBLAS and the allocator, and
+    doing the step's real work); that step is then captured, and later calls with the key replay it. A step must
+    read and write only tensors that outlive its graph (static buffers), and must not synchronise with the host.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self.pool: tuple[int, int] | None = None
+
+    def run(self, key: Hashable, step: Callable[[], None]) -> None:
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            step()
+            # Captured as torch.cuda.graph does, less its device synchronisation, gc.collect() and empty_cache(),
+            # which would cost every capture (one per block in fast mode) milliseconds to tens of them.
+            # thread_local: CUDA work of other threads (a data loader's pin-memory thread) must not break the capture.
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                step()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.pool = graph.pool()
+        self.graphs[key] = graph
+
+
 class _GraphSteps:
-    """Replays the denoising step from CUDA graphs, one per distinct ``k`` (at most two per generation).
+    """Exact mode's steps from CUDA graphs (:class:`_Graphs`), one per distinct ``k`` (at most two per generation).
 
     The graphs read the candidate columns from a static buffer (:meth:`set_columns`, once per block), so one
-    graph serves every block. The first step with a given ``k`` runs eagerly on a side stream (warming up cuBLAS
-    and the allocator, and doing the step's real work); that step is then captured, and later steps replay it.
+    graph serves every block.
     """
 
     def __init__(self, denoiser: _Denoiser, block_length: int, device: torch.device) -> None:
         self.denoiser = denoiser
         self.cols = torch.empty(block_length, dtype=torch.long, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool: tuple[int, int] | None = None
+        self.graphs = _Graphs(device)
 
     def set_columns(self, cols: torch.Tensor) -> None:
         assert cols.shape == self.cols.shape, "graph steps need block_length candidate columns"
         self.cols.copy_(cols)
 
     def run(self, k: int) -> None:
-        graph = self.graphs.get(k)
-        if graph is not None:
-            graph.replay()
-            return
-        device = self.cols.device
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            self.denoiser.step(self.cols, k)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA work of other threads (a data loader's pin-memory thread) must not break the capture.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            self.denoiser.step(self.cols, k)
-        self.pool = graph.pool()
-        self.graphs[k] = graph
+        self.graphs.run(k, functools.partial(self.denoiser.step, self.cols, k))
 
 
 def fused_by_default(model: nn.Module, device: torch.device) -> bool:

@@ -41,3 +41,7 @@ def test_benchmark_writes_measured_columns_only(tmp_path: Path) -> None:
         True,
     ]  # the cached ones approximate
     assert all(r["tokens_per_s"] > 0 for r in raw["results"])
+    # The identity check: LLaDA's sampler (here the transcription) on our plain forward = our exact sampler on it.
+    (identity,) = raw["identity"]
+    assert identity["steps"] == 4 and identity["llada_sampler_on_our_plain_forward_vs_ours_plain"] == 0
+    assert identity["ours_plain_vs_ours_default"] == 0

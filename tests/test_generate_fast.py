@@ -4,6 +4,7 @@ against exact mode, and batches with prompts of different lengths against their 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -100,6 +101,13 @@ def test_parallel_rules_by_hand():
         [False] * 5,
         [True, False, False, False, False],
     ]
+    # Fast-dLLM's factor rule commits the least confident candidate too when it alone fails: 0.9 >= 0.5 (first),
+    # 0.8 >= 0.667, 0.1 < 0.75 is the last of three -> all three; of two, 0.1 < 0.667 -> both.
+    last = torch.tensor([[0.9, inf, 0.8, 0.1], [inf, 0.1, 0.3, inf]])
+    assert Selection(factor=1.0).mask(last).tolist() == [
+        [True, False, True, True],
+        [False, True, True, False],
+    ]
 
 
 def test_threshold_commits_several_tokens_per_step():
@@ -118,6 +126,44 @@ def test_fast_mode_arguments():
         FastMode(cache="full")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threshold must lie in"):
         FastMode(threshold=1.5)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need Triton's interpreter")
+@pytest.mark.parametrize("mode", ["dual_threshold", "prefix_factor"])
+def test_fused_fast_mode_equals_plain_in_the_interpreter(mode):
+    """The fused forward in every fast mode (cached steps and refreshes), without CUDA graphs, in float32: the
+    same tokens as the plain forward (the kernels' transcendentals are not libdevice's here, so equal up to
+    rounding, which the tokens do not see on this model)."""
+    model = _model(torch.float32)
+    ids, attn = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13]], pad_id=0)
+    kw: dict[str, Any] = dict(
+        steps=8, gen_length=8, block_length=4, mask_token_id=MASK, attention_mask=attn, **MODES[mode]
+    )
+    plain = generate(model, ids, fused=False, **kw)
+    assert torch.equal(generate(model, ids, fused=True, **kw), plain)
+    assert (plain[:, -8:] != MASK).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["prefix", "dual", "dual_threshold", "prefix_factor"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_cuda_graph_cached_steps_equal_eager(mode, cfg_scale):
+    """The cached steps replayed from CUDA graphs (one per block) against the same steps run eagerly, in bf16,
+    with the fused forward and with the plain one: the same kernels, so bit for bit the same tokens (ties
+    included, which bf16 makes frequent on a random model)."""
+    model = _model(torch.bfloat16).cuda()
+    ids, attn = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13], [1, 2]], pad_id=0)
+    ids, attn = ids.cuda(), attn.cuda()
+    kw: dict[str, Any] = dict(
+        steps=16, gen_length=32, block_length=8, mask_token_id=MASK, attention_mask=attn, cfg_scale=cfg_scale,
+        **MODES[mode],
+    )  # fmt: skip
+    eager = generate(model, ids, cuda_graph=False, **kw)
+    assert torch.equal(generate(model, ids, **kw), eager)  # defaults on CUDA: fused, graphs
+    plain = generate(model, ids, cuda_graph=False, fused=False, **kw)
+    assert torch.equal(plain, eager)  # the fused kernels: bitwise the eager ops
+    assert torch.equal(generate(model, ids, cuda_graph=True, fused=False, **kw), plain)
+    assert (eager[:, -32:] != MASK).all()
 
 
 @pytest.mark.gpu

@@ -55,3 +55,18 @@ def test_fast_mode_returns_fast_dllm_tokens(case: str) -> None:
         fast=FastMode(cache=_FAST[spec["function"]], threshold=spec["threshold"]),
     )  # fmt: skip
     assert out.tolist() == spec["tokens"]
+
+
+@pytest.mark.parametrize("case", sorted(c for c in FIXTURE["fast_dllm_factor"] if c.endswith("float32")))
+def test_factor_rule_returns_fast_dllm_tokens(case: str) -> None:
+    """Fast mode's factor rule = Fast-dLLM's factor-based parallel decoding (a later version of its generate.py,
+    see the fixture's README) in float32: the same tokens in the same number of forwards."""
+    spec: dict[str, Any] = FIXTURE["fast_dllm_factor"][case]
+    steps: list[int] = []
+    out = generate(
+        _model("float32"), _prompts(1), steps=spec["steps"], gen_length=spec["gen_length"],
+        block_length=spec["block_length"], mask_token_id=MASK,
+        fast=FastMode(cache=_FAST[spec["function"]], factor=spec["factor"]), on_step=lambda i, x: steps.append(i),
+    )  # fmt: skip
+    assert out.tolist() == spec["tokens"]
+    assert len(steps) == spec["nfe"]

@@ -32,7 +32,7 @@ def load_package(name: str, folder: str | Path) -> types.ModuleType:
     folder = Path(folder)
     if not (folder / "generate.py").is_file():
         raise FileNotFoundError(f"{folder} has no generate.py: pass the folder holding the peer's sampler")
-    if importlib.util.find_spec("einops") is None and "einops" not in sys.modules:
+    if "einops" not in sys.modules and importlib.util.find_spec("einops") is None:
         stand_in = types.ModuleType("einops")
 
         def rearrange(*args: object, **kwargs: object) -> None:

@@ -18,6 +18,15 @@ sampler's CUDA-graph capture happens inside the timed call and is included. Outp
 token. Every figure in the table is measured in the run that prints it; ``--out PATH`` writes PATH.md and the
 raw figures with the environment as PATH.json. Needs only torch (no Composer), so it runs on a bare GPU box.
 At batch 1 the reference is launch-bound, so its speed (and the ratio) depends on the host CPU.
+
+Token identity on the GPU mixes two things: the sampler's logic and the model's rounding (our fused forward and
+LLaDA's modeling file round differently in bf16, and a random model's confidences are near ties). The identity
+check (``--identity-steps``, in the notes and under ``identity`` in the JSON) separates them: LLaDA's generate.py
+driving our model's plain forward (:class:`PlainForward`) against our exact sampler on that same forward (the same
+logits, so any difference is the sampler's), our plain forward against our default path (fused kernels, CUDA
+graphs), and both against LLaDA's code on its own modeling file. ``--profile`` adds one profiled call per sampler
+(one step per block, without CUDA graphs) as PATH_profile.txt, and its top ops to the JSON; the JSON's ``ours`` rows
+carry the matrix work of an exact step and the rate it ran at (``tflop_per_s``).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple, TypedDict, TypeVar
+from typing import Any, NamedTuple, TypedDict, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +51,7 @@ from torch import nn
 from composer_dlm.benchmarks import int_list, write_json
 from composer_dlm.benchmarks.peer import load_package, peer_model
 from composer_dlm.cli import ArgumentParser, fail
-from composer_dlm.generate import FastMode, generate
+from composer_dlm.generate import FastMode, HeadRows, generate
 from composer_dlm.models.architectures import AnyConfig, AnyModel, module_for
 from composer_dlm.models.llada import LLaDAConfig, LLaDAModel
 
@@ -228,6 +237,96 @@ def head_rows_exact(
     return torch.equal(full.index_select(1, cols), part)
 
 
+class PlainForward(nn.Module):
+    """Our model's plain forward (eager, unfused, every position projected) behind the interface that LLaDA's
+    generate.py calls: ``model(x, attention_mask=...).logits`` and ``model.device``."""
+
+    def __init__(self, model: LLaDAModel) -> None:
+        super().__init__()
+        self.inner = model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.inner.parameters()).device
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> types.SimpleNamespace:
+        return types.SimpleNamespace(logits=self.inner(input_ids, attention_mask=attention_mask))
+
+
+def identity_check(
+    peer: tuple[types.ModuleType, types.ModuleType, types.ModuleType] | None,
+    model: LLaDAModel,
+    prompts: torch.Tensor,
+    mask_id: int,
+    steps: int,
+    gen_length: int,
+    block_length: int,
+    reference_out: torch.Tensor,
+    head_rows: HeadRows,
+) -> dict[str, int]:
+    """Tokens that differ between pairs of samplers at ``steps``, separating the sampler's logic from the model's
+    numerics: LLaDA's generate.py (the transcription without ``peer``) driving our model's plain forward against
+    our exact sampler on that same plain forward (same logits: any difference is the sampler's); our plain run
+    against our default one (fused kernels, CUDA graphs); and each against ``reference_out``, LLaDA's code on its
+    own modeling file (there the forwards differ, and so may their roundings)."""
+    shape: dict[str, Any] = dict(steps=steps, gen_length=gen_length, block_length=block_length)
+    if peer is None:
+        llada_on_ours = reference_generate(model, prompts, mask_id=mask_id, **shape)
+    else:
+        llada_on_ours = peer[0].generate(PlainForward(model), prompts, mask_id=mask_id, **shape)
+    ours = functools.partial(
+        generate, model, prompts, mask_token_id=mask_id, steps=steps, gen_length=gen_length,
+        block_length=block_length,
+    )  # fmt: skip
+    ours_plain = ours(fused=False, cuda_graph=False, head_rows=head_rows)
+    ours_default = ours()
+
+    def differ(a: torch.Tensor, b: torch.Tensor) -> int:
+        return int((a != b).sum())
+
+    return {
+        "llada_sampler_on_our_plain_forward_vs_ours_plain": differ(llada_on_ours, ours_plain),
+        "ours_plain_vs_ours_default": differ(ours_plain, ours_default),
+        "llada_sampler_on_our_plain_forward_vs_llada_code": differ(llada_on_ours, reference_out),
+        "ours_default_vs_llada_code": differ(ours_default, reference_out),
+    }
+
+
+def exact_step_flop(config: LLaDAConfig, batch: int, length: int, rows: int) -> float:
+    """Matrix FLOPs of one exact-mode step as our sampler runs it: the trunk's products over every position, the
+    attention scores and their weighted sum, and the output projection of ``rows`` candidate rows per sequence."""
+    vocab = config.embedding_size
+    assert vocab is not None  # filled in by LLaDAConfig.__post_init__
+    trunk = config.num_params(include_embedding=False) - vocab * config.d_model
+    attention = 4 * config.n_layers * length * length * config.d_model
+    return batch * (2 * trunk * length + attention + 2 * vocab * config.d_model * rows)
+
+
+def profile(
+    fn: Callable[[], object], device: torch.device, rows: int = 25
+) -> tuple[str, list[dict[str, object]]]:
+    """``fn()`` under torch.profiler: its table of the ``rows`` ops with the most self device time (CPU time on the
+    CPU), and those rows as records."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    averages = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    top = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    records: list[dict[str, object]] = [
+        {"name": e.key, "calls": e.count, "self_device_ms": e.self_device_time_total / 1e3,
+         "self_cpu_ms": e.self_cpu_time_total / 1e3}
+        for e in top
+    ]  # fmt: skip
+    return averages.table(sort_by=key, row_limit=rows), records
+
+
 # --- main ---------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = ArgumentParser(prog="benchmark.py sampler", description=__doc__.split("\n\n")[0])
@@ -257,6 +356,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--repeats", type=int, default=1, help="timed calls per sampler (median and range reported)"
+    )
+    p.add_argument(
+        "--identity-steps",
+        type=int,
+        help="steps of the token-identity check that separates sampler logic from model numerics (default: the "
+        "first of --steps; 0: skip)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one call per sampler (one step per block, no CUDA graph) into PATH_profile.txt",
     )
     p.add_argument("--out", help="write PATH.md and PATH.json (default: $OUT/sampler when $OUT is set)")
     return p.parse_args(argv)
@@ -316,6 +426,10 @@ def main(argv: list[str]) -> None:
     reference_label = "LLaDA generate.py" if peer is not None else "reference (transcription)"
     vocab_ids = min(SHAPES[args.shape]["vocab_size"], mask_id) - 2
     common = dict(gen_length=args.gen_length, block_length=args.block_length)
+    length = args.prompt_length + args.gen_length
+    identity: list[dict[str, object]] = []
+    profiles: list[dict[str, object]] = []
+    profile_text: list[str] = []
     for batch in args.batch_sizes:
         prompts = torch.randint(
             0, vocab_ids, (batch, args.prompt_length), generator=torch.Generator().manual_seed(batch)
@@ -333,8 +447,11 @@ def main(argv: list[str]) -> None:
             ),
             "ours": _sampler(ours),
         }
+        # --profile: no CUDA graph, so that the profile shows every kernel
+        profiled = {reference_label: samplers[reference_label], "ours": _sampler(ours, cuda_graph=False)}
         for cache in args.fast_caches:
             samplers[f"ours, {cache} cache"] = _sampler(ours, fast=FastMode(cache=cache))
+            profiled[f"ours, {cache} cache"] = _sampler(ours, fast=FastMode(cache=cache), cuda_graph=False)
         extras: dict[str, Sampler] = {}
         if device.type == "cuda" and batch == 1:
             extras["ours, no CUDA graph"] = _sampler(ours, cuda_graph=False)
@@ -344,6 +461,7 @@ def main(argv: list[str]) -> None:
         warm_steps = args.gen_length // args.block_length  # one step per block
         for fn in [*samplers.values(), *extras.values()]:  # kernels, cuBLAS handles, allocator
             fn(warm_steps)
+        reference_outs: dict[int, torch.Tensor] = {}
         for steps in args.steps:
             runs = dict(samplers)
             if steps <= args.extras_max_steps:
@@ -363,8 +481,10 @@ def main(argv: list[str]) -> None:
                     continue
                 times = sorted(t for _, t in outs)
                 out, seconds = outs[0][0], statistics.median(times)
+                diff = 0
                 if ref_out is None:
                     ref_out, ref_s = out, seconds
+                    reference_outs[steps] = out
                     same, speedup = "-", "1.00x"
                 else:
                     diff = int((out != ref_out).sum())
@@ -375,21 +495,51 @@ def main(argv: list[str]) -> None:
                 emit(
                     f"| {batch} | {steps} | {label} | {seconds:.2f} | {spread} | {tok_s:.1f} | {speedup} | {same} |"
                 )
-                rows.append(
-                    {"batch": batch, "steps": steps, "sampler": label, "seconds": seconds, "seconds_all": times,
-                     "tokens_per_s": tok_s, "identical_to_reference": same in ("-", "yes"),
-                     "step_seconds": seconds / steps}
-                )  # fmt: skip
+                row: dict[str, object] = {
+                    "batch": batch, "steps": steps, "sampler": label, "seconds": seconds, "seconds_all": times,
+                    "tokens_per_s": tok_s, "identical_to_reference": same in ("-", "yes"),
+                    "tokens_differing_from_reference": diff, "step_seconds": seconds / steps,
+                }  # fmt: skip
+                if label == "ours":  # the matrix work of an exact step, and the rate it ran at
+                    flop = exact_step_flop(model.config, batch, length, args.block_length)
+                    row |= {"exact_step_tflop": flop / 1e12, "tflop_per_s": flop / 1e12 / (seconds / steps)}
+                rows.append(row)
+        if args.identity_steps != 0:
+            steps = args.steps[0] if args.identity_steps is None else args.identity_steps
+            ref = reference_outs.get(steps)
+            if ref is None:
+                ref = samplers[reference_label](steps)
+            counts = identity_check(
+                peer, model, prompts, mask_id, steps, args.gen_length, args.block_length, ref,
+                "candidates" if exact else "all",
+            )  # fmt: skip
+            identity.append({"batch": batch, "steps": steps, "tokens": batch * args.gen_length, **counts})
+            for what, n in counts.items():
+                emit(f"batch {batch}, steps {steps}: {what.replace('_', ' ')}: {n} tokens differ", True)
+        if args.profile:
+            for label, fn in profiled.items():
+                table, records = profile(functools.partial(fn, warm_steps), device)
+                profiles.append({"batch": batch, "steps": warm_steps, "sampler": label, "top": records})
+                profile_text.append(
+                    f"## batch {batch}, {label}, {warm_steps} steps (one per block)\n\n{table}\n"
+                )
 
     notes.append(f"total {time.perf_counter() - began:.0f}s")
     table = "\n".join(lines + [""] + notes)
     if out_base is not None and out_path is not None:
         out_path.write_text(table + "\n")
         options = {k: v for k, v in vars(args).items() if k != "out"}
-        write_json(
-            out_base.with_suffix(".json"),
-            {"benchmark": "sampler", "options": options, "results": rows, "notes": notes},
-        )
+        raw = {
+            "benchmark": "sampler",
+            "options": options,
+            "results": rows,
+            "identity": identity,
+            "notes": notes,
+        }
+        if args.profile:
+            raw["profiles"] = profiles
+            out_base.with_name(out_base.name + "_profile.txt").write_text("\n".join(profile_text))
+        write_json(out_base.with_suffix(".json"), raw)
     print("\n" + table, flush=True)
 
 

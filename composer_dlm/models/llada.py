@@ -304,20 +304,53 @@ class LLaDABlock(nn.Module):
         (:meth:`qkv_weight`) computes q, k and v in one product (not with ``positions_BR``, where q has fewer rows).
         """
         b, length, _ = x_BLH.shape
+        q_lin, k_lin, v_lin = self._fused_qkv(x_BLH, sq_BLH, qkv_weight, positions_BR)
+        q = _fused_rope(q_lin, self.n_heads, cos, sin, positions_BR)
+        k = _fused_rope(k_lin, self.n_kv_heads, cos, sin)
+        v = v_lin.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        attn = self.attn_out(attend(q, k, v, key_mask_B11L))
+        return self._fused_residual_mlp(select_positions(x_BLH, positions_BR), attn)
+
+    def forward_cached_fused(
+        self, x_BSH: torch.Tensor, sq_BSH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor,
+        key_mask_B11L: torch.Tensor | None, keys_BKLD: torch.Tensor, values_BKLD: torch.Tensor, start: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """:meth:`forward_cached` with the elementwise work of :meth:`forward_fused` (same kernels, bit for bit
+        equal to it), taking and returning the residual stream with its fp32 squares."""
+        b, length, _ = x_BSH.shape
+        q_lin, k_lin, v_lin = self._fused_qkv(x_BSH, sq_BSH)
+        keys_BKLD[:, :, start : start + length] = _fused_rope(k_lin, self.n_kv_heads, cos_SD, sin_SD)
+        values_BKLD[:, :, start : start + length] = v_lin.view(
+            b, length, self.n_kv_heads, self.head_dim
+        ).transpose(1, 2)
+        q = _fused_rope(q_lin, self.n_heads, cos_SD, sin_SD)
+        attn = self.attn_out(attend(q, keys_BKLD, values_BKLD, key_mask_B11L))
+        return self._fused_residual_mlp(x_BSH, attn)
+
+    def _fused_qkv(
+        self,
+        x_BLH: torch.Tensor,
+        sq_BLH: torch.Tensor,
+        qkv_weight: torch.Tensor | None = None,
+        positions_BR: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q (at ``positions_BR`` when given), k and v projections of the normed residual stream, unsplit into
+        heads: one product with ``qkv_weight`` where allowed, else three."""
         h = _fused_norm(self.attn_norm, x_BLH, sq_BLH)
         if qkv_weight is not None and positions_BR is None:
             kv_dim = self.n_kv_heads * self.head_dim
             q_lin, k_lin, v_lin = F.linear(h, qkv_weight).split(
                 [self.n_heads * self.head_dim, kv_dim, kv_dim], -1
             )
-        else:
-            q_lin = self.q_proj(select_positions(h, positions_BR))
-            k_lin, v_lin = self.k_proj(h), self.v_proj(h)
-        q = _fused_rope(q_lin, self.n_heads, cos, sin, positions_BR)
-        k = _fused_rope(k_lin, self.n_kv_heads, cos, sin)
-        v = v_lin.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        attn = self.attn_out(attend(q, k, v, key_mask_B11L))
-        x_BRH, sq_BRH = fused_ops.add_square(select_positions(x_BLH, positions_BR), attn)
+            return q_lin, k_lin, v_lin
+        return self.q_proj(select_positions(h, positions_BR)), self.k_proj(h), self.v_proj(h)
+
+    def _fused_residual_mlp(
+        self, x_BRH: torch.Tensor, attn_BRH: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's second half, fused: the attention's residual add, then the MLP and its residual add;
+        returns the output and its fp32 squares."""
+        x_BRH, sq_BRH = fused_ops.add_square(x_BRH, attn_BRH)
         h = _fused_norm(self.ff_norm, x_BRH, sq_BRH)
         return fused_ops.add_square(x_BRH, self.ff_out(fused_ops.silu_mul(self.ff_proj(h), self.up_proj(h))))
 
@@ -359,6 +392,12 @@ def _fused_rope(
         flat_positions = positions_BR.reshape(-1)
         out = fused_ops.rope(flat, cos_LD[flat_positions], sin_LD[flat_positions])
     return out.view(b, rows, n_heads, head_dim).transpose(1, 2)
+
+
+def _check_fused(x: torch.Tensor) -> None:
+    """The fused kernels run without autograd, on CUDA (or in Triton's CPU interpreter, for tests)."""
+    if torch.is_grad_enabled() or (x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ValueError("fused=True is an inference path: it needs torch.no_grad() and a CUDA model")
 
 
 def _fused_norm(norm: RMSNorm, x: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
@@ -518,10 +557,7 @@ class LLaDAModel(nn.Module):
         if attention_mask is not None:
             key_mask = attention_mask.to(torch.bool)[:, None, None, :]
         if fused:
-            if torch.is_grad_enabled() or (
-                x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            ):
-                raise ValueError("fused=True is an inference path: it needs torch.no_grad() and a CUDA model")
+            _check_fused(x)
             qkv = fused.qkv_weights if isinstance(fused, FusedInference) else None
             x, sq = fused_ops.add_square(x)
             for i, block in enumerate(t.blocks):
@@ -570,6 +606,8 @@ class LLaDAModel(nn.Module):
         cache: KVCache,
         start: int,
         head: Callable[[torch.Tensor, torch.Tensor], T] | None = None,
+        *,
+        fused: bool = False,
     ) -> torch.Tensor | T:
         """Logits (B, S, embedding_size) (or ``head(hidden, output_weight)``) of the S positions ``[start,
         start + S)`` of a cached sequence, ``input_ids`` (B, S) being their tokens now: each block recomputes these
@@ -578,7 +616,8 @@ class LLaDAModel(nn.Module):
 
         The other positions' keys and values are those of the forward that last wrote them: exact when their
         tokens have not changed since and, in a bidirectional model, approximate otherwise, since their states
-        depended on the tokens then.
+        depended on the tokens then. ``fused=True`` runs the elementwise work in the fused kernels of
+        :meth:`hidden_states` (bit for bit the same result).
         """
         if torch.is_grad_enabled():
             raise ValueError("forward_cached is an inference path: call it under torch.no_grad()")
@@ -589,11 +628,17 @@ class LLaDAModel(nn.Module):
         cos, sin = rope_cos_sin(cache.length, self.config.head_dim, self.config.rope_theta, input_ids.device)
         cos, sin = cos[start : start + length], sin[start : start + length]
         x = t.wte(input_ids)
-        for block, keys, values in zip(
-            cast(list[LLaDABlock], list(t.blocks)), cache.keys, cache.values, strict=True
-        ):
-            x = block.forward_cached(x, cos, sin, cache.key_mask, keys, values, start)
-        hidden = t.ln_f(x)
+        layers = zip(cast(list[LLaDABlock], list(t.blocks)), cache.keys, cache.values, strict=True)
+        if fused:
+            _check_fused(x)
+            x, sq = fused_ops.add_square(x)
+            for block, keys, values in layers:
+                x, sq = block.forward_cached_fused(x, sq, cos, sin, cache.key_mask, keys, values, start)
+            hidden = _fused_norm(t.ln_f, x, sq)
+        else:
+            for block, keys, values in layers:
+                x = block.forward_cached(x, cos, sin, cache.key_mask, keys, values, start)
+            hidden = t.ln_f(x)
         if head is not None:
             return head(hidden, self.output_weight)
         return F.linear(hidden, self.output_weight)
