@@ -25,7 +25,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from composer_dlm.benchmarks import write_json
-from composer_dlm.benchmarks.train import bench_data, parser, print_table, run_ours
+from composer_dlm.benchmarks.train import bench_data, parser, print_table, release_trainers, run_ours
 from composer_dlm.cli import ArgumentParser
 
 SHAPES = {
@@ -64,19 +64,23 @@ class _Losses(Callback):
         return torch.stack(self.losses).tolist()
 
 
-def throughput(shape: str, recipes: list[str], steps: int, warmup: int) -> list[dict[str, Any]]:
-    """The train benchmark at ``shape`` in bf16 and with each recipe; each row with its ``speedup`` over bf16."""
+def throughput(
+    shape: str, recipes: list[str], steps: int, warmup: int, micro_batch: int = 0
+) -> list[dict[str, Any]]:
+    """The train benchmark at ``shape`` (its micro-batch, or ``micro_batch``) in bf16 and with each recipe; each
+    row with its ``speedup`` over bf16."""
     rows = []
     for recipe in ["off", *recipes]:
-        args = parser().parse_args(
-            [*SHAPES[shape], "--steps", str(steps), "--warmup", str(warmup), "--fp8", recipe]
-        )
-        torch.compiler.reset()  # each run compiles afresh: no run inherits another's guards or recompile count
+        argv = [*SHAPES[shape], "--steps", str(steps), "--warmup", str(warmup), "--fp8", recipe]
+        if micro_batch:
+            argv += ["--micro-batch", str(micro_batch)]  # the last one given wins
+        args = parser().parse_args(argv)
         with tempfile.TemporaryDirectory(prefix="cdlm-fp8-") as tmp:
             try:
                 row = run_ours(args, bench_data(args), Path(tmp))
             except torch.OutOfMemoryError:
                 row = {"path": "ours", "micro_batch": args.micro_batch, "oom": True}
+        release_trainers()  # the next run starts from an empty GPU and compiles afresh (after the handler)
         rows.append(row | {"shape": shape, "fp8": recipe})
     base = rows[0].get("tokens_per_s_per_gpu")
     for row in rows:
@@ -92,7 +96,6 @@ def loss_curve(shape: str, recipe: str, steps: int, batch: int) -> list[float]:
     from composer_dlm.config import TrainConfig, build
 
     d_model, n_layers, n_heads, mlp = CURVE_SHAPES[shape]
-    torch.compiler.reset()
     with tempfile.TemporaryDirectory(prefix="cdlm-fp8-curve-") as tmp:
         raw = {
             "run_name": f"curve-{recipe}",
@@ -130,7 +133,10 @@ def loss_curve(shape: str, recipe: str, steps: int, batch: int) -> list[float]:
         trainer = build_trainer(build(TrainConfig, raw), extra_callbacks=[trace])
         trainer.fit()
         trainer.close()
-    return trace.values()
+    losses = trace.values()
+    del trainer, trace
+    release_trainers()
+    return losses
 
 
 def final_loss(losses: list[float]) -> float:
@@ -171,6 +177,12 @@ def main(argv: list[str]) -> None:
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--shapes", default="8b,1.65b", help=f"comma list of {', '.join(SHAPES)} ('' for none)")
     p.add_argument("--recipes", default="rowwise", help="comma list of rowwise, tensorwise")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=0,
+        help="micro-batch of every shape (0: each shape's own: 8b 4, 1.65b 8)",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--curve-shape", default="small", choices=list(CURVE_SHAPES))
@@ -182,7 +194,7 @@ def main(argv: list[str]) -> None:
         row
         for shape in args.shapes.split(",")
         if shape
-        for row in throughput(shape, recipes, args.steps, args.warmup)
+        for row in throughput(shape, recipes, args.steps, args.warmup, args.micro_batch)
     ]
     curves: dict[str, list[float]] = {}
     if args.curve_steps:
