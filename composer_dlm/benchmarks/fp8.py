@@ -190,41 +190,43 @@ def main(argv: list[str]) -> None:
     p.add_argument("--curve-batch", type=int, default=64)
     args = p.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
-    rows = [
-        row
-        for shape in args.shapes.split(",")
-        if shape
-        for row in throughput(shape, recipes, args.steps, args.warmup, args.micro_batch)
-    ]
-    curves: dict[str, list[float]] = {}
-    if args.curve_steps:
-        for recipe in ["off", *recipes]:
-            curves[recipe] = loss_curve(args.curve_shape, recipe, args.curve_steps, args.curve_batch)
-    finals = {recipe: final_loss(losses) for recipe, losses in curves.items()}
-    summary = {
-        recipe: {"final_loss": loss, "relative_to_bf16": loss / finals["off"] - 1}
-        for recipe, loss in finals.items()
-    }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     d, layers, heads, mlp = CURVE_SHAPES[args.curve_shape]
     curve_desc = (
         f"LLaDA d {d}, {layers} layers, {heads} heads, MLP {mlp} on the embedded corpus, seq 128, batch "
         f"{args.curve_batch}, {args.curve_steps} steps, amp_bf16, compiled blocks"
     )
-    write_json(
-        args.out_dir / "fp8_h200.json",
-        {
-            "benchmark": "fp8",
-            "command": "python scripts/benchmark.py fp8 " + " ".join(argv),
-            "throughput": rows,
-            "curve": {
-                "model": curve_desc,
-                "final_fraction": FINAL_FRACTION,
-                "final": summary,
-                "losses": curves,
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, list[float]] = {}
+    summary: dict[str, dict[str, float]] = {}
+
+    def save() -> None:  # after each shape and each curve: a run cut short keeps what it measured
+        write_json(
+            args.out_dir / "fp8_h200.json",
+            {
+                "benchmark": "fp8",
+                "command": "python scripts/benchmark.py fp8 " + " ".join(argv),
+                "throughput": rows,
+                "curve": {
+                    "model": curve_desc,
+                    "final_fraction": FINAL_FRACTION,
+                    "final": summary,
+                    "losses": curves,
+                },
             },
-        },
-    )
+        )
+
+    for shape in (s for s in args.shapes.split(",") if s):
+        rows += throughput(shape, recipes, args.steps, args.warmup, args.micro_batch)
+        save()
+    for recipe in ["off", *recipes] if args.curve_steps else []:
+        curves[recipe] = loss_curve(args.curve_shape, recipe, args.curve_steps, args.curve_batch)
+        finals = {name: final_loss(losses) for name, losses in curves.items()}
+        summary = {
+            name: {"final_loss": loss, "relative_to_bf16": loss / finals["off"] - 1}
+            for name, loss in finals.items()
+        }
+        save()
     if curves:
         plot(curves, curve_desc, args.out_dir / "fp8_loss_h200.png")
     for row in rows:
