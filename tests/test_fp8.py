@@ -295,6 +295,10 @@ def test_fp8_benchmark_curve_and_report_on_cpu(tmp_path, capsys, monkeypatch):
         "relative_to_bf16": 0.0,
     }  # last 10%: 1 step
     assert "| off | " in capsys.readouterr().out
+    png = tmp_path / "fp8_loss_h200.png"
+    png.unlink(missing_ok=True)
+    bench.main(["--out-dir", str(tmp_path), "--replot", str(tmp_path / "fp8_h200.json")])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn again from the raw JSON alone
 
 
 @pytest.mark.gpu

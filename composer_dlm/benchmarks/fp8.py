@@ -11,11 +11,13 @@ for ``--curve-steps`` steps in bf16 and with each recipe, from the same initial 
 the same noise; the final loss of each (mean over the last 10% of steps) and its relative difference to bf16.
 
 Writes ``DIR/fp8_h200.json`` (the raw figures, the per-step losses and the environment) and
-``DIR/fp8_loss_h200.png`` (the curves), and prints both tables.
+``DIR/fp8_loss_h200.png`` (the curves), and prints both tables. ``--replot DIR/fp8_h200.json`` draws the PNG
+again from the JSON alone (on a machine with matplotlib).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -188,7 +190,17 @@ def main(argv: list[str]) -> None:
     p.add_argument("--curve-shape", default="small", choices=list(CURVE_SHAPES))
     p.add_argument("--curve-steps", type=int, default=300, help="0: no loss curves")
     p.add_argument("--curve-batch", type=int, default=64)
+    p.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="only draw fp8_loss_h200.png beside this fp8_h200.json from its losses (where the GPU lacked matplotlib)",
+    )
     args = p.parse_args(argv)
+    if args.replot is not None:
+        raw = json.loads(args.replot.read_text())
+        plot(raw["curve"]["losses"], raw["curve"]["model"], args.replot.with_name("fp8_loss_h200.png"))
+        return
     recipes = [r for r in args.recipes.split(",") if r]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     d, layers, heads, mlp = CURVE_SHAPES[args.curve_shape]
@@ -200,7 +212,9 @@ def main(argv: list[str]) -> None:
     curves: dict[str, list[float]] = {}
     summary: dict[str, dict[str, float]] = {}
 
-    def save() -> None:  # after each shape and each curve: a run cut short keeps what it measured
+    def save() -> (
+        None
+    ):  # after each shape and each curve (and the plot): a run cut short keeps what it measured
         write_json(
             args.out_dir / "fp8_h200.json",
             {
@@ -227,7 +241,6 @@ def main(argv: list[str]) -> None:
             for name, loss in finals.items()
         }
         save()
-    if curves:
         plot(curves, curve_desc, args.out_dir / "fp8_loss_h200.png")
     for row in rows:
         if "speedup" in row and row["fp8"] != "off":
