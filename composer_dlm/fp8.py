@@ -135,7 +135,8 @@ def _tensorwise_grads(
 
 class Fp8Linear(nn.Linear):
     """An ``nn.Linear`` (no bias) whose products run in FP8 (see the module docstring); same parameters. Like
-    the bf16 autocast it replaces, it takes the input in bf16 (the copy saved for the backward) and returns bf16."""
+    the bf16 autocast it replaces, it takes the input in bf16 (rowwise saves that copy for the backward,
+    tensorwise its e4m3 quantisation) and returns bf16."""
 
     rowwise: bool
 
