@@ -301,6 +301,41 @@ def test_fp8_benchmark_curve_and_report_on_cpu(tmp_path, capsys, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn again from the raw JSON alone
 
 
+def test_fp8_benchmark_throughput_rows_saved_run_by_run(tmp_path, monkeypatch, capsys):
+    """The throughput loop with the trainer run replaced by fixed figures (the runs themselves need the GPU):
+    bf16 first, each recipe's speedup over it, the JSON rewritten after every run (a command cut short keeps
+    the runs before), an out-of-memory run recorded as such, and each run's micro-batch as asked."""
+    from composer_dlm.benchmarks import fp8 as bench
+
+    out = tmp_path / "out"
+    tokens = {"off": 40_000.0, "tensorwise": 50_000.0}
+    seen = []
+
+    def fake_run(args, data_root, out_root):
+        if seen:  # the runs before this one are already on disk
+            saved = json.loads((out / "fp8_h200.json").read_text())["throughput"]
+            assert [r["fp8"] for r in saved] == [recipe for recipe, _ in seen]
+        seen.append((args.fp8, args.micro_batch))
+        if args.fp8 == "rowwise":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"path": "ours", "micro_batch": args.micro_batch, "tokens_per_s_per_gpu": tokens[args.fp8],
+                "mfu": 0.5, "executed_utilisation": 0.4, "peak_gib": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_ours", fake_run)
+    monkeypatch.setattr(bench, "bench_data", lambda args: tmp_path)
+    monkeypatch.setattr(bench, "release_trainers", lambda: None)
+    bench.main(["--out-dir", str(out), "--shapes", "1.65b", "--recipes", "tensorwise,rowwise"]
+               + ["--micro-batch", "6", "--curve-steps", "0"])  # fmt: skip
+    rows = json.loads((out / "fp8_h200.json").read_text())["throughput"]
+    assert seen == [("off", 6), ("tensorwise", 6), ("rowwise", 6)]
+    assert [(r["fp8"], r.get("speedup"), r.get("oom")) for r in rows] == [
+        ("off", 1.0, None),
+        ("tensorwise", 1.25, None),
+        ("rowwise", None, True),
+    ]
+    assert "1.65b, fp8=tensorwise: 1.250x the tokens/s of bf16" in capsys.readouterr().out
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_FP8, reason="needs a GPU with FP8 tensor cores")
 def test_fp8_with_fsdp_compiled_blocks_and_activation_checkpointing(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,10 @@ class _Losses(Callback):
 
 def throughput(
     shape: str, recipes: list[str], steps: int, warmup: int, micro_batch: int = 0
-) -> list[dict[str, Any]]:
-    """The train benchmark at ``shape`` (its micro-batch, or ``micro_batch``) in bf16 and with each recipe; each
-    row with its ``speedup`` over bf16."""
-    rows = []
+) -> Iterator[dict[str, Any]]:
+    """The train benchmark at ``shape`` (its micro-batch, or ``micro_batch``) in bf16 and with each recipe, one
+    row per run as it ends, each with its ``speedup`` over bf16; the table after the last."""
+    rows: list[dict[str, Any]] = []
     for recipe in ["off", *recipes]:
         argv = [*SHAPES[shape], "--steps", str(steps), "--warmup", str(warmup), "--fp8", recipe]
         if micro_batch:
@@ -83,13 +84,13 @@ def throughput(
             except torch.OutOfMemoryError:
                 row = {"path": "ours", "micro_batch": args.micro_batch, "oom": True}
         release_trainers()  # the next run starts from an empty GPU and compiles afresh (after the handler)
-        rows.append(row | {"shape": shape, "fp8": recipe})
-    base = rows[0].get("tokens_per_s_per_gpu")
-    for row in rows:
+        row |= {"shape": shape, "fp8": recipe}
+        base = rows[0].get("tokens_per_s_per_gpu") if rows else row.get("tokens_per_s_per_gpu")
         if base and "tokens_per_s_per_gpu" in row:
             row["speedup"] = row["tokens_per_s_per_gpu"] / base
+        rows.append(row)
+        yield row
     print_table(args, rows)
-    return rows
 
 
 def loss_curve(shape: str, recipe: str, steps: int, batch: int) -> list[float]:
@@ -231,8 +232,9 @@ def main(argv: list[str]) -> None:
         )
 
     for shape in (s for s in args.shapes.split(",") if s):
-        rows += throughput(shape, recipes, args.steps, args.warmup, args.micro_batch)
-        save()
+        for row in throughput(shape, recipes, args.steps, args.warmup, args.micro_batch):
+            rows.append(row)
+            save()
     for recipe in ["off", *recipes] if args.curve_steps else []:
         curves[recipe] = loss_curve(args.curve_shape, recipe, args.curve_steps, args.curve_batch)
         finals = {name: final_loss(losses) for name, losses in curves.items()}
