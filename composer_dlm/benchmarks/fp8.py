@@ -119,6 +119,8 @@ def loss_curve(shape: str, recipe: str, steps: int, batch: int) -> list[float]:
                 "fp8": recipe,
             },
             "train_loader": {"local": "embedded", "split": "train", "num_workers": 2},
+            # full-length batches only: no recompilation for a cut length (the throughput runs do the same)
+            "diffusion": {"random_length_prob": 0.0},
             "max_seq_len": 128,
             "max_duration": f"{steps}ba",
             "global_train_batch_size": batch,
