@@ -36,17 +36,21 @@ Cost, with b = bytes of the compute dtype, a = bytes of the dW accumulator, k = 
     bytes  logits written by the first GEMM and read by the other two: 3·M·V·b; the row kernel: 3·M·V·b
            (two reads, one write); W read by two GEMMs per chunk: 2·k·V·H·b; the dW accumulator read and
            written per chunk: 2·k·V·H·a; plus O(M·H) for gathers and the target terms.
-At B·L = 16384, half weighted (M = 8192), H = 4096, V = 126464, bf16, C = 1024 (k = 8): 2.55e13 FLOPs
-(32 ms at 790 TFLOP/s), and 6.2 + 6.2 + 16.6 + 16.6 GB, of which only the row kernel's 6.2 GB (~1.5 ms at
-4.3 TB/s) is not hidden under the compute-bound GEMMs. Measured on one H200 (torch 2.11, 2026-12-01): a profiled step
-is 36.4 ms of kernels (GEMMs 33.8 ms; row kernel 1.8 ms; target terms 0.2 ms; the rest 0.6 ms), the timed
-median 41.5 ms, the same with 90% of the rows on one target and on the forced torch-2.7 branch. C is a multiple of 1024 where the budget allows: C = 1024 beat C = 1408 and 1664 (the d(hidden)
-product's C·H output fills whole waves of tiles). Transient memory is the (C, V) buffer (at most
-chunk_bytes = 448 MiB; 247 MiB at C = 1024) plus O(C·H): 0.28 GiB measured at that shape. One exception: a
-float32 weight (master) on a torch without matmul ``out_dtype`` (the pinned 2.7) sums each chunk's bf16 d(weight)
-product into float32 in a pass of its own (read 4 + 2, write 4 bytes per V·H entry), so there the budget is
-``separate_sum_budget_factor`` (4) times larger: at the shape above 2 chunks of 4096 rows, 2 such passes
-instead of 8, for 1 GiB of buffer instead of 0.25.
+At B·L = 16384, half weighted (M = 8192), H = 4096, V = 126464, bf16: 2.55e13 FLOPs (32 ms at 790 TFLOP/s), and
+6.2 + 6.2 GB for the logits and the row kernel, of which only the row kernel (~1.5 ms at 4.3 TB/s) is not under
+the compute-bound GEMMs, plus the accumulator's 2·V·H·b = 2.1 GB per chunk, read and written by the epilogue of
+a d(weight) product whose contracted dimension is only C: 0.5 ms per chunk where it does not overlap. Measured on
+one H200 (torch 2.11, 2026-12-01) at C = 1024 (k = 8): a profiled step is 36.4 ms of kernels (GEMMs 33.8 ms; row
+kernel 1.8 ms; target terms 0.2 ms; the rest 0.6 ms), the timed median 41.5 ms, the same with 90% of the rows on
+one target and on the forced torch-2.7 branch; Liger-Kernel, the same three products in chunks of 512 rows here
+(its formula: the next power of two of M / ceil(V / H)), 44.6 ms. C is a multiple of 1024 where the budget
+allows: C = 1024 beat C = 1408 and 1664 (the d(hidden) product's C·H output then fills 1.3 and 1.6 waves of
+128 x 256 tiles on 132 SMs, where 1024 and 2048 fill 0.97 and 1.94); the default budget, chunk_bytes = 512 MiB, gives C = 2048 (k = 4: half the accumulator passes
+and launches of C = 1024). Transient memory is the (C, V) buffer (494 MiB at C = 2048) plus O(C·H). One
+exception: a float32 weight (master) on a torch without matmul ``out_dtype`` (the pinned 2.7) sums each chunk's
+bf16 d(weight) product into float32 in a pass of its own (read 4 + 2, write 4 bytes per V·H entry), so there the
+budget is ``separate_sum_budget_factor`` (2) times larger: at the shape above 2 chunks of 4096 rows, 2 such
+passes, for 1 GiB of buffer.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class KernelConfig:
     block_h: int = 256  # hidden tile of the target-term kernels
     segment_rows: int = 32  # sorted rows per program of the target-term pass (its parallelism over rows)
     num_warps: int = 16
-    chunk_bytes: int = 448 << 20  # budget of the reused (C, V) logits buffer
+    chunk_bytes: int = 512 << 20  # budget of the reused (C, V) logits buffer
     max_chunk_rows: int | None = None  # optional cap on C
     chunk_align: int = 1024  # C is a multiple of this when the budget allows (whole tile waves in the GEMMs)
     dh_split: int = 1  # split-K of the d(hidden) product over the vocabulary (batched GEMM), when V divides
@@ -82,7 +86,7 @@ class KernelConfig:
     # Where that float32 sum of low-precision products is a pass of its own per chunk (torch without matmul
     # out_dtype, e.g. the pinned 2.7, with an fp32 master weight): the buffer budget times this, so fewer,
     # larger chunks make fewer passes over the 4·V·H-byte sum (each ~1.4 ms at V 126464, H 4096 on an H200).
-    separate_sum_budget_factor: int = 4
+    separate_sum_budget_factor: int = 2
 
 
 DEFAULT_CONFIG = KernelConfig()

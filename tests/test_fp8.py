@@ -91,10 +91,12 @@ def test_fp8_with_lora_refused():
         ModelConfig(pretrained="x", lora={"r": 4}, fp8="rowwise")  # type: ignore[arg-type]
 
 
-def _scaled_mm_contract(a, a_scale, b, b_scale):
-    """What ``fp8._mm`` promises, in fp32 on any device: (a * a_scale) @ (b * b_scale).T rounded to bf16."""
+def _scaled_mm_contract(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, fast_accum=False):
+    """What ``fp8._mm`` promises, in fp32 on any device: (a * a_scale) @ (b * b_scale).T rounded to
+    ``out_dtype`` (``fast_accum`` only changes the GPU's accumulation order)."""
+    assert a.is_contiguous() and b.is_contiguous() and a.dtype in (E4M3, E5M2) and b.dtype == E4M3
     b_scale = b_scale.reshape(-1, 1) if b_scale.dim() else b_scale
-    return ((a.float() * a_scale) @ (b.float() * b_scale).t()).bfloat16()
+    return ((a.float() * a_scale) @ (b.float() * b_scale).t()).to(out_dtype)
 
 
 @pytest.mark.parametrize("rowwise", [True, False], ids=["rowwise", "tensorwise"])
@@ -125,6 +127,78 @@ def test_fp8_linear_wiring_on_cpu(monkeypatch, rowwise):
     )
     for have, want in zip(got, (exact[0], *exact[1]), strict=True):
         assert 1e-3 < _rel(have, want) < 0.1  # FP8's error, not zero (the products were quantised)
+
+
+def test_tensorwise_quantisation_commutes_with_transpose():
+    """With one scale per tensor, the forward's e4m3 copy transposed is, bit for bit, the quantisation of the
+    transposed tensor (what the backward would compute afresh), and casting the transposed weight with the
+    forward's scale gives the weight's quantisation transposed; rowwise scales differ between the two layouts."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(48, 32, generator=g) * torch.logspace(-2, 2, 32)).bfloat16()
+    q, scale = quantize(x, E4M3, rowwise=False)
+    q_t, scale_t = quantize(x.t(), E4M3, rowwise=False)
+    assert torch.equal(scale, scale_t)
+    assert torch.equal(q.t().contiguous().view(torch.uint8), q_t.view(torch.uint8))
+    assert torch.equal(fp8.cast(x.t(), scale, E4M3).view(torch.uint8), q_t.view(torch.uint8))
+    _, row_scale = quantize(x, E4M3, rowwise=True)
+    _, col_scale = quantize(x.t(), E4M3, rowwise=True)
+    assert row_scale.shape == (48, 1) and col_scale.shape == (32, 1)
+
+
+def test_tensorwise_backward_from_saved_fp8_equals_recomputed(monkeypatch):
+    """The tensorwise layer's backward (the forward's fp8 input saved, the weight cast with its forward scale, the
+    gradient quantised once) gives exactly the products of operands quantised afresh for each product, as the
+    recipe defines them; d(weight) is written in the fp32 master's dtype directly (no bf16 rounding)."""
+    monkeypatch.setattr(fp8, "_mm", _scaled_mm_contract)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 32, generator=g).bfloat16().requires_grad_()
+    lin = Fp8Linear(32, 48, bias=False, device="meta")
+    lin.weight, lin.rowwise = nn.Parameter(torch.randn(48, 32, generator=g) * 0.05), False
+    out = lin(x)
+    grad = torch.randn(out.shape, generator=g).bfloat16()
+    out.backward(grad)
+    w = lin.weight.detach()
+
+    def product(a, a_dtype, b):  # a @ b.T with each operand quantised on its own (tensorwise)
+        qa, sa = quantize(a, a_dtype, rowwise=False)
+        qb, sb = quantize(b, E4M3, rowwise=False)
+        return (qa.float() * sa) @ (qb.float() * sb).t()
+
+    assert torch.equal(out, product(x.detach(), E4M3, w).bfloat16())
+    assert torch.equal(x.grad, product(grad, E5M2, w.t()).bfloat16())
+    assert lin.weight.grad.dtype == torch.float32
+    assert torch.equal(lin.weight.grad, product(grad.t(), E5M2, x.detach().t()))
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_fp8_block_compiles_to_one_graph_each_way(recipe):
+    """torch.compile traces an FP8 block without a graph break (``fullgraph``), the autograd Function inlined:
+    one forward graph with the 7 output products and one backward graph with the 14 gradient products, all
+    ``_scaled_mm`` (so Inductor sees every amax, scale and cast beside its product). Traced on meta tensors
+    (``_scaled_mm`` has a meta kernel; its CUDA kernel is the GPU tests' business)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    model = tiny(n_layers=1)
+    convert_to_fp8(model, recipe)
+    block = model.blocks[0].to("meta")
+    x = torch.randn(2, 32, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_cos_sin(32, model.config.head_dim, 10000.0, torch.device("meta"))
+    products: list[int] = []
+
+    def count(gm, _inputs):
+        products.append(sum(n.target is torch.ops.aten._scaled_mm.default for n in gm.graph.nodes))
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=count, bw_compiler=count)
+
+    torch._dynamo.reset()
+    out = torch.compile(block, backend=backend, fullgraph=True)(x, cos, sin)
+    out.float().sum().backward()
+    torch._dynamo.reset()
+    assert products == [7, 14]
+    assert x.grad is not None and block.ff_out.weight.grad is not None
 
 
 # --- GPU ----------------------------------------------------------------------------------------------------------
@@ -221,6 +295,45 @@ def test_fp8_benchmark_curve_and_report_on_cpu(tmp_path, capsys, monkeypatch):
         "relative_to_bf16": 0.0,
     }  # last 10%: 1 step
     assert "| off | " in capsys.readouterr().out
+    png = tmp_path / "fp8_loss_h200.png"
+    png.unlink(missing_ok=True)
+    bench.main(["--out-dir", str(tmp_path), "--replot", str(tmp_path / "fp8_h200.json")])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn again from the raw JSON alone
+
+
+def test_fp8_benchmark_throughput_rows_saved_run_by_run(tmp_path, monkeypatch, capsys):
+    """The throughput loop with the trainer run replaced by fixed figures (the runs themselves need the GPU):
+    bf16 first, each recipe's speedup over it, the JSON rewritten after every run (a command cut short keeps
+    the runs before), an out-of-memory run recorded as such, and each run's micro-batch as asked."""
+    from composer_dlm.benchmarks import fp8 as bench
+
+    out = tmp_path / "out"
+    tokens = {"off": 40_000.0, "tensorwise": 50_000.0}
+    seen = []
+
+    def fake_run(args, data_root, out_root):
+        if seen:  # the runs before this one are already on disk
+            saved = json.loads((out / "fp8_h200.json").read_text())["throughput"]
+            assert [r["fp8"] for r in saved] == [recipe for recipe, _ in seen]
+        seen.append((args.fp8, args.micro_batch))
+        if args.fp8 == "rowwise":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"path": "ours", "micro_batch": args.micro_batch, "tokens_per_s_per_gpu": tokens[args.fp8],
+                "mfu": 0.5, "executed_utilisation": 0.4, "peak_gib": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_ours", fake_run)
+    monkeypatch.setattr(bench, "bench_data", lambda args: tmp_path)
+    monkeypatch.setattr(bench, "release_trainers", lambda: None)
+    bench.main(["--out-dir", str(out), "--shapes", "1.65b", "--recipes", "tensorwise,rowwise"]
+               + ["--micro-batch", "6", "--curve-steps", "0"])  # fmt: skip
+    rows = json.loads((out / "fp8_h200.json").read_text())["throughput"]
+    assert seen == [("off", 6), ("tensorwise", 6), ("rowwise", 6)]
+    assert [(r["fp8"], r.get("speedup"), r.get("oom")) for r in rows] == [
+        ("off", 1.0, None),
+        ("tensorwise", 1.25, None),
+        ("rowwise", None, True),
+    ]
+    assert "1.65b, fp8=tensorwise: 1.250x the tokens/s of bf16" in capsys.readouterr().out
 
 
 @pytest.mark.gpu

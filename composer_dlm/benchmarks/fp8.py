@@ -11,12 +11,15 @@ for ``--curve-steps`` steps in bf16 and with each recipe, from the same initial 
 the same noise; the final loss of each (mean over the last 10% of steps) and its relative difference to bf16.
 
 Writes ``DIR/fp8_h200.json`` (the raw figures, the per-step losses and the environment) and
-``DIR/fp8_loss_h200.png`` (the curves), and prints both tables.
+``DIR/fp8_loss_h200.png`` (the curves), and prints both tables. ``--replot DIR/fp8_h200.json`` draws the PNG
+again from the JSON alone (on a machine with matplotlib).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from composer_dlm.benchmarks import write_json
-from composer_dlm.benchmarks.train import bench_data, parser, print_table, run_ours
+from composer_dlm.benchmarks.train import bench_data, parser, print_table, release_trainers, run_ours
 from composer_dlm.cli import ArgumentParser
 
 SHAPES = {
@@ -64,26 +67,30 @@ class _Losses(Callback):
         return torch.stack(self.losses).tolist()
 
 
-def throughput(shape: str, recipes: list[str], steps: int, warmup: int) -> list[dict[str, Any]]:
-    """The train benchmark at ``shape`` in bf16 and with each recipe; each row with its ``speedup`` over bf16."""
-    rows = []
+def throughput(
+    shape: str, recipes: list[str], steps: int, warmup: int, micro_batch: int = 0
+) -> Iterator[dict[str, Any]]:
+    """The train benchmark at ``shape`` (its micro-batch, or ``micro_batch``) in bf16 and with each recipe, one
+    row per run as it ends, each with its ``speedup`` over bf16; the table after the last."""
+    rows: list[dict[str, Any]] = []
     for recipe in ["off", *recipes]:
-        args = parser().parse_args(
-            [*SHAPES[shape], "--steps", str(steps), "--warmup", str(warmup), "--fp8", recipe]
-        )
-        torch.compiler.reset()  # each run compiles afresh: no run inherits another's guards or recompile count
+        argv = [*SHAPES[shape], "--steps", str(steps), "--warmup", str(warmup), "--fp8", recipe]
+        if micro_batch:
+            argv += ["--micro-batch", str(micro_batch)]  # the last one given wins
+        args = parser().parse_args(argv)
         with tempfile.TemporaryDirectory(prefix="cdlm-fp8-") as tmp:
             try:
                 row = run_ours(args, bench_data(args), Path(tmp))
             except torch.OutOfMemoryError:
                 row = {"path": "ours", "micro_batch": args.micro_batch, "oom": True}
-        rows.append(row | {"shape": shape, "fp8": recipe})
-    base = rows[0].get("tokens_per_s_per_gpu")
-    for row in rows:
+        release_trainers()  # the next run starts from an empty GPU and compiles afresh (after the handler)
+        row |= {"shape": shape, "fp8": recipe}
+        base = rows[0].get("tokens_per_s_per_gpu") if rows else row.get("tokens_per_s_per_gpu")
         if base and "tokens_per_s_per_gpu" in row:
             row["speedup"] = row["tokens_per_s_per_gpu"] / base
+        rows.append(row)
+        yield row
     print_table(args, rows)
-    return rows
 
 
 def loss_curve(shape: str, recipe: str, steps: int, batch: int) -> list[float]:
@@ -92,7 +99,6 @@ def loss_curve(shape: str, recipe: str, steps: int, batch: int) -> list[float]:
     from composer_dlm.config import TrainConfig, build
 
     d_model, n_layers, n_heads, mlp = CURVE_SHAPES[shape]
-    torch.compiler.reset()
     with tempfile.TemporaryDirectory(prefix="cdlm-fp8-curve-") as tmp:
         raw = {
             "run_name": f"curve-{recipe}",
@@ -113,6 +119,8 @@ def loss_curve(shape: str, recipe: str, steps: int, batch: int) -> list[float]:
                 "fp8": recipe,
             },
             "train_loader": {"local": "embedded", "split": "train", "num_workers": 2},
+            # full-length batches only: no recompilation for a cut length (the throughput runs do the same)
+            "diffusion": {"random_length_prob": 0.0},
             "max_seq_len": 128,
             "max_duration": f"{steps}ba",
             "global_train_batch_size": batch,
@@ -130,7 +138,10 @@ def loss_curve(shape: str, recipe: str, steps: int, batch: int) -> list[float]:
         trainer = build_trainer(build(TrainConfig, raw), extra_callbacks=[trace])
         trainer.fit()
         trainer.close()
-    return trace.values()
+    losses = trace.values()
+    del trainer, trace
+    release_trainers()
+    return losses
 
 
 def final_loss(losses: list[float]) -> float:
@@ -171,49 +182,69 @@ def main(argv: list[str]) -> None:
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--shapes", default="8b,1.65b", help=f"comma list of {', '.join(SHAPES)} ('' for none)")
     p.add_argument("--recipes", default="rowwise", help="comma list of rowwise, tensorwise")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=0,
+        help="micro-batch of every shape (0: each shape's own: 8b 4, 1.65b 8)",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--curve-shape", default="small", choices=list(CURVE_SHAPES))
     p.add_argument("--curve-steps", type=int, default=300, help="0: no loss curves")
     p.add_argument("--curve-batch", type=int, default=64)
+    p.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="only draw fp8_loss_h200.png beside this fp8_h200.json from its losses (where the GPU lacked matplotlib)",
+    )
     args = p.parse_args(argv)
+    if args.replot is not None:
+        raw = json.loads(args.replot.read_text())
+        plot(raw["curve"]["losses"], raw["curve"]["model"], args.replot.with_name("fp8_loss_h200.png"))
+        return
     recipes = [r for r in args.recipes.split(",") if r]
-    rows = [
-        row
-        for shape in args.shapes.split(",")
-        if shape
-        for row in throughput(shape, recipes, args.steps, args.warmup)
-    ]
-    curves: dict[str, list[float]] = {}
-    if args.curve_steps:
-        for recipe in ["off", *recipes]:
-            curves[recipe] = loss_curve(args.curve_shape, recipe, args.curve_steps, args.curve_batch)
-    finals = {recipe: final_loss(losses) for recipe, losses in curves.items()}
-    summary = {
-        recipe: {"final_loss": loss, "relative_to_bf16": loss / finals["off"] - 1}
-        for recipe, loss in finals.items()
-    }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     d, layers, heads, mlp = CURVE_SHAPES[args.curve_shape]
     curve_desc = (
         f"LLaDA d {d}, {layers} layers, {heads} heads, MLP {mlp} on the embedded corpus, seq 128, batch "
         f"{args.curve_batch}, {args.curve_steps} steps, amp_bf16, compiled blocks"
     )
-    write_json(
-        args.out_dir / "fp8_h200.json",
-        {
-            "benchmark": "fp8",
-            "command": "python scripts/benchmark.py fp8 " + " ".join(argv),
-            "throughput": rows,
-            "curve": {
-                "model": curve_desc,
-                "final_fraction": FINAL_FRACTION,
-                "final": summary,
-                "losses": curves,
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, list[float]] = {}
+    summary: dict[str, dict[str, float]] = {}
+
+    def save() -> (
+        None
+    ):  # after each shape and each curve (and the plot): a run cut short keeps what it measured
+        write_json(
+            args.out_dir / "fp8_h200.json",
+            {
+                "benchmark": "fp8",
+                "command": "python scripts/benchmark.py fp8 " + " ".join(argv),
+                "throughput": rows,
+                "curve": {
+                    "model": curve_desc,
+                    "final_fraction": FINAL_FRACTION,
+                    "final": summary,
+                    "losses": curves,
+                },
             },
-        },
-    )
-    if curves:
+        )
+
+    for shape in (s for s in args.shapes.split(",") if s):
+        for row in throughput(shape, recipes, args.steps, args.warmup, args.micro_batch):
+            rows.append(row)
+            save()
+    for recipe in ["off", *recipes] if args.curve_steps else []:
+        curves[recipe] = loss_curve(args.curve_shape, recipe, args.curve_steps, args.curve_batch)
+        finals = {name: final_loss(losses) for name, losses in curves.items()}
+        summary = {
+            name: {"final_loss": loss, "relative_to_bf16": loss / finals["off"] - 1}
+            for name, loss in finals.items()
+        }
+        save()
         plot(curves, curve_desc, args.out_dir / "fp8_loss_h200.png")
     for row in rows:
         if "speedup" in row and row["fp8"] != "off":

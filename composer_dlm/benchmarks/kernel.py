@@ -210,6 +210,24 @@ def _profile(h, w, t, rw, cfg: KernelConfig) -> dict[str, float]:
         out[f"rows_kernel_v{bv}_w{nw}"] = k * time_ms(rows_kernel(bv, nw))
     out["dh_gemm"] = k * time_ms(lambda: masked_ce._mm_f32(buf, w.detach()))
     out["dw_gemm_acc"] = k * time_ms(lambda: masked_ce._accumulate(dw, buf.t(), hc, first=False))
+    # An fp32 master weight: its bf16 copy once per call, d(weight) summed in float32 (out_dtype, or on the
+    # torch-2.7 branch a pass of its own per chunk, over the separate-sum path's larger chunks)
+    w32 = w.detach().float()
+    out["master_weight_cast"] = time_ms(lambda: w32.to(w.dtype))
+    dw32 = torch.zeros_like(w32)
+    separate = not masked_ce._has_out_dtype(w.device.type)
+    rows32 = masked_ce._chunk_rows(
+        num_w, vocab, w.element_size(), cfg, cfg.separate_sum_budget_factor if separate else 1
+    )
+    k32 = num_w / rows32
+    buf32, hc32 = buf, hc
+    if rows32 != chunk:
+        buf32 = torch.empty(rows32, vocab, dtype=w.dtype, device=w.device)
+        hc32 = h.detach()[rows[:rows32]]
+    out["master_chunks"] = k32
+    out["master_dw_gemm_acc"] = k32 * time_ms(
+        lambda: masked_ce._accumulate(dw32, buf32.t(), hc32, first=False)
+    )
     sorted_t, order = torch.sort(t[rows], stable=True)
     g_sorted = -torch.rand(num_w, device=w.device)
     out["target_terms"] = time_ms(
@@ -337,31 +355,41 @@ def _peaked_accuracy(dim: int, vocab: int, n: int, frac: float) -> dict[str, lis
 
 
 def _methods(args: argparse.Namespace, num_w: int) -> list[tuple[str, str, Callable[[], LossFn], str, str]]:
-    """(key, label, factory, weighting, branch) of every method asked for; ours once per branch."""
+    """(key, label, factory, weighting, branch) of every method asked for; ours once per branch and variant, with
+    a bf16 weight (as FSDP gathers it) and with an fp32 master weight under autocast (the unsharded model)."""
     methods: list[tuple[str, str, Callable[[], LossFn], str, str]] = []
     for branch in args.branches.split(","):
         for spec in args.variants.split(","):
             cfg = _config(spec)
             chunk = masked_ce._chunk_rows(num_w, args.vocab, 2, cfg)
             label = "" if spec == "default" else f", {spec}"
-            factory = functools.partial(_ours, cfg)
-            methods.append((f"ours_{spec}", f"ours (C={chunk}{label})", factory, "weighted", branch))
-        methods += [
+            methods.append(
+                (
+                    f"ours_{spec}",
+                    f"ours (C={chunk}{label})",
+                    functools.partial(_ours, cfg),
+                    "weighted",
+                    branch,
+                )
+            )
+            methods.append(
+                (
+                    f"ours_master_{spec}",
+                    f"ours, fp32 master weight under autocast{label}",
+                    functools.partial(_ours_master, cfg),
+                    "weighted",
+                    branch,
+                )
+            )
+        methods.append(
             (
                 "ours_fp32acc",
                 "ours, float32 dW accumulator",
                 lambda: _ours(KernelConfig(fp32_weight_grad=True)),
                 "weighted",
                 branch,
-            ),
-            (
-                "ours_master",
-                "ours, fp32 master weight under autocast",
-                lambda: _ours_master(KernelConfig()),
-                "weighted",
-                branch,
-            ),
-        ]
+            )
+        )
     methods += [
         ("full", "full logits + F.cross_entropy", lambda: _full_logits, "weighted", "-"),
         ("eager", "masked rows only, eager", lambda: _masked_eager, "weighted", "-"),
@@ -416,10 +444,15 @@ def main(argv: list[str]) -> None:
     p.add_argument(
         "--trace",
         action="store_true",
-        help="profile one step of ours: its CUDA kernels (printed, and in the JSON's traces)",
+        help="profile one step of ours on each branch, bf16 and fp32 master weight: its CUDA kernels (printed, "
+        "and in the JSON's traces)",
     )
     p.add_argument("--methods", type=str, default="all", help="comma-separated subset of method keys")
-    p.add_argument("--profile", action="store_true", help="also time the stages of our kernel")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time the stages of our kernel on each branch (with an fp32 master weight's too)",
+    )
     p.add_argument("--peaked", action="store_true", help="also check accuracy on peaked logits, Zipf targets")
     p.add_argument("--out", type=str, default=None, help="write PATH.md and PATH.json")
     args = p.parse_args(argv)
@@ -465,7 +498,8 @@ def main(argv: list[str]) -> None:
                 try:
                     with _branch(branch if branch != "-" else "native"):
                         fn = make()
-                        w_in = w.detach().float().requires_grad_() if key == "ours_master" else w
+                        master = key.startswith("ours_master")
+                        w_in = w.detach().float().requires_grad_() if master else w
                         inputs = (h, w_in, t, rw if weighting == "weighted" else unit)
                         row.update(_measure(fn, *inputs, refs[weighting], args.reps, args.warmup))
                         row["gemm_tflops"] = gemm_flops / (float(row["ms"]) * 1e-3) / 1e12  # type: ignore[arg-type]
@@ -489,7 +523,14 @@ def main(argv: list[str]) -> None:
                         flush=True,
                     )
             if args.trace:
-                traces[f"H={dim} {kind}"] = _trace(_ours(KernelConfig()), h, w, t, rw)
+                w32 = w.detach().float().requires_grad_()
+                for branch in args.branches.split(","):
+                    with _branch(branch):
+                        traces[f"H={dim} {kind} {branch}"] = _trace(_ours(KernelConfig()), h, w, t, rw)
+                        traces[f"H={dim} {kind} {branch} master"] = _trace(
+                            _ours_master(KernelConfig()), h, w32, t, rw
+                        )
+                del w32
             del t, refs
         if args.peaked:
             peaked[str(dim)] = _peaked_accuracy(dim, args.vocab, n, args.frac)

@@ -58,7 +58,7 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _release_trainers() -> None:
+def release_trainers() -> None:
     """Free what the configurations run so far in this process hold, before the next one.
 
     Composer's ``Engine`` registers ``atexit.register(Engine._close, state, logger)`` and unregisters it only when
@@ -403,7 +403,7 @@ def main(argv: list[str]) -> None:
                 results.append(run_ours(args, data_root, Path(tmp) / f"run{mb}"))
             except torch.OutOfMemoryError:
                 results.append({"path": _our_path(args, world), "micro_batch": mb, "oom": True})
-            _release_trainers()  # after the handler: its traceback no longer holds run_ours's frame
+            release_trainers()  # after the handler: its traceback no longer holds run_ours's frame
         if args.reference and rank == 0:
             for compiled in (False, True) if args.compile else (False,):  # --no-compile: eager only
                 for mb in (4, 8):
