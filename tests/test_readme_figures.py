@@ -90,8 +90,20 @@ def test_cells_recomputed_by_hand():
     train = render(["train_1b_h200.json"]).split("\n")
     assert train[2].endswith("| train_1b_h200.json | native | 8 | 50,726 | 54.1% | 50.3% | 66.2 |")
     assert train[4].endswith("| 8 | out of memory |  |  |  |")
-    # likelihood_h200.json: 35.7865 / 13.8331 = 2.587 at 512/1/1 with distinct contexts.
-    assert "| 512 / 1 / 1 | 256 (1) | 35.8 | 13.8 | 2.59x |" in render(["likelihood_h200.json"])
+    # likelihood_h200_bf0c4ee.json (the call before --repeats, renamed from likelihood_h200.json):
+    # 35.7865 / 13.8331 = 2.587 at 512/1/1 with distinct contexts.
+    assert "| 512 / 1 / 1 | 256 (1) | 35.8 | 13.8 | 2.59x |" in render(["likelihood_h200_bf0c4ee.json"])
+    # likelihood_h200.json, --repeats 3, same row: medians 38.2051 / 11.9051 = 3.209; ranges 33.23-38.53, 11.81-15.73.
+    assert "| 512 / 1 / 1 | 256 (1) | 38.2 (33.2-38.5, n=3) | 11.9 (11.8-15.7, n=3) | 3.21x |" in render(
+        ["likelihood_h200.json"]
+    )
+    # moe_h200.json: compiled blocks 67825.42 / the loop over experts' 6813.40 = 9.955, MFU 0.40905, 77.457 GiB.
+    assert "| ours, compiled blocks | 4 | 67,825 | 9.95x | 40.9% | 77.5 |" in render(["moe_h200.json"])
+    # fp8_8b_tensorwise_h200.json: 48624.89 tokens/s, MFU 0.74673, speed-up 1.27086 over bf16.
+    assert "| 4 | 48,625 | 74.7% | 67.4% | 70.3 | 1.271x |" in render(["fp8_8b_tensorwise_h200.json"])
+    # sampler_h200_llada_code.json: 9.10587 / 2.76269 = 3.296 at batch 1; 204 of 1 x 256 tokens differ.
+    sampler = render(["sampler_h200_llada_code.json"])
+    assert "| 1 | 256 | ours | 2.76 (2.76-2.76, n=2) | 92.7 | 3.30x | no (204 of 256 differ) |" in sampler
     # sampler_h200.json: the reference's 1.68202 s over ours' 0.72667 s at batch 1, 64 steps = 2.315.
     assert "| 1 | 64 | ours | 0.73 | 352.3 | 2.31x | yes |" in render(["sampler_h200.json"])
     # kernel_h200.json filtered to one row kind: 11 methods x 1 target kind at H = 2048.

@@ -90,22 +90,43 @@ def _kernel(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[s
     return _table(header, out)
 
 
+def _is_reference_sampler(name: str) -> bool:
+    """The sampler every other row is compared with: LLaDA's own ``generate.py`` or a transcription of it."""
+    return name == "LLaDA generate.py" or name.startswith("reference")
+
+
+def _seconds(r: Raw) -> float | dict[str, Any]:
+    """A sampler row's seconds: with every repeat (``seconds_all``), as a ``repeats`` record."""
+    times = r.get("seconds_all")
+    if not times or len(times) < 2:
+        return r["seconds"]
+    return {"median": r["seconds"], "min": min(times), "max": max(times), "repeats": times}
+
+
 def _sampler(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
-    """``sampler`` results; "vs reference" divides the reference's seconds at the same batch and steps."""
+    """``sampler`` results; "vs reference" divides the reference's seconds at the same batch and steps (medians
+    where repeated); "tokens identical" counts the differing tokens where the row records them."""
     reference = {
-        (r["batch"], r["steps"]): central(r["seconds"]) for _, r in rows if r["sampler"] == "reference"
+        (r["batch"], r["steps"]): central(r["seconds"])
+        for _, r in rows
+        if _is_reference_sampler(r["sampler"])
     }
     out = []
-    for _, r in rows:
+    for name, r in rows:
         ref = reference.get((r["batch"], r["steps"]))
         speed = "-" if ref is None else f"{ref / central(r['seconds']):.2f}x"
-        same = "-" if r["sampler"] == "reference" else ("yes" if r["identical_to_reference"] else "no")
+        same = "yes" if r["identical_to_reference"] else "no"
+        if _is_reference_sampler(r["sampler"]):
+            same = "-"
+        elif "tokens_differing_from_reference" in r and not r["identical_to_reference"]:
+            total = r["batch"] * dict(files)[name]["options"]["gen_length"]
+            same = f"no ({r['tokens_differing_from_reference']} of {total} differ)"
         out.append(
             [
                 r["batch"],
                 r["steps"],
                 r["sampler"],
-                _fmt(r["seconds"], ".2f"),
+                _fmt(_seconds(r), ".2f"),
                 _fmt(r["tokens_per_s"], ".1f"),
                 speed,
                 same,
@@ -160,6 +181,75 @@ def _peer_logits(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> l
     return _table(["raw", "peer code", "torch", "comparison (fp32)", "max abs logit difference"], out)
 
 
+def _moe(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``moe`` results as the benchmark prints them; "vs reference" divides by its file's reference row (the loop
+    over experts), whatever its micro-batch."""
+    reference = {
+        name: next(
+            r["tokens_per_s"]
+            for r in raw["results"]
+            if r["path"].startswith("reference") and "tokens_per_s" in r
+        )
+        for name, raw in files
+    }
+    out = []
+    for name, r in rows:
+        if r.get("oom"):
+            out.append([r["path"], r["micro_batch"], "out of memory", "", "", ""])
+            continue
+        out.append(
+            [
+                r["path"],
+                r["micro_batch"],
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['tokens_per_s'] / reference[name]:.2f}x",
+                f"{100 * r['mfu_active']:.1f}%",
+                f"{r['peak_gib']:.1f}",
+            ]  # fmt: skip
+        )
+    return _table(["path", "micro-batch", "tokens/s", "vs reference", "active-param MFU", "peak GiB"], out)
+
+
+def _grouped_gemm(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``moe --grouped-gemm`` paths: each expert projection's GEMM by each path, TFLOP/s over the routed rows."""
+    out = [
+        [
+            f"{r['gemm']} ({r['n']} x {r['k']})",
+            r["path"],
+            f"{r['fwd_ms']:.3f}",
+            f"{r['fwd_tflops']:.0f}",
+            f"{r['fwd_bwd_ms']:.3f}",
+            f"{r['fwd_bwd_tflops']:.0f}",
+        ]  # fmt: skip
+        for _, r in rows
+    ]
+    header = ["GEMM (N x K)", "path", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s"]
+    return _table(header, out)
+
+
+def _fp8(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``fp8`` throughput: each shape in bf16 and each FP8 recipe; the speed-up is over bf16 in the same call."""
+    out = []
+    for name, r in rows:
+        forced = "torch27 (forced)" if dict(files)[name]["environment"]["torch27_branch_forced"] else "native"
+        lead = [r["shape"], r["fp8"], name, forced, r["micro_batch"]]
+        if r.get("oom"):
+            out.append([*lead, "out of memory", "", "", "", ""])
+            continue
+        out.append(
+            [
+                *lead,
+                f"{r['tokens_per_s_per_gpu']:,.0f}",
+                f"{100 * r['mfu']:.1f}%",
+                f"{100 * r['executed_utilisation']:.1f}%",
+                f"{r['peak_gib']:.1f}",
+                f"{r['speedup']:.3f}x",
+            ]
+        )
+    header = ["shape", "fp8", "raw", "torch branch", "micro-batch", "tokens/s per GPU", "MFU"]
+    return _table([*header, "executed FLOPs util.", "peak GiB", "vs bf16"], out)
+
+
 # benchmark name -> (where its rows are, formatter)
 FORMATTERS: dict[
     str, tuple[str | None, Callable[[list[tuple[str, Raw]], list[tuple[str, Raw]]], list[str]]]
@@ -170,6 +260,9 @@ FORMATTERS: dict[
     "likelihood": ("rows", _likelihood),
     "startup": (None, _startup),  # one row per file
     "peer_logits": (None, _peer_logits),
+    "moe": ("results", _moe),
+    "moe --grouped-gemm": ("paths", _grouped_gemm),
+    "fp8": ("throughput", _fp8),
 }
 
 
