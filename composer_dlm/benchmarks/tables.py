@@ -33,7 +33,8 @@ def central(value: float | dict[str, Any]) -> float:
     return float(value["median"]) if isinstance(value, dict) else float(value)
 
 
-def _fmt(value: float | dict[str, Any], spec: str) -> str:
+def fmt(value: float | dict[str, Any], spec: str) -> str:
+    """``value`` formatted with ``spec``; a ``repeats`` record as "median (min-max, n=N)"."""
     if not isinstance(value, dict):
         return format(value, spec)
     n = len(value["repeats"])
@@ -48,24 +49,28 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return [_row(header), "|" + "---|" * len(header), *(_row(r) for r in rows)]
 
 
+def _branch(files: list[tuple[str, Raw]], name: str) -> str:
+    """The torch branch a file's rows ran on."""
+    return "torch27 (forced)" if dict(files)[name]["environment"]["torch27_branch_forced"] else "native"
+
+
+def _throughput_cells(r: Raw) -> list[str]:
+    """A ``train``-style result's tokens/s, MFU, executed FLOPs' utilisation and peak memory (OOM: says so)."""
+    if r.get("oom"):
+        return ["out of memory", "", "", ""]
+    return [
+        fmt(r["tokens_per_s_per_gpu"], ",.0f"),
+        f"{100 * r['mfu']:.1f}%",
+        f"{100 * r['executed_utilisation']:.1f}%",
+        f"{r['peak_gib']:.1f}",
+    ]
+
+
 def _train(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
     """``train`` results (one row per result; OOM rows say so): MFU and the executed FLOPs' utilisation."""
-    out = []
-    for name, r in rows:
-        forced = "torch27 (forced)" if dict(files)[name]["environment"]["torch27_branch_forced"] else "native"
-        lead = [r["path"], name, forced, r["micro_batch"]]
-        if r.get("oom"):
-            out.append([*lead, "out of memory", "", "", ""])
-        else:
-            out.append(
-                [
-                    *lead,
-                    _fmt(r["tokens_per_s_per_gpu"], ",.0f"),
-                    f"{100 * r['mfu']:.1f}%",
-                    f"{100 * r['executed_utilisation']:.1f}%",
-                    f"{r['peak_gib']:.1f}",
-                ]
-            )
+    out = [
+        [r["path"], name, _branch(files, name), r["micro_batch"], *_throughput_cells(r)] for name, r in rows
+    ]
     header = ["run", "raw", "torch branch", "micro-batch", "tokens/s per GPU", "MFU", "executed FLOPs util."]
     return _table([*header, "peak GiB"], out)
 
@@ -126,8 +131,8 @@ def _sampler(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[
                 r["batch"],
                 r["steps"],
                 r["sampler"],
-                _fmt(_seconds(r), ".2f"),
-                _fmt(r["tokens_per_s"], ".1f"),
+                fmt(_seconds(r), ".2f"),
+                fmt(r["tokens_per_s"], ".1f"),
                 speed,
                 same,
             ]  # fmt: skip
@@ -142,8 +147,8 @@ def _likelihood(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> li
         [
             f"{r['prompt']} / {r['answer']} / {r['mc_num']}",
             f"{r['requests']} ({r['answers_per_context']})",
-            _fmt(r["reference_ms"], ".1f"),
-            _fmt(r["ours_ms"], ".1f"),
+            fmt(r["reference_ms"], ".1f"),
+            fmt(r["ours_ms"], ".1f"),
             f"{central(r['reference_ms']) / central(r['ours_ms']):.2f}x",
         ]  # fmt: skip
         for _, r in rows
@@ -186,7 +191,7 @@ def _moe(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]
     over experts), whatever its micro-batch."""
     reference = {
         name: next(
-            r["tokens_per_s"]
+            central(r["tokens_per_s"])
             for r in raw["results"]
             if r["path"].startswith("reference") and "tokens_per_s" in r
         )
@@ -201,8 +206,8 @@ def _moe(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]
             [
                 r["path"],
                 r["micro_batch"],
-                f"{r['tokens_per_s']:,.0f}",
-                f"{r['tokens_per_s'] / reference[name]:.2f}x",
+                fmt(r["tokens_per_s"], ",.0f"),
+                f"{central(r['tokens_per_s']) / reference[name]:.2f}x",
                 f"{100 * r['mfu_active']:.1f}%",
                 f"{r['peak_gib']:.1f}",
             ]  # fmt: skip
@@ -229,23 +234,14 @@ def _grouped_gemm(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> 
 
 def _fp8(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
     """``fp8`` throughput: each shape in bf16 and each FP8 recipe; the speed-up is over bf16 in the same call."""
-    out = []
-    for name, r in rows:
-        forced = "torch27 (forced)" if dict(files)[name]["environment"]["torch27_branch_forced"] else "native"
-        lead = [r["shape"], r["fp8"], name, forced, r["micro_batch"]]
-        if r.get("oom"):
-            out.append([*lead, "out of memory", "", "", "", ""])
-            continue
-        out.append(
-            [
-                *lead,
-                f"{r['tokens_per_s_per_gpu']:,.0f}",
-                f"{100 * r['mfu']:.1f}%",
-                f"{100 * r['executed_utilisation']:.1f}%",
-                f"{r['peak_gib']:.1f}",
-                f"{r['speedup']:.3f}x",
-            ]
-        )
+    out = [
+        [
+            *[r["shape"], r["fp8"], name, _branch(files, name), r["micro_batch"]],
+            *_throughput_cells(r),
+            "" if r.get("oom") else f"{r['speedup']:.3f}x",
+        ]
+        for name, r in rows
+    ]
     header = ["shape", "fp8", "raw", "torch branch", "micro-batch", "tokens/s per GPU", "MFU"]
     return _table([*header, "executed FLOPs util.", "peak GiB", "vs bf16"], out)
 
