@@ -37,9 +37,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from composer_dlm.benchmarks import H200_PEAK_FLOPS, int_list, write_json
+from composer_dlm.benchmarks import H200_PEAK_FLOPS, int_list, repeats, write_json
 from composer_dlm.benchmarks.kernel import _branch, _cuda_ms
 from composer_dlm.benchmarks.sampler import random_model
+from composer_dlm.benchmarks.tables import central, fmt
 from composer_dlm.cli import ArgumentParser
 from composer_dlm.diffusion import DiffusionConfig
 from composer_dlm.models.composer_llada import ComposerLLaDA
@@ -119,14 +120,15 @@ def time_steps(
     optimizer: torch.optim.Optimizer,
     batches: list[torch.Tensor],
     warmup: int,
-) -> tuple[float, float]:
-    """(seconds per step after ``warmup`` steps, peak GiB) over ``batches``, one step each."""
+) -> tuple[list[float], float]:
+    """(the seconds of each step after ``warmup`` steps, peak GiB) over ``batches``, one step each."""
     device = batches[0].device
+    seconds: list[float] = []
     for i, ids in enumerate(batches):
         if i == warmup:
-            torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
         objective.set_noise_step(i)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = objective({"input_ids": ids}).loss
@@ -134,9 +136,10 @@ def time_steps(
         torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    return elapsed / (len(batches) - warmup), torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.synchronize(device)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return seconds, torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def same_batch_losses(objective: ComposerLLaDA, ids: torch.Tensor) -> dict[str, float]:
@@ -303,7 +306,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--reference-micro-batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reference-steps", type=int, default=4)
+    p.add_argument("--reference-steps", type=int, default=8)
     p.add_argument(
         "--compile",
         action="store_true",
@@ -391,7 +394,7 @@ def main(argv: list[str]) -> None:
         }
         try:
             with _branch("torch27") if torch27 else contextlib.nullcontext():
-                step_s, peak = time_steps(
+                step_s_list, peak = time_steps(
                     objective, optimizer, batches(micro_batch, steps), min(args.warmup, steps - 1)
                 )
         except torch.OutOfMemoryError:
@@ -399,8 +402,11 @@ def main(argv: list[str]) -> None:
             torch.cuda.empty_cache()
             results.append(row | {"oom": True})
             continue
-        tps = micro_batch * args.seq_len / step_s
-        row |= {"tokens_per_s": tps, "mfu_active": tps * flops_per_token / H200_PEAK_FLOPS, "step_s": step_s}
+        tokens_per_s = repeats(
+            [micro_batch * args.seq_len / t for t in step_s_list]
+        )  # median and range of steps
+        mfu = tokens_per_s["median"] * flops_per_token / H200_PEAK_FLOPS
+        row |= {"tokens_per_s": tokens_per_s, "mfu_active": mfu, "step_s": repeats(step_s_list)}
         results.append(row | {"peak_gib": peak})
     reference = next((r for r in results if r["path"].startswith("reference") and "tokens_per_s" in r), None)
     print(
@@ -413,9 +419,11 @@ def main(argv: list[str]) -> None:
         if r.get("oom"):
             print(f"| {r['path']} | {r['micro_batch']} | OOM | | | |")
             continue
-        speedup = r["tokens_per_s"] / reference["tokens_per_s"] if reference else float("nan")
+        speedup = (
+            central(r["tokens_per_s"]) / central(reference["tokens_per_s"]) if reference else float("nan")
+        )
         print(
-            f"| {r['path']} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {speedup:.2f}x | "
+            f"| {r['path']} | {r['micro_batch']} | {fmt(r['tokens_per_s'], ',.0f')} | {speedup:.2f}x | "
             f"{100 * r['mfu_active']:.1f}% | {r['peak_gib']:.1f} |"
         )
     print(f"loss of one batch, same weights: ours {check['ours']:.5f}, reference {check['reference']:.5f}")
