@@ -178,11 +178,13 @@ def test_rope_equals_complex_rotation():
             assert ours[p, i + half].item() == pytest.approx(z.imag, abs=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("theta", [10000.0, 500000.0])
-def test_rope_tables_round_as_lladas_modeling_file(theta):
+def test_rope_tables_round_as_lladas_modeling_file(theta, device):
     """The tables are LLaDA's to the bit: inverse frequencies as 1 / theta^(2i/d) in fp32 (LLaDA's
     RotaryEmbedding), not theta^(-2i/d), which rounds differently in fp32 and so moves bf16 queries and keys by
-    an ulp now and then: enough, on a GPU, for exact-mode tokens to part from LLaDA's own code."""
+    an ulp now and then: enough, on a GPU, for exact-mode tokens to part from LLaDA's own code. On a GPU too
+    they are the CPU's sin and cos (LLaDA builds its tables on the CPU), not the GPU's, which round otherwise."""
     head_dim, length = 128, 300
     inv_freq = [
         1.0 / torch.tensor(theta, dtype=torch.float32) ** torch.tensor(i / head_dim)
@@ -190,8 +192,9 @@ def test_rope_tables_round_as_lladas_modeling_file(theta):
     ]
     angles = torch.arange(length, dtype=torch.float32)[:, None] * torch.stack(inv_freq)[None, :]
     angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = rope_cos_sin(length, head_dim, theta, torch.device("cpu"))
-    assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
+    cos, sin = rope_cos_sin(length, head_dim, theta, torch.device(device))
+    assert cos.device.type == device
+    assert torch.equal(cos.cpu(), angles.cos()) and torch.equal(sin.cpu(), angles.sin())
 
 
 def test_grouped_query_attention_equals_repeated_heads():

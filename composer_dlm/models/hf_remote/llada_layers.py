@@ -6,6 +6,8 @@ model (:mod:`composer_dlm.models.llada`), so both compute them with the same cod
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,13 +30,24 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(
     seq_len: int, head_dim: int, theta: float, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (seq_len, head_dim) in fp32; angle(p, i) = p * theta^(-2i/head_dim), i < head_dim/2,
-    repeated for the second half so that position i and i + head_dim/2 share a frequency."""
+    """cos and sin tables (seq_len, head_dim) in fp32; angle(p, i) = p / theta^(2i/head_dim), i < head_dim/2,
+    repeated for the second half so that position i and i + head_dim/2 share a frequency.
+
+    Computed on the CPU and then moved to ``device``, as LLaDA's modeling file does (it builds its tables once, on
+    the CPU, when the model is made): a GPU's sin and cos round differently in the last bit, which moves bf16 q
+    and k now and then and with them the sampler's tokens. Cached per length and device (read-only tensors)."""
+    return _rope_tables(seq_len, head_dim, float(theta), torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     # 1 / theta^(2i/d), as LLaDA computes it: theta^(-2i/d) rounds differently in fp32 (and moves bf16 q and k)
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos().to(device), angles.sin().to(device)
 
 
 def apply_rope(x_BHLD: torch.Tensor, cos_LD: torch.Tensor, sin_LD: torch.Tensor) -> torch.Tensor:
