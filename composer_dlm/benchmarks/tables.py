@@ -246,6 +246,36 @@ def _fp8(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]
     return _table([*header, "executed FLOPs util.", "peak GiB", "vs bf16"], out)
 
 
+def _fast_accuracy(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``fast_accuracy`` modes: accuracy, its difference from exact mode's in the same file, agreement with exact
+    mode (prompts whose generated tokens are its), the prompts gained and lost against it, tokens per forward."""
+    exact = {name: next(r for r in raw["results"] if r["mode"] == "exact") for name, raw in files}
+    out = []
+    for name, r in rows:
+        reference = exact[name]
+        out.append(
+            [
+                r["mode"],
+                f"{r['correct']} of {r['prompts']}",
+                f"{100 * r['accuracy']:.1f}%",
+                "-" if r is reference else f"{100 * (r['accuracy'] - reference['accuracy']):+.1f}",
+                f"{100 * r['agreement']:.1f}% ({r['agree']})",
+                f"{r['gained']} / {r['lost']}",
+                f"{r['tokens_per_forward']:.2f}",
+            ]  # fmt: skip
+        )
+    header = [
+        "mode",
+        "right",
+        "accuracy",
+        "vs exact (points)",
+        "agrees with exact",
+        "gained / lost",
+        "tokens/forward",
+    ]
+    return _table(header, out)
+
+
 # benchmark name -> (where its rows are, formatter)
 FORMATTERS: dict[
     str, tuple[str | None, Callable[[list[tuple[str, Raw]], list[tuple[str, Raw]]], list[str]]]
@@ -259,6 +289,7 @@ FORMATTERS: dict[
     "moe": ("results", _moe),
     "moe --grouped-gemm": ("paths", _grouped_gemm),
     "fp8": ("throughput", _fp8),
+    "fast_accuracy": ("results", _fast_accuracy),
 }
 
 
