@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from composer_dlm.benchmarks.fast_accuracy import MODES, fact_prompts, is_right, main
+from composer_dlm.benchmarks.fast_accuracy import MODES, fact_prompts, is_right, leading_words, main
 from composer_dlm.data import synthetic
 from composer_dlm.models import LLaDAModel
 
@@ -40,6 +40,12 @@ def test_grading_reads_whole_words(text, answer, right):
     assert is_right(text, answer) is right
 
 
+def test_leading_words_are_as_many_as_the_answer_has():
+    assert leading_words(" New Delhi. The capital", "New Delhi") == ["New", "Delhi"]
+    assert leading_words(" 10. 3 + 4", "1") == ["10"]
+    assert leading_words(" .", "Paris") == []
+
+
 def test_agreement_figures_are_consistent(tmp_path):
     config = dict(
         d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64, vocab_size=1024, mask_token_id=2, eos_token_id=0,
@@ -54,10 +60,11 @@ def test_agreement_figures_are_consistent(tmp_path):
     rows = raw["results"]
     assert [r["mode"] for r in rows] == list(MODES)
     exact = rows[0]
-    assert (exact["agree"], exact["gained"], exact["lost"]) == (426, 0, 0)
+    assert (exact["same_tokens"], exact["same_answer"], exact["gained"], exact["lost"]) == (426, 426, 0, 0)
     for r in rows:
-        assert r["prompts"] == 426 and r["agreement"] == r["agree"] / 426
+        assert r["prompts"] == 426 and r["token_agreement"] == r["same_tokens"] / 426
+        assert r["same_tokens"] <= r["same_answer"] and r["answer_agreement"] == r["same_answer"] / 426
         assert r["correct"] - exact["correct"] == r["gained"] - r["lost"]
-        assert r["gained"] + r["lost"] <= 426 - r["agree"]
+        assert r["gained"] + r["lost"] <= 426 - r["same_tokens"]
     # The caches read stale keys and values: some rows differ from exact mode on a random model.
-    assert next(r for r in rows if r["mode"] == "prefix cache")["agree"] < 426
+    assert next(r for r in rows if r["mode"] == "prefix cache")["same_tokens"] < 426

@@ -8,8 +8,9 @@ cut before the answer (``The capital of France is`` -> ``Paris``; ``The dog`` ->
 expected word(s) followed by a non-word character or the end (``1`` is not ``10``, ``six`` not ``sixteen``).
 Every mode decodes the same prompts, batched with left padding; a forward is one model call per step (a step under
 guidance still counts once). Besides accuracy, each mode reports its agreement with exact mode: the prompts whose
-generated tokens (all ``gen_length``) are exact mode's, and how many it gets right that exact mode gets wrong
-(gained) and the reverse (lost): the accuracy difference is (gained - lost) / prompts, and at most the disagreement.
+generated tokens (all ``gen_length``) are exact mode's (same tokens), those whose leading words, as many as the
+expected answer has, are exact mode's (same answer), and how many it gets right that exact mode gets wrong (gained)
+and the reverse (lost): the accuracy difference is (gained - lost) / prompts, at most the token disagreement.
 Tokens committed per forward = generated tokens / forwards, the parallelism that threshold decoding buys; its speed
 on a large model is that count times the cached step time measured there (``benchmark.py sampler``).
 """
@@ -66,6 +67,11 @@ def is_right(text: str, answer: str) -> bool:
     return re.match(rf"\s*{re.escape(answer)}(?!\w)", text) is not None
 
 
+def leading_words(text: str, answer: str) -> list[str]:
+    """The first words of ``text``, as many as ``answer`` has: the part of an answer that is graded."""
+    return re.findall(r"\w+", text)[: len(answer.split())]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = ArgumentParser(prog="benchmark.py fast_accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a Hugging Face folder of the quickstart's model (runs/quickstart/hf/final)")
@@ -90,7 +96,7 @@ def main(argv: list[str]) -> None:
     items = fact_prompts()
     results: list[dict[str, object]] = []
     # Exact mode (the first mode): its tokens and verdicts, which the other modes are compared with.
-    exact: tuple[list[list[int]], list[bool]] | None = None
+    exact: tuple[list[list[int]], list[list[str]], list[bool]] | None = None
     for label, fast in MODES.items():
         began, forwards = time.perf_counter(), 0
         answers: list[list[int]] = []
@@ -107,29 +113,32 @@ def main(argv: list[str]) -> None:
             forwards += len(calls)
             answers += out[:, ids.shape[1] :].tolist()
         seconds = time.perf_counter() - began
-        right = [
-            is_right(tokenizer.decode(tokens, skip_special_tokens=True), answer)
-            for (_, answer), tokens in zip(items, answers, strict=True)
-        ]
-        exact = exact or (answers, right)
-        pairs = list(zip(answers, exact[0], right, exact[1], strict=True))
+        texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in answers]
+        right = [is_right(text, answer) for text, (_, answer) in zip(texts, items, strict=True)]
+        words = [leading_words(text, answer) for text, (_, answer) in zip(texts, items, strict=True)]
+        exact = exact or (answers, words, right)
+        pairs = list(zip(answers, exact[0], words, exact[1], strict=True))
         batches = -(-len(items) // args.batch_size)
+        same_tokens = sum(a == e for a, e, _, _ in pairs)
+        same_answer = sum(w == e for _, _, w, e in pairs)
         row = {
             "mode": label,
             "accuracy": sum(right) / len(items),
             "correct": sum(right),
             "prompts": len(items),
-            "agreement": sum(a == e for a, e, _, _ in pairs) / len(items),
-            "agree": sum(a == e for a, e, _, _ in pairs),
-            "gained": sum(r and not e for _, _, r, e in pairs),
-            "lost": sum(e and not r for _, _, r, e in pairs),
+            "same_tokens": same_tokens,
+            "token_agreement": same_tokens / len(items),
+            "same_answer": same_answer,
+            "answer_agreement": same_answer / len(items),
+            "gained": sum(r and not e for r, e in zip(right, exact[2], strict=True)),
+            "lost": sum(e and not r for r, e in zip(right, exact[2], strict=True)),
             "forwards": forwards,
             "tokens_per_forward": batches * args.gen_length / forwards,
             "seconds": seconds,
         }
         results.append(row)
         print(f"{label:28s} accuracy {row['accuracy']:.3f} ({row['correct']}/{len(items)})  "
-              f"agreement {row['agreement']:.3f}  gained {row['gained']} lost {row['lost']}  "
+              f"same answer {same_answer}  same tokens {same_tokens}  gained {row['gained']} lost {row['lost']}  "
               f"tokens/forward {row['tokens_per_forward']:.2f}", flush=True)  # fmt: skip
     if args.out:
         write_json(

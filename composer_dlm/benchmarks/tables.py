@@ -248,7 +248,8 @@ def _fp8(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]
 
 def _fast_accuracy(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
     """``fast_accuracy`` modes: accuracy, its difference from exact mode's in the same file, agreement with exact
-    mode (prompts whose generated tokens are its), the prompts gained and lost against it, tokens per forward."""
+    mode (prompts whose graded leading words, and whose generated tokens, are its), the prompts gained and lost
+    against it, tokens per forward."""
     exact = {name: next(r for r in raw["results"] if r["mode"] == "exact") for name, raw in files}
     out = []
     for name, r in rows:
@@ -259,7 +260,8 @@ def _fast_accuracy(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) ->
                 f"{r['correct']} of {r['prompts']}",
                 f"{100 * r['accuracy']:.1f}%",
                 "-" if r is reference else f"{100 * (r['accuracy'] - reference['accuracy']):+.1f}",
-                f"{100 * r['agreement']:.1f}% ({r['agree']})",
+                f"{r['same_answer']} ({100 * r['answer_agreement']:.1f}%)",
+                f"{r['same_tokens']} ({100 * r['token_agreement']:.1f}%)",
                 f"{r['gained']} / {r['lost']}",
                 f"{r['tokens_per_forward']:.2f}",
             ]  # fmt: skip
@@ -269,11 +271,10 @@ def _fast_accuracy(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) ->
         "right",
         "accuracy",
         "vs exact (points)",
-        "agrees with exact",
-        "gained / lost",
-        "tokens/forward",
+        "same answer as exact",
+        "same tokens as exact",
     ]
-    return _table(header, out)
+    return _table([*header, "gained / lost", "tokens/forward"], out)
 
 
 # benchmark name -> (where its rows are, formatter)
