@@ -1,5 +1,7 @@
 """Fast mode: the KV-cached forward against the full forward, the cached sampler with a fresh cache at every step
-against exact mode, and batches with prompts of different lengths against their rows run alone, in every mode.
+against exact mode and with Fast-dLLM's once-per-block cache against a naive reference (keys and values frozen by
+hooks on the plain forward), and batches with prompts of different lengths against their rows run alone, in every
+mode.
 (Fast-dLLM's own outputs: tests/test_peer_sampler.py.)"""
 
 from __future__ import annotations
@@ -70,6 +72,87 @@ def test_cache_refreshed_every_step_equals_exact_mode(dtype, cache, cfg_scale):
     assert torch.equal(cached, exact)
     # Refreshed once per block, the later steps read stale keys and values: a different sampler.
     assert (generate(model, ids, attention_mask=attn, fast=FastMode(cache=cache), **kw) != MASK).all()
+
+
+class _FrozenKeysValues:
+    """A naive block-level KV cache on the plain forward: hooks on every layer's k/v projections record their
+    outputs at the block's first step and, at its later steps, put the recorded rows back at the columns that are
+    not recomputed. A full forward with those columns' keys and values frozen computes at the other columns what a
+    cached forward over them computes (RoPE is applied after the projections, at each column's own position)."""
+
+    def __init__(self, model: LLaDAModel) -> None:
+        layers = [m for b in model.blocks for m in (b.k_proj, b.v_proj)]
+        self.handles = [m.register_forward_hook(self._hook) for m in layers]
+        self.recorded: dict[int, torch.Tensor] = {}
+        self.frozen: torch.Tensor | None = None  # (L,) bool: the columns that keep their recorded rows
+
+    def _hook(self, module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if self.frozen is None:
+            self.recorded[id(module)] = out.clone()
+            return out
+        return torch.where(self.frozen[None, :, None], self.recorded[id(module)], out)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _naive_cached_sampler(
+    model: LLaDAModel, ids: torch.Tensor, attn: torch.Tensor, *, steps: int, gen_length: int, block_length: int,
+    cache: str, cfg_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """Fast-dLLM's prefix/dual cache, written plainly: per block, a full forward (recording keys and values) whose
+    candidates are the masked columns up to the block's end, then full forwards with the prefix's (and, for
+    ``dual``, the suffix's) keys and values frozen, whose candidates are the block's masked columns; each step
+    commits its share of the block's masks by confidence, at temperature 0."""
+    batch, prompt_length = ids.shape
+    x = torch.cat([ids, torch.full((batch, gen_length), MASK)], dim=1)
+    length = x.shape[1]
+    mask = torch.cat([attn, torch.ones(batch, gen_length, dtype=attn.dtype)], dim=1)
+    per_block = steps // (gen_length // block_length)
+    counts = [block_length // per_block + (i < block_length % per_block) for i in range(per_block)]
+    kv = _FrozenKeysValues(model)
+    cols = torch.arange(length)
+    try:
+        for start in range(prompt_length, length, block_length):
+            end = start + block_length
+            recomputed = (cols >= start) & ((cols < end) if cache == "dual" else True)
+            for step, k in enumerate(counts):
+                kv.frozen = None if step == 0 else ~recomputed
+                uncond = x.clone()
+                uncond[:, :prompt_length] = MASK
+                both = model(torch.cat([x, uncond]), attention_mask=torch.cat([mask, mask]))
+                cond_logits, uncond_logits = both.chunk(2)
+                logits = (
+                    cond_logits
+                    if cfg_scale == 0
+                    else uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)
+                )
+                conf, x0 = logits.softmax(-1).max(-1)
+                candidate = (x == MASK) & (cols < end) & ((cols >= start) if step > 0 else True)
+                conf = torch.where(candidate, conf, float("-inf"))
+                for row in range(batch):
+                    top = conf[row].topk(k).indices
+                    x[row, top] = x0[row, top]
+    finally:
+        kv.remove()
+    return x
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_cached_modes_equal_naive_reference(cache, cfg_scale):
+    """Prefix and dual cache against :func:`_naive_cached_sampler` in float32, on a batch of left-padded prompts:
+    which columns are recomputed, what they attend to (the stale keys and values, padding masked), at which RoPE
+    positions, and what is refilled at each block's start. (Fast-dLLM's own tokens, batch 1 without guidance:
+    tests/test_peer_sampler.py.)"""
+    model = _model(torch.float32)
+    ids, attn = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13], [40, 41, 42, 43, 44]], pad_id=0)
+    kw: dict[str, Any] = dict(steps=8, gen_length=16, block_length=4, cfg_scale=cfg_scale)
+    ours = generate(model, ids, attention_mask=attn, mask_token_id=MASK, fast=FastMode(cache=cache), **kw)
+    assert ours.tolist() == _naive_cached_sampler(model, ids, attn, cache=cache, **kw).tolist()
+    # The stale keys and values matter on this model: exact mode returns other tokens.
+    assert not torch.equal(ours, generate(model, ids, attention_mask=attn, mask_token_id=MASK, **kw))
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

@@ -116,6 +116,11 @@ def test_cells_recomputed_by_hand():
         in startup
     )
     assert "| startup_8b_h200_after.json | (defaults) | 6.9 | 19.0 |" in startup
+    # fast_accuracy_quickstart2400.json: dual cache 90 of 426 = 21.13%, exact mode 86: +0.94 points; same answer
+    # 380 / 426 = 89.2%, same tokens 127 / 426 = 29.8%.
+    fast = render(["fast_accuracy_quickstart2400.json"])
+    assert "| dual cache | 90 of 426 | 21.1% | +0.9 | 380 (89.2%) | 127 (29.8%) | 10 / 6 | 1.00 |" in fast
+    assert "| exact | 86 of 426 | 20.2% | - |" in fast
     # tests/fixtures/lladamoe/check.json: ours vs dLLM's code 1.1920928955078125e-07, its export read back 0.0.
     peer = render([str(ROOT / "tests/fixtures/lladamoe/check.json")])
     assert "| ours vs dLLM's code | 1.19e-07 |" in peer and "vs its own logits | 0 |" in peer

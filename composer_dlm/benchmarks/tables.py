@@ -246,6 +246,37 @@ def _fp8(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]
     return _table([*header, "executed FLOPs util.", "peak GiB", "vs bf16"], out)
 
 
+def _fast_accuracy(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``fast_accuracy`` modes: accuracy, its difference from exact mode's in the same file, agreement with exact
+    mode (prompts whose graded leading words, and whose generated tokens, are its), the prompts gained and lost
+    against it, tokens per forward."""
+    exact = {name: next(r for r in raw["results"] if r["mode"] == "exact") for name, raw in files}
+    out = []
+    for name, r in rows:
+        reference = exact[name]
+        out.append(
+            [
+                r["mode"],
+                f"{r['correct']} of {r['prompts']}",
+                f"{100 * r['accuracy']:.1f}%",
+                "-" if r is reference else f"{100 * (r['accuracy'] - reference['accuracy']):+.1f}",
+                f"{r['same_answer']} ({100 * r['answer_agreement']:.1f}%)",
+                f"{r['same_tokens']} ({100 * r['token_agreement']:.1f}%)",
+                f"{r['gained']} / {r['lost']}",
+                f"{r['tokens_per_forward']:.2f}",
+            ]  # fmt: skip
+        )
+    header = [
+        "mode",
+        "right",
+        "accuracy",
+        "vs exact (points)",
+        "same answer as exact",
+        "same tokens as exact",
+    ]
+    return _table([*header, "gained / lost", "tokens/forward"], out)
+
+
 # benchmark name -> (where its rows are, formatter)
 FORMATTERS: dict[
     str, tuple[str | None, Callable[[list[tuple[str, Raw]], list[tuple[str, Raw]]], list[str]]]
@@ -259,6 +290,7 @@ FORMATTERS: dict[
     "moe": ("results", _moe),
     "moe --grouped-gemm": ("paths", _grouped_gemm),
     "fp8": ("throughput", _fp8),
+    "fast_accuracy": ("results", _fast_accuracy),
 }
 
 
