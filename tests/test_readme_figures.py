@@ -85,7 +85,7 @@ def test_an_edited_cell_or_raw_value_fails(tmp_path):
     assert "| 49,000 |" in render([str(path)]) and "50,726" not in render([str(path)])
 
 
-def test_cells_recomputed_by_hand():
+def test_cells_recomputed_by_hand(tmp_path):
     # train_1b_h200.json, ours: 50726.318 tokens/s, MFU 0.54118, executed 0.50272, 66.214 GiB.
     train = render(["train_1b_h200.json"]).split("\n")
     assert train[2].endswith("| train_1b_h200.json | native | 8 | 50,726 | 54.1% | 50.3% | 66.2 |")
@@ -97,8 +97,18 @@ def test_cells_recomputed_by_hand():
     assert "| 512 / 1 / 1 | 256 (1) | 38.2 (33.2-38.5, n=3) | 11.9 (11.8-15.7, n=3) | 3.21x |" in render(
         ["likelihood_h200.json"]
     )
-    # moe_h200.json: compiled blocks 67825.42 / the loop over experts' 6813.40 = 9.955, MFU 0.40905, 77.457 GiB.
-    assert "| ours, compiled blocks | 4 | 67,825 | 9.95x | 40.9% | 77.5 |" in render(["moe_h200.json"])
+    # moe_h200_c2ecf09.json: compiled blocks 67825.42 / the loop over experts' 6813.40 = 9.955, MFU 0.40905, 77.457 GiB.
+    assert "| ours, compiled blocks | 4 | 67,825 | 9.95x | 40.9% | 77.5 |" in render(
+        ["moe_h200_c2ecf09.json"]
+    )
+    # moe_h200.json (medians of 5 steps): compiled 62861.31 / the loop's 6715.90 = 9.360, MFU 0.37911, 78.197 GiB.
+    assert "| ours, compiled blocks | 4 | 62,861 (61,134-65,940, n=5) | 9.36x | 37.9% | 78.2 |" in render(
+        ["moe_h200.json"]
+    )
+    # fp8_curve_h200.json: final losses 1.07560 (tensorwise) over 1.07205 (bf16) = +0.331%.
+    assert "| tensorwise | 300 | 1.0756 | +0.33% |" in render(["fp8_curve_h200.json"])
+    # fp8_1.65b_h200.json: 58664.70 / 50958.27 = 1.1512.
+    assert "| 8 | 58,665 | 62.6% | 58.1% | 66.5 | 1.151x |" in render(["fp8_1.65b_h200.json"])
     # fp8_8b_tensorwise_h200.json: 48624.89 tokens/s, MFU 0.74673, speed-up 1.27086 over bf16.
     assert "| 4 | 48,625 | 74.7% | 67.4% | 70.3 | 1.271x |" in render(["fp8_8b_tensorwise_h200.json"])
     # sampler_h200_llada_code.json: 9.10587 / 2.76269 = 3.296 at batch 1; 204 of 1 x 256 tokens differ.
@@ -106,6 +116,18 @@ def test_cells_recomputed_by_hand():
     assert "| 1 | 256 | ours | 2.76 (2.76-2.76, n=2) | 92.7 | 3.30x | no (204 of 256 differ) |" in sampler
     # sampler_h200.json: the reference's 1.68202 s over ours' 0.72667 s at batch 1, 64 steps = 2.315.
     assert "| 1 | 64 | ours | 0.73 | 352.3 | 2.31x | yes |" in render(["sampler_h200.json"])
+    # kernel rows with their repetitions: median (range); 39.54 / 39.40 / 39.90 -> "39.54 (39.40-39.90, n=3)".
+    raw = json.loads((RESULTS_DIR / "kernel_h200_budgets.json").read_text())
+    raw["results"][0]["ms_repeats"] = {
+        "repeats": [39.54, 39.40, 39.90],
+        "median": 39.54,
+        "min": 39.40,
+        "max": 39.90,
+    }
+    (tmp_path / "kernel.json").write_text(json.dumps(raw))
+    assert "| ours (C=2048) | native | 39.54 (39.40-39.90, n=3) | 0.56 |" in render(
+        [str(tmp_path / "kernel.json")]
+    )
     # kernel_h200.json filtered to one row kind: 11 methods x 1 target kind at H = 2048.
     kernel = render(["kernel_h200.json", "hidden=2048", "targets=sft"]).split("\n")
     assert len(kernel) == 2 + 11 and all(row.startswith("| 2048 | sft |") for row in kernel[2:])

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from composer_dlm.benchmarks import environment, write_json
+from composer_dlm.benchmarks import environment, repeats, write_json
 from composer_dlm.cli import ArgumentParser, fail
 from kernels import (
     KernelConfig,
@@ -138,7 +138,7 @@ def _cuda_ms(f: Callable[[], object]) -> float:
     return start.elapsed_time(end)
 
 
-def _measure(fn: LossFn, h, w, t, rw, ref, reps: int, warmup: int) -> dict[str, float]:
+def _measure(fn: LossFn, h, w, t, rw, ref, reps: int, warmup: int) -> dict[str, Any]:
     for _ in range(warmup):
         _step(fn, h, w, t, rw)
     times = []
@@ -157,6 +157,7 @@ def _measure(fn: LossFn, h, w, t, rw, ref, reps: int, warmup: int) -> dict[str, 
     transient = torch.cuda.max_memory_allocated() - base - _nbytes(loss, h.grad, w.grad)
     out = {
         "ms": statistics.median(times),
+        "ms_repeats": repeats(times),  # every timed repetition, their median and range
         "transient_gib": transient / 2**30,
         "err_loss": _rel(loss.detach(), ref["loss"]),
         "err_dh": _rel(h.grad, ref["dh"]),

@@ -83,7 +83,7 @@ def _kernel(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[s
             r["targets"],
             r["method"],
             r["branch"],
-            f"{r['ms']:.2f}",
+            fmt(r["ms_repeats"] if "ms_repeats" in r else r["ms"], ".2f"),
             f"{r['transient_gib']:.2f}",
             f"{r['err_dh']:.1e}",
             f"{r['err_dw']:.1e}",
@@ -246,6 +246,21 @@ def _fp8(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]
     return _table([*header, "executed FLOPs util.", "peak GiB", "vs bf16"], out)
 
 
+def _fp8_curve(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
+    """``fp8`` loss curves (a file without throughput rows): each precision's final loss against bf16's."""
+    out = [
+        [
+            fp8,
+            len(raw["curve"]["losses"][fp8]),
+            f"{final['final_loss']:.4f}",
+            f"{100 * final['relative_to_bf16']:+.2f}%",
+        ]
+        for _, raw in rows
+        for fp8, final in raw["curve"]["final"].items()
+    ]
+    return _table(["fp8", "steps", "final loss (mean of the last 10%)", "vs bf16"], out)
+
+
 def _fast_accuracy(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
     """``fast_accuracy`` modes: accuracy, its difference from exact mode's in the same file, agreement with exact
     mode (prompts whose graded leading words, and whose generated tokens, are its), the prompts gained and lost
@@ -290,6 +305,7 @@ FORMATTERS: dict[
     "moe": ("results", _moe),
     "moe --grouped-gemm": ("paths", _grouped_gemm),
     "fp8": ("throughput", _fp8),
+    "fp8 curve": (None, _fp8_curve),  # an fp8 file without throughput rows: one table per file
     "fast_accuracy": ("results", _fast_accuracy),
 }
 
@@ -321,6 +337,8 @@ def render(args: Sequence[str]) -> str:
         raise ValueError(
             f"{', '.join(names)}: one table takes files of one benchmark of {sorted(FORMATTERS)}"
         )
+    if kind == "fp8" and not any(raw.get("throughput") for _, raw in files):
+        kind = "fp8 curve"
     key, formatter = FORMATTERS[str(kind)]
     rows = [(name, row) for name, raw in files for row in (raw[key] if key else [raw])]
     rows = [(name, row) for name, row in rows if _matches(row, filters)]
