@@ -197,6 +197,18 @@ def test_rope_tables_round_as_lladas_modeling_file(theta, device):
     assert torch.equal(cos.cpu(), angles.cos()) and torch.equal(sin.cpu(), angles.sin())
 
 
+def test_rope_tables_cached_in_inference_mode_serve_training():
+    """Tables first built under torch.inference_mode (sampling, evaluation) are cached and then used by a training
+    forward, whose autograd saves them: they must be ordinary tensors."""
+    with torch.inference_mode():
+        cos, _ = rope_cos_sin(13, 8, 12345.0, torch.device("cpu"))
+    assert not cos.is_inference()
+    x = torch.randn(1, 1, 13, 8, requires_grad=True)
+    cos, sin = rope_cos_sin(13, 8, 12345.0, torch.device("cpu"))
+    apply_rope(x, cos, sin).square().sum().backward()
+    assert x.grad is not None
+
+
 def test_grouped_query_attention_equals_repeated_heads():
     gqa = tiny(n_kv_heads=2)
     mha = tiny(n_kv_heads=4)
