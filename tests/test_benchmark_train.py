@@ -82,6 +82,10 @@ def test_train_benchmark_runs_and_reports(tmp_path, monkeypatch, capsys):
     for r in results[
         :2
     ]:  # the fused loss projects the masked rows only: 6 * 4096 * 32 FLOPs fewer per other row
+        # 4 steps, 2 of warm-up: 2 timed steps; all tokens over all time lies between the fastest and slowest step
+        steps = r["tokens_per_s_steps"]
+        assert len(steps["repeats"]) == 2 and steps["min"] <= steps["median"] <= steps["max"]
+        assert steps["min"] * (1 - 1e-9) <= r["tokens_per_s_per_gpu"] <= steps["max"] * (1 + 1e-9)
         assert 0.2 < r["masked_fraction"] < 0.8
         executed = per_token - 6 * 4096 * 32 * (1 - r["masked_fraction"])
         assert r["executed_utilisation"] == pytest.approx(r["tokens_per_s_per_gpu"] * executed / 989e12)

@@ -109,6 +109,12 @@ def test_cells_recomputed_by_hand(tmp_path):
     assert "| tensorwise | 300 | 1.0756 | +0.33% |" in render(["fp8_curve_h200.json"])
     # fp8_1.65b_h200.json: 58664.70 / 50958.27 = 1.1512.
     assert "| 8 | 58,665 | 62.6% | 58.1% | 66.5 | 1.151x |" in render(["fp8_1.65b_h200.json"])
+    # With its timed steps the run's tokens/s is followed by their range: 50,958 (steps 50,012-51,499, n=3).
+    raw = json.loads((RESULTS_DIR / "fp8_1.65b_h200.json").read_text())
+    raw["throughput"][0]["tokens_per_s_steps"] = {"repeats": [50012.4, 51000.0, 51499.2], "median": 51000.0,
+                                                   "min": 50012.4, "max": 51499.2}  # fmt: skip
+    (tmp_path / "fp8.json").write_text(json.dumps(raw))
+    assert "| 8 | 50,958 (steps 50,012-51,499, n=3) | 54.4% |" in render([str(tmp_path / "fp8.json")])
     # fp8_8b_tensorwise_h200.json: 48624.89 tokens/s, MFU 0.74673, speed-up 1.27086 over bf16.
     assert "| 4 | 48,625 | 74.7% | 67.4% | 70.3 | 1.271x |" in render(["fp8_8b_tensorwise_h200.json"])
     # sampler_h200_llada_code.json: 9.10587 / 2.76269 = 3.296 at batch 1; 204 of 1 x 256 tokens differ.

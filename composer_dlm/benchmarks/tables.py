@@ -58,8 +58,12 @@ def _throughput_cells(r: Raw) -> list[str]:
     """A ``train``-style result's tokens/s, MFU, executed FLOPs' utilisation and peak memory (OOM: says so)."""
     if r.get("oom"):
         return ["out of memory", "", "", ""]
+    tokens = fmt(r["tokens_per_s_per_gpu"], ",.0f")
+    if "tokens_per_s_steps" in r:  # the run's figure, then the range of its timed steps
+        steps = r["tokens_per_s_steps"]
+        tokens += f" (steps {steps['min']:,.0f}-{steps['max']:,.0f}, n={len(steps['repeats'])})"
     return [
-        fmt(r["tokens_per_s_per_gpu"], ",.0f"),
+        tokens,
         f"{100 * r['mfu']:.1f}%",
         f"{100 * r['executed_utilisation']:.1f}%",
         f"{r['peak_gib']:.1f}",

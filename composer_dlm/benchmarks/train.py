@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from composer_dlm.benchmarks import H200_PEAK_FLOPS, int_list, write_json
+from composer_dlm.benchmarks import H200_PEAK_FLOPS, int_list, repeats, write_json
 from composer_dlm.benchmarks.loader import write_synthetic
 from composer_dlm.cli import ArgumentParser
 from composer_dlm.models.architectures import AnyConfig
@@ -102,6 +102,7 @@ class _StepTimer(Callback):
         self.start: float | None = None
         self.end: float | None = None
         self.batches = 0
+        self.step_s: list[float] = []  # each timed step's seconds
         self.masked: torch.Tensor | float = 0.0  # masked rows of the timed batches (summed on the device)
         self.rows = 0  # all rows (tokens) of the timed batches
 
@@ -120,6 +121,7 @@ class _StepTimer(Callback):
             _reset_peak()
             self.start = now
         else:
+            self.step_s.append(now - (self.end or self.start or now))
             self.end, self.batches = now, batch - self.warmup
 
 
@@ -205,6 +207,8 @@ def run_ours(
         "masked_fraction": masked_fraction,
         "peak_gib": _peak_gib(),
         "step_s": dt / timer.batches,
+        # every timed step's tokens/s: their median and range beside the run's figure (all tokens / all time)
+        "tokens_per_s_steps": repeats([tokens_per_batch / s for s in timer.step_s]),
     }
     del trainer, model
     if dist.get_world_size() > 1:
