@@ -84,10 +84,20 @@ def pretrained_folder(cfg: TrainConfig) -> Path | None:
 
 def receives_weights(cfg: TrainConfig) -> bool:
     """Whether this rank builds the model on the meta device and gets its weights from FSDP's broadcast
-    (``fsdp.sync_module_states``): every rank but local rank 0, so a node reads the folder once."""
+    (``fsdp.sync_module_states``): every rank but local rank 0, so a node reads the folder once. Not in a LoRA run
+    on LLaDA-MoE's routed experts: FSDP leaves those experts out (``parallelize``) and broadcasts none of them, so
+    every rank reads the folder."""
     fsdp = cfg.fsdp
     on_fsdp = fsdp is not None and fsdp.sync_module_states and torch.cuda.is_available()
-    return on_fsdp and dist.get_local_rank() != 0
+    if not on_fsdp or dist.get_local_rank() == 0:
+        return False
+    folder = pretrained_folder(cfg)
+    lora = cfg.model.lora
+    return (
+        lora is None
+        or folder is None
+        or not lora.adapts_stacked_experts(config_from_json(folder / CONFIG_NAME))
+    )
 
 
 def read_device(cfg: TrainConfig, folder: Path, dtype: torch.dtype) -> torch.device:

@@ -36,7 +36,7 @@ from composer_dlm.models.architectures import AnyModel
 from composer_dlm.models.composer_llada import WRAPPER_ATTRS, ComposerLLaDA
 from composer_dlm.models.llada import LLaDABlock, LLaDAModel, eager_blocks
 from composer_dlm.models.llada_moe import LLaDAMoEBlock, LLaDAMoEModel
-from composer_dlm.models.lora import adapter_linears
+from composer_dlm.models.lora import fsdp_units
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def parallelize(model: ComposerLLaDA, fsdp: FSDPConfig | None, *, on_gpu: bool) 
         )
         return None
     trunk = model.model
-    adapters = {id(m) for m in adapter_linears(trunk)}  # LoRA runs: each adapter matrix is a unit too
+    adapter_units, left_out = fsdp_units(trunk)  # LoRA runs: the fp32 adapters in units of their own
+    adapters = {id(m) for m in adapter_units}
     if adapters and not _shards(fsdp, dist.get_world_size()):
         # A unit with only frozen parameters has no post-backward hook; unsharded, nothing else turns its
         # parameters back from the forward's tensor views, and state dicts then miss them (torch's FSDP1).
@@ -148,6 +149,8 @@ def parallelize(model: ComposerLLaDA, fsdp: FSDPConfig | None, *, on_gpu: bool) 
     trunk.fsdp_wrap_fn = lambda module: _is_block(module) or id(module) in adapters
     trunk.activation_checkpointing_fn = _is_block
     config = dataclasses.asdict(fsdp)
+    if left_out:  # LoRA on LLaDA-MoE's routed experts: their frozen stacked weights stay whole on every rank
+        config["ignored_modules"] = left_out
     if adapters:  # the frozen embedding's output needs no grad: reentrant checkpoints would drop the graph
         config["activation_checkpointing_reentrant"] = False
     return {"fsdp": config}

@@ -28,6 +28,7 @@ from composer_dlm.models.lora import (  # noqa: E402
     apply_lora,
     is_adapter_weight,
     merge_adapters,
+    plain_name,
     wrapped_parameters,
 )
 
@@ -200,3 +201,85 @@ def test_lora_on_grouped_experts_in_bf16_autocast(device):
             ), name
         else:
             assert param.grad is None, name
+
+
+def test_fsdp_wraps_a_block_per_unit_and_trains_the_expert_adapters(tmp_path, monkeypatch):
+    """``parallelize``'s FSDP choice for LoRA on LLaDA-MoE (attention, dense MLP, shared expert and the routed
+    experts' stacked parameters), run with torch's FSDP1 itself (one CPU process, gloo: NO_SHARD) under bf16
+    autocast over a bf16 base, as Composer runs ``amp_bf16``: every block is a unit, it wraps (one dtype per unit),
+    the diffusion loss plus the router losses equals the unwrapped model's bit for bit (NO_SHARD and the same bf16
+    casts: nothing is reordered), and exactly the adapters get gradients, the routed experts' nonzero and equal to
+    the unwrapped model's within the bf16 gradient reduction's rounding. With peft's parameter adapters as units of
+    their own (the dense layout), peft's parametrize fails on FSDP's flat-parameter views in the first forward."""
+    from test_lora import fsdp1_on_one_process
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import MixedPrecision
+
+    from composer_dlm import parallel
+    from composer_dlm.config import FSDPConfig
+    from composer_dlm.diffusion import DiffusionConfig
+    from composer_dlm.models.composer_llada import ComposerLLaDA
+    from composer_dlm.models.llada_moe import GroupedExperts
+
+    model = LLaDAMoEModel.from_config(TINY, seed=0)
+    apply_lora(model, LoRAConfig(r=2, alpha=4), base_dtype=torch.bfloat16, seed=1)
+    _randomise_adapters(model, seed=2)  # B off zero, so every adapter (A included) has a gradient to show
+    composer_model = ComposerLLaDA(
+        model, DiffusionConfig(), mask_token_id=TINY["mask_token_id"], loss_impl="plain"
+    )
+    batch = {"input_ids": torch.randint(0, 62, (2, 16), generator=torch.Generator().manual_seed(3))}
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        # Taken before the step: unsharded, FSDP1 leaves the frozen units' weights as plain tensors after it
+        params = {plain_name(n): p for n, p in composer_model.model.named_parameters()}
+        composer_model.set_noise_step(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = composer_model(batch).loss
+        assert model.router_loss is not None and float(model.router_loss) > 0  # part of the loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in params.items()}
+
+    want_loss, want_grads = loss_and_grads()
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)  # as on rank 0 of two (see test_lora)
+    config = parallel.parallelize(composer_model, FSDPConfig(), on_gpu=True)
+    assert config is not None
+    left_out = config["fsdp"]["ignored_modules"]
+    assert len(left_out) == 2 and all(isinstance(m, GroupedExperts) for m in left_out)  # the 2 MoE layers'
+    mixed = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    with fsdp1_on_one_process(model, tmp_path, mixed_precision=mixed, ignored_modules=left_out) as wrapped:
+        assert all(isinstance(block, FSDP) for block in model.model.layers)
+        composer_model.model = wrapped  # as Composer wraps ComposerLLaDA's child
+        loss, grads = loss_and_grads()
+    assert torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys()
+    expert_adapters = [n for n in grads if ".mlp.experts." in n and ".lora_" in n]
+    assert len(expert_adapters) == 2 * 3 * 2  # 2 MoE layers, 3 stacked parameters, A and B
+    for name, grad in grads.items():
+        if not is_adapter_weight(name):
+            assert grad is None, name
+            continue
+        assert grad is not None and grad.dtype == torch.float32, name
+        torch.testing.assert_close(grad, want_grads[name], rtol=2**-7, atol=0, msg=name)
+    assert all(grads[n].abs().sum() > 0 for n in expert_adapters)
+
+
+def test_every_rank_reads_the_base_when_fsdp_leaves_the_adapted_experts_out(tmp_path, monkeypatch):
+    """Under FSDP ranks but each node's first start on the meta device and get the weights from FSDP's broadcast,
+    which skips the modules FSDP leaves out: with LoRA on the routed experts every rank reads the folder; with
+    attention-only LoRA (or on a dense base) the meta start stays."""
+    from composer_dlm import builders
+
+    base = tmp_path / "base"
+    LLaDAMoEModel.from_config(TINY, seed=0).save_pretrained(base, dtype=torch.bfloat16)
+    monkeypatch.setattr(builders.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(builders.dist, "get_local_rank", lambda: 1)
+
+    def receives(*over: str) -> bool:
+        extra = ["model.config=null", f"model.pretrained={base}", "fsdp.sharding_strategy=FULL_SHARD", *over]
+        return builders.receives_weights(load_config(TINY_MOE, [*moe_overrides(tmp_path), *extra]))
+
+    assert receives()  # a full fine-tune
+    assert not receives("model.lora.r=4")  # all targets: the experts' too
+    assert not receives("model.lora.target_modules=[q_proj,down_proj]")
+    assert receives("model.lora.target_modules=[q_proj,v_proj]")

@@ -25,7 +25,7 @@ from composer_dlm.callbacks.hf_export import HuggingFaceExport  # noqa: E402
 from composer_dlm.config import load_config  # noqa: E402
 from composer_dlm.data import load_tokenizer, mask_token_id  # noqa: E402
 from composer_dlm.models import LLaDAModel  # noqa: E402
-from composer_dlm.models.architectures import from_pretrained  # noqa: E402
+from composer_dlm.models.architectures import AnyModel, from_pretrained  # noqa: E402
 from composer_dlm.models.lora import TARGETS, load_merged, merge_adapters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def two_processes(monkeypatch):
 
 
 @contextlib.contextmanager
-def fsdp1_on_one_process(model: LLaDAModel, tmp_path: Path, **options: Any) -> Iterator[torch.nn.Module]:
+def fsdp1_on_one_process(model: AnyModel, tmp_path: Path, **options: Any) -> Iterator[torch.nn.Module]:
     """torch's FSDP1 over ``model`` with the units ``parallelize`` chose (``fsdp_wrap_fn``), in a one-process
     gloo group on the CPU (so run as NO_SHARD), use_orig_params as Composer sets it."""
     import torch.distributed as dist

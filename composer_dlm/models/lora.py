@@ -34,7 +34,7 @@ from torch import nn
 from composer_dlm.fsutil import staged_folder
 from composer_dlm.models.architectures import AnyModel, from_pretrained
 from composer_dlm.models.hf_format import CheckpointError
-from composer_dlm.models.llada_moe import LLaDAMoEModel
+from composer_dlm.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")  # LLaDA's
 MOE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # LLaDA-MoE's
@@ -94,6 +94,13 @@ class LoRAConfig:
                 f"target_modules: {', '.join(map(repr, bad))} not {arch} layer name(s); choose from {', '.join(valid)}"
             )
         return sorted(set(names))
+
+    def adapts_stacked_experts(self, config: object) -> bool:
+        """Whether peft adapts the routed experts' stacked parameters of a model of ``config`` (LLaDA-MoE with
+        ``gate_proj``, ``up_proj`` or ``down_proj`` among the targets): FSDP then leaves those experts out
+        (:func:`fsdp_units`)."""
+        names = MOE_TARGETS if self.target_modules is None else self.target_modules
+        return isinstance(config, LLaDAMoEConfig) and any(n in EXPERT_PROJECTIONS for n in names)
 
     def peft_config(self, model: nn.Module, base_model: str | None = None) -> Any:  # -> peft.LoraConfig
         """peft's LoraConfig for ``model``: a regex on full module names (so LLaDA's ``ff_out`` matches the blocks
@@ -170,12 +177,36 @@ def is_adapter_weight(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
-def adapter_linears(model: nn.Module) -> list[nn.Module]:
-    """The adapters' own ``nn.Linear`` modules (each ``lora_A`` / ``lora_B``): FSDP1 makes them units of their own,
-    since it flattens a unit's parameters into one tensor of one dtype, and they are fp32 beside a bf16 base."""
-    return [
-        m for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_adapter_weight(f"{n}.weight")
-    ]
+def fsdp_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """How torch's FSDP1 must hold a LoRA model's adapters: (modules to make units of their own, modules to leave
+    out of FSDP). FSDP1 flattens each unit into one tensor of one dtype, so the fp32 adapters cannot share the units
+    of the bf16 blocks, and it gathers a unit's weights only when that unit's ``forward`` runs.
+
+    - peft's LoRA on a linear layer calls its ``lora_A`` / ``lora_B`` modules: each is a unit.
+    - peft's ``ParamWrapper`` (LLaDA-MoE's stacked experts) reads its ``lora_A`` / ``lora_B`` weights without calling
+      them (as units of their own they would be read as shards), and adds ``B @ A`` to the stacked parameter through
+      torch's parametrize, which fails on FSDP's views into a flat parameter (even unsharded). So each wrapper is
+      the unit (its forward gathers its own adapters; a nested wrapper is a unit of its own), and the module whose
+      parameters it adapts (the frozen routed experts) is left out of FSDP: whole on every rank, never gathered,
+      with no gradient to reduce. tests/test_llada_moe_lora.py runs both with torch's FSDP1.
+
+    ([], []) for a model without adapters."""
+    if lora_settings(model) is None:
+        return [], []
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    units: list[nn.Module] = []
+    left_out: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, ParamWrapper):
+            units.append(module)
+            base = module.get_base_layer()
+            if not any(base is m for m in left_out):
+                left_out.append(base)
+        elif isinstance(module, LoraLayer):
+            units += [*module.lora_A.values(), *module.lora_B.values()]
+    return units, left_out
 
 
 def lora_settings(model: nn.Module) -> LoRAConfig | None:
