@@ -17,7 +17,7 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.tuners.lora.layer import ParamWrapper  # noqa: E402
 from test_llada_moe import TINY  # noqa: E402
 from test_llada_moe_train import TINY_MOE, moe_overrides  # noqa: E402
-from test_lora import check_exports  # noqa: E402
+from test_lora import check_adapter_checkpoint, check_exports  # noqa: E402
 
 from composer_dlm import builders  # noqa: E402
 from composer_dlm.config import ConfigError, load_config  # noqa: E402
@@ -99,23 +99,34 @@ def test_dense_names_and_dropout_on_experts_are_refused():
     assert not any(isinstance(m, ParamWrapper) for m in model.modules())
 
 
-def test_lora_run_trains_adapters_only_and_both_exports_give_its_logits(tmp_path: Path):
+def save_moe_base(tmp_path: Path) -> Path:
+    """A tiny LLaDA-MoE of llada_moe_tiny.yaml's test shape saved as the release is (bf16 safetensors)."""
     base = tmp_path / "base"
     config = load_config(TINY_MOE, moe_overrides(tmp_path)).model.config
     assert config is not None
     LLaDAMoEModel.from_config(config, seed=1).save_pretrained(base, dtype=torch.bfloat16)
+    return base
+
+
+def lora_overrides(tmp_path: Path, base: Path, run: str, batches: int, *more: str) -> list[str]:
+    """``moe_overrides`` for a LoRA run (r 4, every target) on ``base`` of ``batches`` batches, one checkpoint."""
     extra = {
         "model.config": "null",
         "model.pretrained": str(base),
         "model.lora.r": "4",
         "model.lora.alpha": "8",
-        "max_duration": "3ba",
-        "eval_interval": "3ba",
-        "checkpoint.save_interval": "3ba",
+        "max_duration": f"{batches}ba",
+        "eval_interval": f"{batches}ba",
+        "checkpoint.save_interval": f"{batches}ba",
         "optimizer.lr": "1e-2",
         "optimizer.weight_decay": "0.0",
     }
-    cfg = load_config(TINY_MOE, [*moe_overrides(tmp_path, "lora"), *(f"{k}={v}" for k, v in extra.items())])
+    return [*moe_overrides(tmp_path, run), *(f"{k}={v}" for k, v in extra.items()), *more]
+
+
+def test_lora_run_trains_adapters_only_and_both_exports_give_its_logits(tmp_path: Path):
+    base = save_moe_base(tmp_path)
+    cfg = load_config(TINY_MOE, lora_overrides(tmp_path, base, "lora", 3))
     trainer = builders.build_trainer(cfg)
     trainer.fit()
     trained = trainer.state.model.model
@@ -144,12 +155,7 @@ def test_lora_run_trains_adapters_only_and_both_exports_give_its_logits(tmp_path
 
     # A LLaDA name on an MoE base: one line naming the valid ones.
     bad = load_config(
-        TINY_MOE,
-        [
-            *moe_overrides(tmp_path, "bad"),
-            *(f"{k}={v}" for k, v in extra.items()),
-            "model.lora.target_modules=[attn_out]",
-        ],
+        TINY_MOE, lora_overrides(tmp_path, base, "bad", 3, "model.lora.target_modules=[attn_out]")
     )
     with pytest.raises(ConfigError, match="model.lora: target_modules: .attn_out. not LLaDAMoE layer name"):
         builders.build_model(bad, load_tokenizer(bad.tokenizer.name))
@@ -283,3 +289,22 @@ def test_every_rank_reads_the_base_when_fsdp_leaves_the_adapted_experts_out(tmp_
     assert not receives("model.lora.r=4")  # all targets: the experts' too
     assert not receives("model.lora.target_modules=[q_proj,down_proj]")
     assert receives("model.lora.target_modules=[q_proj,v_proj]")
+
+
+@pytest.mark.slow
+@pytest.mark.world_size(2)
+def test_two_processes_through_the_launcher(tmp_path):
+    """``composer -n 2`` on CPU (gloo, DDP) fine-tunes LoRA on every target of a bf16 MoE folder for 2 batches:
+    both ranks finish; the checkpoint holds only the adapters (the routed experts' among them), the adapter
+    export the same tensors."""
+    from faults import ROOT, run_ranks
+
+    base = save_moe_base(tmp_path)
+    args = lora_overrides(tmp_path, base, "lora2", 2)
+    run_ranks(2, [str(ROOT / "composer_dlm" / "train.py"), str(TINY_MOE), *args], {"TRITON_INTERPRET": "0"})
+    run = tmp_path / "lora2"
+    assert len(list((run / "logs").glob("rank1-*.txt"))) == 1
+    adapters = check_adapter_checkpoint(run, "ep0-ba2-rank0.pt")
+    assert (
+        sum(".mlp.experts." in k for k in adapters) == 2 * 3 * 2
+    )  # 2 MoE layers, 3 stacked parameters, A and B

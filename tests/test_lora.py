@@ -277,7 +277,6 @@ def test_two_processes_through_the_launcher(base_folder, tmp_path):
     """``composer -n 2`` on CPU (gloo, DDP): both ranks train the same adapters; the checkpoint holds only them and
     the adapter export equals the checkpoint's adapters."""
     from faults import run_ranks
-    from safetensors.torch import load_file
 
     over = lora_overrides(base_folder, tmp_path, max_duration="2ba", **{"checkpoint.save_interval": "2ba"})
     run_ranks(
@@ -286,16 +285,23 @@ def test_two_processes_through_the_launcher(base_folder, tmp_path):
         {"TRITON_INTERPRET": "0"},
         timeout=300,
     )
-    run = tmp_path / "lora"
-    model_state = torch.load(
-        run / "checkpoints" / "ep0-ba2-rank0.pt", map_location="cpu", weights_only=False
-    )["state"]["model"]
+    check_adapter_checkpoint(tmp_path / "lora", "ep0-ba2-rank0.pt")
+
+
+def check_adapter_checkpoint(run: Path, checkpoint: str) -> dict[str, torch.Tensor]:
+    """A LoRA run's ``checkpoint`` holds only adapters, and its adapter export holds the same tensors; returns them."""
+    from safetensors.torch import load_file
+
+    model_state = torch.load(run / "checkpoints" / checkpoint, map_location="cpu", weights_only=False)[
+        "state"
+    ]["model"]
     assert model_state and all(".lora_" in k for k in model_state)
     exported = load_file(run / "hf" / "final" / "adapter_model.safetensors")
     assert len(exported) == len(model_state)
     for key, tensor in model_state.items():
         name = "base_model.model." + key.removeprefix("model.").replace(".default.", ".")
         assert torch.equal(exported[name], tensor), name
+    return model_state
 
 
 def test_half_precision_base_saves_no_second_copy_of_adapter_inputs():
