@@ -6,7 +6,9 @@ folder (loaded with peft on the base) and merged export give the trained model's
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,8 +22,10 @@ from test_llada_moe_train import TINY_MOE, moe_overrides  # noqa: E402
 from test_lora import check_adapter_checkpoint, check_exports  # noqa: E402
 
 from composer_dlm import builders  # noqa: E402
-from composer_dlm.config import ConfigError, load_config  # noqa: E402
+from composer_dlm.config import ConfigError, FSDPConfig, load_config  # noqa: E402
 from composer_dlm.data import load_tokenizer  # noqa: E402
+from composer_dlm.diffusion import DiffusionConfig  # noqa: E402
+from composer_dlm.models.composer_llada import ComposerLLaDA  # noqa: E402
 from composer_dlm.models.llada_moe import LLaDAMoEModel  # noqa: E402
 from composer_dlm.models.lora import (  # noqa: E402
     LoRAConfig,
@@ -31,6 +35,7 @@ from composer_dlm.models.lora import (  # noqa: E402
     plain_name,
     wrapped_parameters,
 )
+from composer_dlm.parallel import parallelize, unwrap_llada  # noqa: E402
 
 
 def _randomise_adapters(model: torch.nn.Module, seed: int) -> None:
@@ -209,65 +214,139 @@ def test_lora_on_grouped_experts_in_bf16_autocast(device):
             assert param.grad is None, name
 
 
-def test_fsdp_wraps_a_block_per_unit_and_trains_the_expert_adapters(tmp_path, monkeypatch):
-    """``parallelize``'s FSDP choice for LoRA on LLaDA-MoE (attention, dense MLP, shared expert and the routed
-    experts' stacked parameters), run with torch's FSDP1 itself (one CPU process, gloo: NO_SHARD) under bf16
-    autocast over a bf16 base, as Composer runs ``amp_bf16``: every block is a unit, it wraps (one dtype per unit),
-    the diffusion loss plus the router losses equals the unwrapped model's bit for bit (NO_SHARD and the same bf16
-    casts: nothing is reordered), and exactly the adapters get gradients, the routed experts' nonzero and equal to
-    the unwrapped model's within the bf16 gradient reduction's rounding. With peft's parameter adapters as units of
-    their own (the dense layout), peft's parametrize fails on FSDP's flat-parameter views in the first forward."""
-    from test_lora import fsdp1_on_one_process
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import MixedPrecision
-
-    from composer_dlm import parallel
-    from composer_dlm.config import FSDPConfig
-    from composer_dlm.diffusion import DiffusionConfig
-    from composer_dlm.models.composer_llada import ComposerLLaDA
-    from composer_dlm.models.llada_moe import GroupedExperts
-
+def _adapted_moe() -> tuple[ComposerLLaDA, dict[str, torch.Tensor]]:
+    """The FSDP tests' case: TINY in bf16 with r=2 adapters on every target, random A and B (so every adapter,
+    A included, has a gradient to show), in the ComposerModel that computes the diffusion + router loss; a batch."""
     model = LLaDAMoEModel.from_config(TINY, seed=0)
     apply_lora(model, LoRAConfig(r=2, alpha=4), base_dtype=torch.bfloat16, seed=1)
-    _randomise_adapters(model, seed=2)  # B off zero, so every adapter (A included) has a gradient to show
+    _randomise_adapters(model, seed=2)
     composer_model = ComposerLLaDA(
         model, DiffusionConfig(), mask_token_id=TINY["mask_token_id"], loss_impl="plain"
     )
-    batch = {"input_ids": torch.randint(0, 62, (2, 16), generator=torch.Generator().manual_seed(3))}
+    return composer_model, {
+        "input_ids": torch.randint(0, 62, (2, 16), generator=torch.Generator().manual_seed(3))
+    }
 
-    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-        # Taken before the step: unsharded, FSDP1 leaves the frozen units' weights as plain tensors after it
-        params = {plain_name(n): p for n, p in composer_model.model.named_parameters()}
-        composer_model.set_noise_step(5)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = composer_model(batch).loss
-        assert model.router_loss is not None and float(model.router_loss) > 0  # part of the loss
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in params.items()}
 
-    want_loss, want_grads = loss_and_grads()
-    model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)  # as on rank 0 of two (see test_lora)
-    config = parallel.parallelize(composer_model, FSDPConfig(), on_gpu=True)
+def _loss_and_grads(
+    composer_model: ComposerLLaDA, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.nn.Parameter]]:
+    """The loss of one bf16-autocast forward + backward (as Composer runs ``amp_bf16``), and the parameters by
+    their plain names, taken before the step (unsharded, FSDP1 leaves frozen units' weights as plain tensors)."""
+    params = {plain_name(n): p for n, p in composer_model.model.named_parameters()}
+    composer_model.set_noise_step(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = composer_model(batch).loss
+    router_loss = unwrap_llada(composer_model).router_loss
+    assert router_loss is not None and float(router_loss) > 0  # part of the loss
+    loss.backward()
+    return loss.detach(), params
+
+
+def _wrap_for_fsdp(composer_model: ComposerLLaDA) -> dict[str, Any]:
+    """``parallelize``'s choice for two processes, checked: every block is a unit, the two MoE layers' routed
+    experts are left out; returns the FSDP1 options it implies (units, left-out modules, bf16 compute)."""
+    from torch.distributed.fsdp import MixedPrecision
+
+    from composer_dlm.models.llada_moe import GroupedExperts
+
+    config = parallelize(composer_model, FSDPConfig(), on_gpu=True)
     assert config is not None
     left_out = config["fsdp"]["ignored_modules"]
-    assert len(left_out) == 2 and all(isinstance(m, GroupedExperts) for m in left_out)  # the 2 MoE layers'
+    assert len(left_out) == 2 and all(isinstance(m, GroupedExperts) for m in left_out)
     mixed = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
-    with fsdp1_on_one_process(model, tmp_path, mixed_precision=mixed, ignored_modules=left_out) as wrapped:
-        assert all(isinstance(block, FSDP) for block in model.model.layers)
-        composer_model.model = wrapped  # as Composer wraps ComposerLLaDA's child
-        loss, grads = loss_and_grads()
-    assert torch.equal(loss, want_loss)
-    assert grads.keys() == want_grads.keys()
-    expert_adapters = [n for n in grads if ".mlp.experts." in n and ".lora_" in n]
-    assert len(expert_adapters) == 2 * 3 * 2  # 2 MoE layers, 3 stacked parameters, A and B
-    for name, grad in grads.items():
+    return {"mixed_precision": mixed, "ignored_modules": left_out}
+
+
+def _check_grads(got: Mapping[str, torch.Tensor | None], want: Mapping[str, torch.Tensor | None]) -> None:
+    """Exactly the adapters have gradients, fp32, equal to ``want`` within the bf16 reduction's rounding; the
+    routed experts' adapters (2 MoE layers x 3 stacked parameters x A and B) nonzero."""
+    assert got.keys() == want.keys()
+    for name, grad in got.items():
         if not is_adapter_weight(name):
             assert grad is None, name
             continue
         assert grad is not None and grad.dtype == torch.float32, name
-        torch.testing.assert_close(grad, want_grads[name], rtol=2**-7, atol=0, msg=name)
-    assert all(grads[n].abs().sum() > 0 for n in expert_adapters)
+        torch.testing.assert_close(grad, want[name], rtol=2**-7, atol=0, msg=name)
+    experts = [n for n in got if ".mlp.experts." in n and is_adapter_weight(n)]
+    assert len(experts) == 2 * 3 * 2 and all(got[n].abs().sum() > 0 for n in experts)
+
+
+def test_fsdp_wraps_a_block_per_unit_and_trains_the_expert_adapters(tmp_path, monkeypatch):
+    """``parallelize``'s FSDP choice for LoRA on LLaDA-MoE (attention, dense MLP, shared expert and the routed
+    experts' stacked parameters) with torch's FSDP1 itself, in one CPU process (gloo: NO_SHARD), bf16 base, bf16
+    autocast: it wraps (one dtype per unit); the diffusion loss plus the router losses equals the unwrapped model's
+    bit for bit (NO_SHARD and the same bf16 casts: nothing is reordered); exactly the adapters get gradients (see
+    ``_check_grads``). With peft's parameter adapters as units of their own (the dense layout), peft's
+    parametrize fails on FSDP's flat-parameter views in the first forward."""
+    from test_lora import fsdp1_on_one_process
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from composer_dlm import parallel
+
+    composer_model, batch = _adapted_moe()
+    want_loss, want = _loss_and_grads(composer_model, batch)
+    want_grads = {n: p.grad for n, p in want.items()}
+    composer_model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 2)  # as on rank 0 of two (see test_lora)
+    model = composer_model.model
+    with fsdp1_on_one_process(model, tmp_path, **_wrap_for_fsdp(composer_model)) as wrapped:
+        assert all(isinstance(block, FSDP) for block in model.model.layers)
+        composer_model.model = wrapped  # as Composer wraps ComposerLLaDA's child
+        loss, params = _loss_and_grads(composer_model, batch)
+    assert torch.equal(loss, want_loss)
+    _check_grads({n: p.grad for n, p in params.items()}, want_grads)
+
+
+def _sharded_rank(rank: int, tmp: str) -> None:
+    """One of two gloo processes: the unwrapped model's loss and gradients, then the same model FULL_SHARD-ed by
+    torch's FSDP1 as ``parallelize`` chose, each block checkpointed as Composer does (non-reentrant)."""
+    import functools
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
+    composer_model, batch = _adapted_moe()
+    want_loss, want = _loss_and_grads(composer_model, batch)
+    want_grads = {n: p.grad for n, p in want.items()}
+    composer_model.zero_grad(set_to_none=True)
+    model = composer_model.model
+    options = _wrap_for_fsdp(composer_model)
+    wrapped = FSDP(
+        model,
+        auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=model.fsdp_wrap_fn),
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+        **options,
+    )
+    no_reentrant = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    apply_activation_checkpointing(
+        wrapped, checkpoint_wrapper_fn=no_reentrant, check_fn=model.activation_checkpointing_fn
+    )
+    composer_model.model = wrapped
+    loss, params = _loss_and_grads(composer_model, batch)
+    assert torch.equal(loss, want_loss), (loss, want_loss)
+    # Sharded: each rank holds a slice of each adapter and of its gradient (the mean over the 2 equal batches)
+    assert any(p.numel() != want_grads[n].numel() for n, p in params.items() if is_adapter_weight(n))
+    with FSDP.summon_full_params(wrapped, with_grads=True):
+        _check_grads({n: p.grad for n, p in params.items() if n in want}, want_grads)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # about 35 s: two processes
+@pytest.mark.world_size(2)
+def test_fsdp_full_shard_on_two_processes_gathers_the_expert_adapters(tmp_path):
+    """Sharded (two CPU processes, gloo, FULL_SHARD, checkpointed blocks), where a parameter adapter read outside
+    its own unit's forward would be a shard: the loss equals the unwrapped model's bit for bit on both ranks, and
+    the gathered gradients are the unwrapped ones (``_check_grads``)."""
+    torch.multiprocessing.spawn(_sharded_rank, args=(str(tmp_path),), nprocs=2)
 
 
 def test_every_rank_reads_the_base_when_fsdp_leaves_the_adapted_experts_out(tmp_path, monkeypatch):
