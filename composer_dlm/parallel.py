@@ -122,7 +122,9 @@ def parallelize(model: ComposerLLaDA, fsdp: FSDPConfig | None, *, on_gpu: bool) 
     With an ``fsdp:`` section, FSDP shards each transformer block as one unit (the embedding, final norm and
     output projection go to the root unit), and ``fsdp.activation_checkpointing`` recomputes each block's
     activations in the backward. Composer reads both choices off the child it wraps (``fsdp_wrap_fn`` and
-    ``activation_checkpointing_fn`` on the LLaDAModel), so they are set there, here and nowhere else.
+    ``activation_checkpointing_fn`` on the LLaDAModel), so they are set there, here and nowhere else. A LoRA run's
+    fp32 adapters get units of their own, and LoRA on LLaDA-MoE's routed experts leaves those experts out of FSDP,
+    whole on every rank (:func:`.models.lora.fsdp_units` says why).
 
     Without it (or on CPU, where Composer 0.32.1's FSDP cannot run: it places every unit on the current CUDA
     device) Composer uses DDP when there is more than one process, and this returns None.
@@ -151,6 +153,11 @@ def parallelize(model: ComposerLLaDA, fsdp: FSDPConfig | None, *, on_gpu: bool) 
     config = dataclasses.asdict(fsdp)
     if left_out:  # LoRA on LLaDA-MoE's routed experts: their frozen stacked weights stay whole on every rank
         config["ignored_modules"] = left_out
+        if (
+            torch.cuda.is_available()
+        ):  # FSDP moves only what it manages onto the rank's GPU: these go there here
+            for module in left_out:
+                module.to(torch.device("cuda", dist.get_local_rank()))
     if adapters:  # the frozen embedding's output needs no grad: reentrant checkpoints would drop the graph
         config["activation_checkpointing_reentrant"] = False
     return {"fsdp": config}

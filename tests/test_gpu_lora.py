@@ -73,5 +73,45 @@ def test_fsdp_two_gpus_trains_adapters_and_exports_merged(base_folder, tmp_path)
     assert ckpt["state"]["model"] and all(".lora_" in k for k in ckpt["state"]["model"])
 
 
+@pytest.mark.world_size(2)
+def test_fsdp_two_gpus_trains_moe_adapters_on_the_routed_experts(tmp_path):
+    """LLaDA-MoE with LoRA on every target (the routed experts' stacked parameters too) under Composer's FSDP1 on
+    two GPUs, bf16, checkpointed blocks: the experts are left out of FSDP and every rank reads the folder (no meta
+    start); the run finishes, the checkpoint holds only the adapters, and the merged export differs from the base
+    in adapted weights only, the routed experts' among them. (Torch's FSDP1 alone, sharded on two CPU processes:
+    tests/test_llada_moe_lora.py.)"""
+    from test_llada_moe_lora import moe_lora_overrides, save_moe_base
+    from test_llada_moe_train import TINY_MOE
+
+    from composer_dlm.models.llada_moe import LLaDAMoEModel
+
+    base = save_moe_base(tmp_path)
+    over = moe_lora_overrides(
+        tmp_path,
+        base,
+        "moe_lora",
+        2,
+        "precision=amp_bf16",
+        "fsdp.sharding_strategy=FULL_SHARD",
+        "fsdp.activation_checkpointing=true",
+        "fsdp.use_orig_params=true",
+        "callbacks.hf_export.merge=true",
+    )
+    run_ranks(2, [str(ROOT / "composer_dlm" / "train.py"), str(TINY_MOE), *over])
+    run = tmp_path / "moe_lora"
+    adapters = torch.load(run / "checkpoints" / "ep0-ba2-rank0.pt", map_location="cpu", weights_only=False)[
+        "state"
+    ]["model"]
+    assert adapters and all(".lora_" in k for k in adapters)
+    assert (
+        sum(".mlp.experts." in k for k in adapters) == 2 * 3 * 2
+    )  # 2 MoE layers, 3 stacked parameters, A and B
+    merged = LLaDAMoEModel.from_pretrained(tmp_path / "moe_lora" / "hf" / "final").state_dict()
+    start = LLaDAMoEModel.from_pretrained(base).state_dict()
+    changed = {k for k in start if not torch.equal(start[k], merged[k])}
+    assert any(".mlp.experts." in k for k in changed), sorted(changed)
+    assert all("_proj" in k for k in changed), sorted(changed)  # never the router, norms or embeddings
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -113,7 +113,7 @@ def save_moe_base(tmp_path: Path) -> Path:
     return base
 
 
-def lora_overrides(tmp_path: Path, base: Path, run: str, batches: int, *more: str) -> list[str]:
+def moe_lora_overrides(tmp_path: Path, base: Path, run: str, batches: int, *more: str) -> list[str]:
     """``moe_overrides`` for a LoRA run (r 4, every target) on ``base`` of ``batches`` batches, one checkpoint."""
     extra = {
         "model.config": "null",
@@ -131,7 +131,7 @@ def lora_overrides(tmp_path: Path, base: Path, run: str, batches: int, *more: st
 
 def test_lora_run_trains_adapters_only_and_both_exports_give_its_logits(tmp_path: Path):
     base = save_moe_base(tmp_path)
-    cfg = load_config(TINY_MOE, lora_overrides(tmp_path, base, "lora", 3))
+    cfg = load_config(TINY_MOE, moe_lora_overrides(tmp_path, base, "lora", 3))
     trainer = builders.build_trainer(cfg)
     trainer.fit()
     trained = trainer.state.model.model
@@ -160,7 +160,7 @@ def test_lora_run_trains_adapters_only_and_both_exports_give_its_logits(tmp_path
 
     # A LLaDA name on an MoE base: one line naming the valid ones.
     bad = load_config(
-        TINY_MOE, lora_overrides(tmp_path, base, "bad", 3, "model.lora.target_modules=[attn_out]")
+        TINY_MOE, moe_lora_overrides(tmp_path, base, "bad", 3, "model.lora.target_modules=[attn_out]")
     )
     with pytest.raises(ConfigError, match="model.lora: target_modules: .attn_out. not LLaDAMoE layer name"):
         builders.build_model(bad, load_tokenizer(bad.tokenizer.name))
@@ -379,7 +379,7 @@ def test_two_processes_through_the_launcher(tmp_path):
     from faults import ROOT, run_ranks
 
     base = save_moe_base(tmp_path)
-    args = lora_overrides(tmp_path, base, "lora2", 2)
+    args = moe_lora_overrides(tmp_path, base, "lora2", 2)
     run_ranks(2, [str(ROOT / "composer_dlm" / "train.py"), str(TINY_MOE), *args], {"TRITON_INTERPRET": "0"})
     run = tmp_path / "lora2"
     assert len(list((run / "logs").glob("rank1-*.txt"))) == 1
