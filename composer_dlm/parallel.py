@@ -153,9 +153,8 @@ def parallelize(model: ComposerLLaDA, fsdp: FSDPConfig | None, *, on_gpu: bool) 
     config = dataclasses.asdict(fsdp)
     if left_out:  # LoRA on LLaDA-MoE's routed experts: their frozen stacked weights stay whole on every rank
         config["ignored_modules"] = left_out
-        if (
-            torch.cuda.is_available()
-        ):  # FSDP moves only what it manages onto the rank's GPU: these go there here
+        # FSDP moves only what it manages onto the rank's GPU; these go there here
+        if torch.cuda.is_available():
             for module in left_out:
                 module.to(torch.device("cuda", dist.get_local_rank()))
     if adapters:  # the frozen embedding's output needs no grad: reentrant checkpoints would drop the graph

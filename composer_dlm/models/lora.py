@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from composer_dlm.fsutil import staged_folder
-from composer_dlm.models.architectures import AnyModel, from_pretrained
+from composer_dlm.models.architectures import AnyConfig, AnyModel, from_pretrained
 from composer_dlm.models.hf_format import CheckpointError
 from composer_dlm.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
 
@@ -95,7 +95,7 @@ class LoRAConfig:
             )
         return sorted(set(names))
 
-    def adapts_stacked_experts(self, config: object) -> bool:
+    def adapts_stacked_experts(self, config: AnyConfig) -> bool:
         """Whether peft adapts the routed experts' stacked parameters of a model of ``config`` (LLaDA-MoE with
         ``gate_proj``, ``up_proj`` or ``down_proj`` among the targets): FSDP then leaves those experts out
         (:func:`fsdp_units`)."""
