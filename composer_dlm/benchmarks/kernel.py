@@ -21,7 +21,6 @@ import contextlib
 import functools
 import gc
 import os
-import statistics
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from composer_dlm.benchmarks import environment, repeats, write_json
+from composer_dlm.benchmarks.tables import central, fmt
 from composer_dlm.cli import ArgumentParser, fail
 from kernels import (
     KernelConfig,
@@ -156,8 +156,7 @@ def _measure(fn: LossFn, h, w, t, rw, ref, reps: int, warmup: int) -> dict[str, 
     torch.cuda.synchronize()
     transient = torch.cuda.max_memory_allocated() - base - _nbytes(loss, h.grad, w.grad)
     out = {
-        "ms": statistics.median(times),
-        "ms_repeats": repeats(times),  # every timed repetition, their median and range
+        "ms": repeats(times),  # every timed repetition, their median and range
         "transient_gib": transient / 2**30,
         "err_loss": _rel(loss.detach(), ref["loss"]),
         "err_dh": _rel(h.grad, ref["dh"]),
@@ -503,7 +502,7 @@ def main(argv: list[str]) -> None:
                         w_in = w.detach().float().requires_grad_() if master else w
                         inputs = (h, w_in, t, rw if weighting == "weighted" else unit)
                         row.update(_measure(fn, *inputs, refs[weighting], args.reps, args.warmup))
-                        row["gemm_tflops"] = gemm_flops / (float(row["ms"]) * 1e-3) / 1e12  # type: ignore[arg-type]
+                        row["gemm_tflops"] = gemm_flops / (central(row["ms"]) * 1e-3) / 1e12  # type: ignore[arg-type]
                         del w_in, inputs
                 except ImportError as e:
                     row["note"] = f"skipped: {e}"
@@ -568,8 +567,9 @@ def _format_row(row: dict[str, object]) -> str:
     what = f"H={row['hidden']} {row['targets']} {row['method']} [{row['branch']}]"
     if "ms" not in row:
         return f"{what}: {row.get('note')}"
+    ms = fmt(row["ms"], ".2f")  # type: ignore[arg-type]  # a repeats record (a float in older files)
     return (
-        f"{what}: {row['ms']:.2f} ms, {row['gemm_tflops']:.0f} TFLOP/s, {row['transient_gib']:.3f} GiB, "
+        f"{what}: {ms} ms, {row['gemm_tflops']:.0f} TFLOP/s, {row['transient_gib']:.3f} GiB, "
         f"err loss {row['err_loss']:.1e} dh {row['err_dh']:.1e} dw {row['err_dw']:.1e}"
     )
 
@@ -583,8 +583,9 @@ def _markdown(results: list[dict[str, object]]) -> str:
     for r in results:
         what = f"| {r['hidden']} | {r['targets']} | {r['method']} | {r['branch']} |"
         if "ms" in r:
+            ms = fmt(r["ms"], ".2f")  # type: ignore[arg-type]
             lines.append(
-                f"{what} {r['ms']:.2f} | {r['gemm_tflops']:.0f} | {r['transient_gib']:.3f} | "
+                f"{what} {ms} | {r['gemm_tflops']:.0f} | {r['transient_gib']:.3f} | "
                 f"{r['err_loss']:.1e} | {r['err_dh']:.1e} | {r['err_dw']:.1e} | |"
             )
         else:

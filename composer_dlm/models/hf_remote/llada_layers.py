@@ -46,17 +46,11 @@ def _rope_tables(
     # Built outside inference mode even when first asked for inside it: the cached tables also serve training,
     # where autograd saves them (an inference tensor cannot be saved for backward).
     with torch.inference_mode(False):
-        return _build_rope_tables(seq_len, head_dim, theta, device)
-
-
-def _build_rope_tables(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # 1 / theta^(2i/d), as LLaDA computes it: theta^(-2i/d) rounds differently in fp32 (and moves bf16 q and k)
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(device), angles.sin().to(device)
+        # 1 / theta^(2i/d), as LLaDA computes it: theta^(-2i/d) rounds differently in fp32 (and moves bf16 q, k)
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(device), angles.sin().to(device)
 
 
 def apply_rope(x_BHLD: torch.Tensor, cos_LD: torch.Tensor, sin_LD: torch.Tensor) -> torch.Tensor:
