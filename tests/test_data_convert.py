@@ -428,7 +428,10 @@ def test_interrupted_conversion_leaves_nothing_a_loader_accepts(
 
     proc = multiprocessing.get_context("fork").Process(target=child)
     proc.start()
-    proc.join()
+    proc.join(timeout=300)
+    if proc.is_alive():  # a fork that inherited a held lock; fail here rather than hang the suite
+        proc.kill()
+        pytest.fail("the forked conversion did not finish in 300 s")
     assert proc.exitcode == 3
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "d.jsonl"]
     assert len(leftovers) == 1 and leftovers[0].startswith(".out.tmp-")

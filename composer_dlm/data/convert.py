@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -231,14 +230,14 @@ def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
 
 
 def _pool(num_proc: int, encoder: Encoder) -> Any:
-    """Tokenisation worker processes, forked where the platform allows (no re-import, no __main__ guard needed),
-    each encoding with a copy of `encoder`.
+    """Tokenisation worker processes, each encoding with an unpickled copy of `encoder`.
 
-    Made before this conversion starts any thread of its own (writers, progress bar).
+    Spawned, never forked: a fork copies the parent's locks as they are, and a parent that already runs threads
+    (a tokenizer's thread pool, a progress-bar monitor, a Trainer's helpers) can hand a worker a lock no thread
+    will ever release, which hangs the worker and then the pool's shutdown. Spawned workers start clean; the
+    price is an import per worker and the usual `if __name__ == "__main__":` guard in a calling script.
     """
-    method = "fork" if sys.platform == "linux" else "spawn"
-    ctx = multiprocessing.get_context(method)
-    return ctx.Pool(num_proc, initializer=init_worker, initargs=(encoder,))
+    return multiprocessing.get_context("spawn").Pool(num_proc, initializer=init_worker, initargs=(encoder,))
 
 
 def _encoded(

@@ -134,7 +134,7 @@ _worker_encoder: Encoder | None = None
 
 
 def init_worker(encoder: Encoder) -> None:
-    """Pool initializer: this worker's copy of the converter's Encoder (forked or unpickled), tokenizer threads
+    """Pool initializer: this worker's unpickled copy of the converter's Encoder, tokenizer threads
     off (the processes are the parallelism). Ctrl-C is left to the parent, which ends the pool: each worker
     would otherwise print its own traceback."""
     import os
