@@ -8,17 +8,20 @@ MODE ``relink``: at the N-th checkpoint, the process dies after Composer removed
 created the new one. MODE ``dcp`` (sharded FSDP checkpoints): at the N-th checkpoint each rank truncates its
 shard file once written and dies. MODE ``none``: no fault. Random-time kills are done from outside by the test
 (:func:`kill_after_batches`); :func:`launch_ranks` starts N processes through Composer's launcher,
-:func:`run_ranks` runs them to a successful end, :func:`rank0_metrics` (and :func:`rank0_metrics_by_attempt`, per launch) reads the metrics rank 0 logged.
+:func:`run_ranks` runs them to a successful end, :func:`run_spawned` runs functions in fresh processes at once, :func:`rank0_metrics` (and :func:`rank0_metrics_by_attempt`, per launch) reads the metrics rank 0 logged.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +33,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_spawned(target: Callable[..., object], calls: list[tuple], timeout: float = 300) -> list[int | None]:
+    """Run target(*args) for each args in `calls` in as many spawned processes at once; their exit codes.
+
+    Spawned, not forked: a fork of the test process (which runs threads) can inherit a lock that no thread will
+    release and hang. A process still running after `timeout` seconds is killed and fails the test.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args) for args in calls]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, (
+        f"{len(hung)} of {len(procs)} processes running {target.__name__} did not end in {timeout} s"
+    )
+    return [p.exitcode for p in procs]
 
 
 def launch_ranks(nproc: int, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:

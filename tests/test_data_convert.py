@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import multiprocessing
 import os
 import random
 import subprocess
@@ -21,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from faults import run_spawned
 from streaming import LocalDataset, StreamingDataset
 
 from composer_dlm.data import ConvertConfig, DataError, Fields, LoaderConfig, build_dataloader, convert
@@ -396,6 +396,18 @@ def _fail_after(n: int, action):
     return write
 
 
+def _exit_3() -> None:
+    os._exit(3)  # a hard kill: no cleanup code runs
+
+
+def _convert_then_die(tmp_path: Path, src: Path, tokenizer: str) -> None:
+    """Child process: a conversion whose process dies after five written samples."""
+    from streaming import MDSWriter
+
+    MDSWriter.write = _fail_after(5, _exit_3)  # type: ignore[method-assign]
+    run(tmp_path, [src], tokenizer, seq_len=8)
+
+
 def test_interrupted_conversion_leaves_nothing_a_loader_accepts(
     tmp_path: Path, tokenizers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -417,22 +429,8 @@ def test_interrupted_conversion_leaves_nothing_a_loader_accepts(
         build_dataloader(cfg, tokenizer=tok, mode="pretrain", max_seq_len=8, device_batch_size=2)
 
     # 2. A hard kill midway (no cleanup code runs): only a hidden temporary folder remains.
-    def kill() -> None:
-        os._exit(3)
-
     monkeypatch.undo()
-
-    def child() -> None:
-        monkeypatch.setattr(MDSWriter, "write", _fail_after(5, kill))
-        run(tmp_path, [src], tokenizers["chat"], seq_len=8)
-
-    proc = multiprocessing.get_context("fork").Process(target=child)
-    proc.start()
-    proc.join(timeout=300)
-    if proc.is_alive():  # a fork that inherited a held lock; fail here rather than hang the suite
-        proc.kill()
-        pytest.fail("the forked conversion did not finish in 300 s")
-    assert proc.exitcode == 3
+    assert run_spawned(_convert_then_die, [(tmp_path, src, tokenizers["chat"])]) == [3]
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "d.jsonl"]
     assert len(leftovers) == 1 and leftovers[0].startswith(".out.tmp-")
     with pytest.raises(DataError, match=r"no shard folder .*out"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import run_spawned
 
 from composer_dlm.data import (
     DataError,
@@ -148,13 +148,7 @@ def _build_in(cache_path: str) -> None:
 def test_build_is_deterministic_and_safe_under_concurrency(cache: Path, tmp_path: Path) -> None:
     """Two processes build into one fresh cache at the same time; the result equals the module's build."""
     reference = ensure_embedded_corpus(SEQ)
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_build_in, args=(str(tmp_path),)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_spawned(_build_in, [(str(tmp_path),)] * 2) == [0, 0]
     fresh_root = tmp_path / embedded_root().name
     assert sorted(p.name for p in fresh_root.iterdir() if not p.name.endswith(".lock")) == [
         f"pretrain-seq{SEQ}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import multiprocessing
 import os
 import random
 import re
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import run_spawned
 from streaming import LocalDataset, StreamingDataset
 
 from composer_dlm.data import (
@@ -292,12 +292,7 @@ def test_stale_shared_memory_of_a_killed_run_is_cleaned_and_live_runs_kept(
     assert live_blocks
     remote, local = pre, str(tmp_path / "cache")
     before = _streaming_blocks()
-    proc = multiprocessing.get_context("fork").Process(
-        target=_die_holding_shared_memory, args=(remote, local)
-    )
-    proc.start()
-    proc.join()
-    assert proc.exitcode == 0
+    assert run_spawned(_die_holding_shared_memory, [(remote, local)]) == [0]
     leaked = _streaming_blocks() - before
     assert any(name.endswith("_locals") for name in leaked)  # the killed run registered its folder
 
