@@ -10,8 +10,10 @@ import importlib.util
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -186,6 +188,46 @@ def test_zstd_and_parallel_give_the_same_samples(tmp_path: Path, tokenizers: dic
     a = [s["tokens"].tolist() for s in read_split(serial / "train")]
     b = [s["tokens"].tolist() for s in read_split(zstd / "train")]
     assert a == b
+
+
+def _spawned_children() -> list[int]:
+    """Pids of this process's children started by multiprocessing's spawn (not its resource tracker)."""
+    me, found = str(os.getpid()), []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if ppid == me and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="lists child processes through /proc")
+def test_a_killed_worker_fails_the_conversion_with_a_clear_error(
+    tmp_path: Path, tokenizers: dict[str, str]
+) -> None:
+    """A tokenisation worker killed from outside (as the kernel's OOM killer does): an error naming the cause
+    and the fix, and nothing at --out, where a multiprocessing.Pool would wait forever for that worker."""
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in make_docs(3000)])
+    killed: list[int] = []
+
+    def kill_first_worker() -> None:
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for pid in _spawned_children()[:1]:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer.start()
+    with pytest.raises(DataError, match=r"tokenisation worker process died.*smaller --num-proc \(was 2\)"):
+        run(tmp_path, [src], tokenizers["chat"], seq_len=32, num_proc=2, chunk_size=16)
+    killer.join()
+    assert killed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
 
 
 # ---------------------------------------------------------------- SFT

@@ -17,10 +17,13 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing
+import signal
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,32 +232,64 @@ def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
-def _pool(num_proc: int, encoder: Encoder) -> Any:
+def _pool(num_proc: int, encoder: Encoder) -> ProcessPoolExecutor:
     """Tokenisation worker processes, each encoding with an unpickled copy of `encoder`.
 
     Spawned, never forked: a fork copies the parent's locks as they are, and a parent that already runs threads
     (a tokenizer's thread pool, a progress-bar monitor, a Trainer's helpers) can hand a worker a lock no thread
     will ever release, which hangs the worker and then the pool's shutdown. Spawned workers start clean; the
     price is an import per worker and the usual `if __name__ == "__main__":` guard in a calling script.
+    An executor rather than multiprocessing.Pool: a worker that dies (killed, out of memory) breaks it, which
+    `_encoded` reports, where a Pool would wait forever for that worker's chunk.
     """
-    return multiprocessing.get_context("spawn").Pool(num_proc, initializer=init_worker, initargs=(encoder,))
+    return ProcessPoolExecutor(
+        num_proc,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(encoder,),
+    )
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread for the block: a process started meanwhile inherits the block (across exec),
+    so Ctrl-C, which the terminal sends to the whole process group, reaches only the parent; a Ctrl-C that
+    arrives meanwhile is delivered to this thread on the way out, not lost. Without it a worker still importing
+    (before its initializer ignores SIGINT) would die with a traceback of its own."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _encoded(
-    chunks: Iterator[list[Record]], encoder: Encoder, pool: Any, num_proc: int
+    chunks: Iterator[list[Record]], encoder: Encoder, pool: ProcessPoolExecutor | None, num_proc: int
 ) -> Iterator[list[Any]]:
     """Encoded chunks in input order: in this process, or over the pool with bounded read-ahead."""
     if pool is None:
         for chunk in chunks:
             yield encoder.encode(chunk)
         return
-    pending: deque[Any] = deque()
-    for chunk in chunks:
-        pending.append(pool.apply_async(encode_in_worker, (chunk,)))
-        if len(pending) >= 2 * num_proc:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    pending: deque[Future[list[Any]]] = deque()
+    try:
+        for chunk in chunks:
+            with (
+                _sigint_blocked()
+            ):  # a submit may start a worker, which then never sees the terminal's Ctrl-C
+                pending.append(pool.submit(encode_in_worker, chunk))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool as e:
+        raise DataError(
+            f"a tokenisation worker process died ({e}); it was killed from outside, most often for memory: "
+            f"run again with a smaller --num-proc (was {num_proc}), or without it"
+        ) from None
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -285,7 +320,11 @@ def _write_splits(
     from tqdm import tqdm
 
     with ExitStack() as stack:
-        pool = stack.enter_context(_pool(cfg.num_proc, encoder)) if cfg.num_proc > 1 else None
+        pool = None
+        if cfg.num_proc > 1:
+            pool = _pool(cfg.num_proc, encoder)
+            # On any exit: drop the chunks not started yet; workers end after their current chunk.
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         writers = {s: _SplitWriter(tmp / s, cfg) for s in ([TRAIN, VAL] if cfg.val_fraction > 0 else [TRAIN])}
         records = source.records(mode=cfg.mode, fields=cfg.fields)
         if cfg.max_samples is not None:

@@ -134,7 +134,7 @@ _worker_encoder: Encoder | None = None
 
 
 def init_worker(encoder: Encoder) -> None:
-    """Pool initializer: this worker's unpickled copy of the converter's Encoder, tokenizer threads
+    """Worker initializer: this worker's unpickled copy of the converter's Encoder, tokenizer threads
     off (the processes are the parallelism). Ctrl-C is left to the parent, which ends the pool: each worker
     would otherwise print its own traceback."""
     import os
@@ -148,6 +148,6 @@ def init_worker(encoder: Encoder) -> None:
 
 
 def encode_in_worker(records: list[Record]) -> list[Any]:
-    """Pool task: encode a chunk of records with this worker's Encoder."""
+    """Worker task: encode a chunk of records with this worker's Encoder."""
     assert _worker_encoder is not None, "init_worker was not run"
     return _worker_encoder.encode(records)
