@@ -277,9 +277,8 @@ def _encoded(
     pending: deque[Future[list[Any]]] = deque()
     try:
         for chunk in chunks:
-            with (
-                _sigint_blocked()
-            ):  # a submit may start a worker, which then never sees the terminal's Ctrl-C
+            # A submit may start a worker, which then never sees the terminal's Ctrl-C.
+            with _sigint_blocked():
                 pending.append(pool.submit(encode_in_worker, chunk))
             if len(pending) >= 2 * num_proc:
                 yield pending.popleft().result()
