@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,17 +84,32 @@ def kill_group(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """Pids of the processes of group ``pgid`` still running (zombies, dead but not yet reaped, left out)."""
-    pids = []
+def _processes() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command name: state, ppid, pgid, ...) of every process listed."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # it exited meanwhile
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the processes of group ``pgid`` still running (zombies, dead but not yet reaped, left out)."""
+    return [pid for pid, fields in _processes() if int(fields[2]) == pgid and fields[0] != "Z"]
+
+
+def spawned_children() -> list[int]:
+    """Pids of this process's children started by multiprocessing's spawn (not its resource tracker)."""
+    found = []
+    for pid, fields in _processes():
+        if int(fields[1]) != os.getpid():
+            continue
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def run_ranks(nproc: int, args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> str:

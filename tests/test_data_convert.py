@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from faults import run_spawned
+from faults import run_spawned, spawned_children
 from streaming import LocalDataset, StreamingDataset
 
 from composer_dlm.data import ConvertConfig, DataError, Fields, LoaderConfig, build_dataloader, convert
@@ -190,20 +190,6 @@ def test_zstd_and_parallel_give_the_same_samples(tmp_path: Path, tokenizers: dic
     assert a == b
 
 
-def _spawned_children() -> list[int]:
-    """Pids of this process's children started by multiprocessing's spawn (not its resource tracker)."""
-    me, found = str(os.getpid()), []
-    for entry in Path("/proc").iterdir():
-        try:
-            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if ppid == me and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="lists child processes through /proc")
 def test_a_killed_worker_fails_the_conversion_with_a_clear_error(
     tmp_path: Path, tokenizers: dict[str, str]
@@ -216,7 +202,7 @@ def test_a_killed_worker_fails_the_conversion_with_a_clear_error(
     def kill_first_worker() -> None:
         deadline = time.monotonic() + 120
         while not killed and time.monotonic() < deadline:
-            for pid in _spawned_children()[:1]:
+            for pid in spawned_children()[:1]:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             time.sleep(0.01)

@@ -197,16 +197,15 @@ def fsdp_units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     from peft.tuners.lora.layer import ParamWrapper
 
     units: list[nn.Module] = []
-    left_out: list[nn.Module] = []
+    left_out: dict[int, nn.Module] = {}  # by identity: nested wrappers share one base
     for module in model.modules():
         if isinstance(module, ParamWrapper):
             units.append(module)
             base = module.get_base_layer()
-            if not any(base is m for m in left_out):
-                left_out.append(base)
+            left_out.setdefault(id(base), base)
         elif isinstance(module, LoraLayer):
             units += [*module.lora_A.values(), *module.lora_B.values()]
-    return units, left_out
+    return units, list(left_out.values())
 
 
 def lora_settings(model: nn.Module) -> LoRAConfig | None:
