@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from composer_dlm.benchmarks.clocks import parse_samples, summarise
 from composer_dlm.benchmarks.kernel import SFT_SHARE, main, make_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,3 +52,24 @@ def test_bad_input_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> Non
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith("composer-dlm: error: ") and err.count("\n") == 1
         assert needle in err
+
+
+def test_clock_samples_keep_our_gpu_and_count_the_power_cap() -> None:
+    text = "\n".join(
+        [
+            "GPU-aaa, 1980, 0x0000000000000000",
+            "GPU-bbb, 345, 0x0000000000000001",
+            "GPU-aaa, 1620, 0x0000000000000004",
+            "GPU-aaa, [N/A], 0x0000000000000004",
+            "GPU-aaa, 1500, 0x0000000000000005",
+            "a line that is not a sample",
+        ]
+    )
+    assert parse_samples(text, "GPU-aaa") == [(1980, 0), (1620, 4), (1500, 5)]
+    assert parse_samples(text, "GPU-zzz") == []  # two GPUs answered, none of them ours
+    assert parse_samples("GPU-bbb, 345, 0x1\nGPU-bbb, 1980, 0x4", None) == [(345, 1), (1980, 4)]
+    summary = summarise([(1980, 0), (1620, 4), (1500, 5)])
+    assert summary is not None
+    assert summary["sm_mhz"]["median"] == 1620 and summary["sm_mhz"]["min"] == 1500
+    assert summary["power_capped_share"] == 2 / 3  # bit 0x4 set in 0x4 and 0x5
+    assert summarise([]) is None

@@ -134,6 +134,17 @@ def test_cells_recomputed_by_hand(tmp_path):
     assert "| ours (C=2048) | native | 39.54 (39.40-39.90, n=3) | 0.56 |" in render(
         [str(tmp_path / "kernel.json")]
     )
+    # With the idle repetitions and the sampled clock, two more cells: 35.36 / 35.40 / 35.90 after idle; SM clock
+    # samples 1500 / 1620 / 1980 with the power cap in 3 of 4 -> "1620 (75%)"; rows without them stay empty.
+    raw["results"][0]["ms_after_idle"] = repeats([35.36, 35.40, 35.90])
+    raw["results"][0]["clocks"] = {"sm_mhz": repeats([1500, 1620, 1980]), "power_capped_share": 0.75}
+    (tmp_path / "kernel.json").write_text(json.dumps(raw))
+    idle = render([str(tmp_path / "kernel.json")]).split("\n")
+    assert idle[0].endswith(
+        "| ms | ms after idle | SM MHz (power-capped) | transient GiB | d(hidden) err | d(weight) err |"
+    )
+    assert "| native | 39.54 (39.40-39.90, n=3) | 35.40 (35.36-35.90, n=3) | 1620 (75%) | 0.56 |" in idle[2]
+    assert idle[3].split(" | ")[5:7] == ["", ""]
     # kernel_h200.json filtered to one row kind: 11 methods x 1 target kind at H = 2048.
     kernel = render(["kernel_h200.json", "hidden=2048", "targets=sft"]).split("\n")
     assert len(kernel) == 2 + 11 and all(row.startswith("| 2048 | sft |") for row in kernel[2:])

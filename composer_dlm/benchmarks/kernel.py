@@ -21,6 +21,7 @@ import contextlib
 import functools
 import gc
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from composer_dlm.benchmarks import environment, repeats, write_json
+from composer_dlm.benchmarks.clocks import ClockSampler
 from composer_dlm.benchmarks.tables import central, fmt
 from composer_dlm.cli import ArgumentParser, fail
 from kernels import (
@@ -138,14 +140,27 @@ def _cuda_ms(f: Callable[[], object]) -> float:
     return start.elapsed_time(end)
 
 
-def _measure(fn: LossFn, h, w, t, rw, ref, reps: int, warmup: int) -> dict[str, Any]:
-    for _ in range(warmup):
-        _step(fn, h, w, t, rw)
-    times = []
-    for _ in range(reps):
-        h.grad = None  # cleared outside the timed region
-        w.grad = None
-        times.append(_cuda_ms(lambda: fn(h, w, t, rw).backward()))
+def _timed_step(fn: LossFn, h, w, t, rw) -> float:
+    """Milliseconds of one forward + backward, gradients cleared outside the timed region."""
+    h.grad = None
+    w.grad = None
+    return _cuda_ms(lambda: fn(h, w, t, rw).backward())
+
+
+def _measure(
+    fn: LossFn, h, w, t, rw, ref, reps: int, warmup: int, idle_reps: int = 0, idle_s: float = 1.5
+) -> dict[str, Any]:
+    """Back-to-back repetitions after a warm-up (the SM clock sampled meanwhile), then ``idle_reps`` more, each
+    after ``idle_s`` seconds of idle GPU (below its power cap when it starts), then one step for the memory
+    and the errors."""
+    with ClockSampler() as clocks:
+        for _ in range(warmup):
+            _step(fn, h, w, t, rw)
+        times = [_timed_step(fn, h, w, t, rw) for _ in range(reps)]
+    after_idle = []
+    for _ in range(idle_reps):
+        time.sleep(idle_s)
+        after_idle.append(_timed_step(fn, h, w, t, rw))
     h.grad = None
     w.grad = None
     gc.collect()
@@ -162,9 +177,39 @@ def _measure(fn: LossFn, h, w, t, rw, ref, reps: int, warmup: int) -> dict[str, 
         "err_dh": _rel(h.grad, ref["dh"]),
         "err_dw": _rel(w.grad, ref["dw"]),
     }
+    if after_idle:
+        out["ms_after_idle"] = repeats(after_idle)
+    if clocks.summary() is not None:
+        out["clocks"] = clocks.summary()
     h.grad = None
     w.grad = None
     return out
+
+
+def _gemm_floor(h, w, rows: int, gemm_flops: float, idle_s: float) -> dict[str, Any]:
+    """The rate of a lone logits product (``rows`` rows of h @ w.T, cuBLAS) on the benchmark's operands, once
+    after ``idle_s`` seconds idle and over 150 products back to back (the clock sampled), and the time the
+    step's three products (``gemm_flops``) would take at each rate: the floor under any method that runs them
+    as cuBLAS GEMMs."""
+    hc = h.detach()[:rows].contiguous()
+    wt = w.detach().t()
+    buf = torch.empty(rows, w.shape[0], dtype=w.dtype, device=w.device)
+    flops = 2.0 * rows * w.shape[0] * w.shape[1]
+    torch.mm(hc, wt, out=buf)
+    torch.cuda.synchronize()
+    time.sleep(idle_s)
+    once = _cuda_ms(lambda: torch.mm(hc, wt, out=buf))
+    with ClockSampler() as clocks:
+        groups = [_cuda_ms(lambda: [torch.mm(hc, wt, out=buf) for _ in range(10)]) / 10 for _ in range(15)]
+    sustained = repeats([flops / ms / 1e9 for ms in groups])  # TFLOP/s of each group of 10 products
+    return {
+        "rows": rows,
+        "tflops_after_idle": flops / once / 1e9,
+        "tflops_back_to_back": sustained,
+        "floor_ms_after_idle": gemm_flops / (flops / once),
+        "floor_ms_back_to_back": gemm_flops / (sustained["median"] * 1e9),
+        "clocks": clocks.summary(),
+    }
 
 
 def _reference(h, w, t, rw) -> dict[str, torch.Tensor]:
@@ -434,6 +479,20 @@ def main(argv: list[str]) -> None:
     )
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--idle-reps",
+        type=int,
+        default=0,
+        help="also time each method this many more times, each after --idle-s seconds of idle GPU (the JSON's "
+        "ms_after_idle: below the power cap, where back-to-back repetitions run at it)",
+    )
+    p.add_argument("--idle-s", type=float, default=1.5)
+    p.add_argument(
+        "--gemm-floor",
+        action="store_true",
+        help="also time a lone logits product after idle and back to back: the time the three products alone "
+        "take at those rates (the JSON's floors)",
+    )
     p.add_argument("--compile-chunk", type=int, default=1024)
     p.add_argument(
         "--variants",
@@ -473,6 +532,7 @@ def main(argv: list[str]) -> None:
     results: list[dict[str, object]] = []
     profiles: dict[str, dict[str, float]] = {}
     traces: dict[str, dict[str, object]] = {}
+    floors: dict[str, dict[str, Any]] = {}
     peaked: dict[str, dict[str, list[float]]] = {}
     for dim in (int(x) for x in args.hidden.split(",")):
         g = torch.Generator(device="cuda").manual_seed(dim)
@@ -484,6 +544,10 @@ def main(argv: list[str]) -> None:
         rw[order[:num_w]] = 1.0 / (torch.rand(num_w, device="cuda", generator=g) * 0.999 + 1e-3) / n
         unit = (rw != 0).float()
         gemm_flops = 6.0 * num_w * args.vocab * dim
+        if args.gemm_floor:
+            rows = masked_ce._chunk_rows(num_w, args.vocab, 2, KernelConfig())  # our default chunk
+            floors[f"H={dim}"] = _gemm_floor(h, w, rows, gemm_flops, args.idle_s)
+            print(f"floor H={dim}: {floors[f'H={dim}']}", flush=True)
         for kind in args.targets.split(","):
             t = make_targets(kind, rw, args.vocab, g)
             refs = {"weighted": _reference(h, w, t, rw), "unit": _reference(h, w, t, unit)}
@@ -501,7 +565,17 @@ def main(argv: list[str]) -> None:
                         master = key.startswith("ours_master")
                         w_in = w.detach().float().requires_grad_() if master else w
                         inputs = (h, w_in, t, rw if weighting == "weighted" else unit)
-                        row.update(_measure(fn, *inputs, refs[weighting], args.reps, args.warmup))
+                        row.update(
+                            _measure(
+                                fn,
+                                *inputs,
+                                refs[weighting],
+                                args.reps,
+                                args.warmup,
+                                args.idle_reps,
+                                args.idle_s,
+                            )
+                        )
                         row["gemm_tflops"] = gemm_flops / (central(row["ms"]) * 1e-3) / 1e12  # type: ignore[arg-type]
                         del w_in, inputs
                 except ImportError as e:
@@ -558,6 +632,7 @@ def main(argv: list[str]) -> None:
             "results": results,
             "profiles": profiles,
             "traces": traces,
+            "floors": floors,
             "peaked": peaked,
         }
         write_json(out.with_suffix(".json"), payload)

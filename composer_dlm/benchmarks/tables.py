@@ -80,23 +80,24 @@ def _train(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[st
 
 
 def _kernel(files: list[tuple[str, Raw]], rows: list[tuple[str, Raw]]) -> list[str]:
-    """``kernel`` results: forward + backward time, transient memory, gradient errors against fp32."""
-    out = [
-        [
-            r["hidden"],
-            r["targets"],
-            r["method"],
-            r["branch"],
-            fmt(r["ms"], ".2f"),
-            f"{r['transient_gib']:.2f}",
-            f"{r['err_dh']:.1e}",
-            f"{r['err_dw']:.1e}",
-        ]  # fmt: skip
-        for _, r in rows
-        if "ms" in r
-    ]
-    header = ["H", "targets", "method", "branch", "ms", "transient GiB", "d(hidden) err", "d(weight) err"]
-    return _table(header, out)
+    """``kernel`` results: forward + backward time, transient memory, gradient errors against fp32; where the
+    file has them, the time after idle and the SM clock sampled over the back-to-back repetitions."""
+    timed = [r for _, r in rows if "ms" in r]
+    idle = any("ms_after_idle" in r for r in timed)
+    clocked = any("clocks" in r for r in timed)
+    out = []
+    for r in timed:
+        cells = [r["hidden"], r["targets"], r["method"], r["branch"], fmt(r["ms"], ".2f")]
+        if idle:
+            cells.append(fmt(r["ms_after_idle"], ".2f") if "ms_after_idle" in r else "")
+        if clocked:
+            c = r.get("clocks")
+            cells.append(f"{c['sm_mhz']['median']:.0f} ({100 * c['power_capped_share']:.0f}%)" if c else "")
+        cells += [f"{r['transient_gib']:.2f}", f"{r['err_dh']:.1e}", f"{r['err_dw']:.1e}"]
+        out.append(cells)
+    header = ["H", "targets", "method", "branch", "ms"]
+    header += ["ms after idle"] * idle + ["SM MHz (power-capped)"] * clocked
+    return _table([*header, "transient GiB", "d(hidden) err", "d(weight) err"], out)
 
 
 def _is_reference_sampler(name: str) -> bool:
