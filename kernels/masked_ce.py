@@ -75,6 +75,7 @@ class KernelConfig:
 
     block_v: int = 4096  # vocabulary tile of the per-row softmax kernel
     block_h: int = 256  # hidden tile of the target-term kernels
+    row_block_h: int = 2048  # hidden tile of the d(hidden) row writer (few, wide programs: a cheap pass)
     segment_rows: int = 32  # sorted rows per program of the target-term pass (its parallelism over rows)
     num_warps: int = 16
     chunk_bytes: int = 512 << 20  # budget of the reused (C, V) logits buffer
@@ -123,13 +124,12 @@ def _probe_out_dtype(device_type: str) -> bool:
         return False
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b returned in float32 (accumulated in float32 by the GEMM)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if _has_out_dtype(a.device.type):
+def _mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated in float32 by the GEMM, returned in float32 where it can write float32 (out_dtype, or
+    float32 operands), else in the operands' dtype (one rounding; its reader widens it)."""
+    if a.dtype != torch.float32 and _has_out_dtype(a.device.type):
         return torch.mm(a, b, out_dtype=torch.float32)  # type: ignore[call-arg]
-    return torch.mm(a, b).float()
+    return torch.mm(a, b)
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
@@ -167,11 +167,12 @@ def _chunk_rows(num_rows: int, vocab: int, elt: int, cfg: KernelConfig, budget_f
 
 
 def _dh_product(z: torch.Tensor, w: torch.Tensor, split: int) -> torch.Tensor:
-    """z (C, V) @ w (V, H) in float32; with split > 1, as `split` batched products over vocabulary slices
-    summed in float32 (more output tiles for the GEMM when C * H is too small to fill the GPU)."""
+    """z (C, V) @ w (V, H) as :func:`_mm_wide` returns it; with split > 1, as `split` batched products over
+    vocabulary slices summed in float32 (more output tiles for the GEMM when C * H is too small to fill the
+    GPU)."""
     rows, vocab = z.shape
     if split == 1 or vocab % split:
-        return _mm_f32(z, w)
+        return _mm_wide(z, w)
     a = z.view(rows, split, vocab // split).transpose(0, 1)
     b = w.view(split, vocab // split, w.shape[1])
     if z.dtype != torch.float32 and _has_out_dtype(z.device.type):
@@ -245,9 +246,15 @@ def _forward(
             num_warps=cfg.num_warps,
         )
         if d_hidden is not None:
-            dh_CH = _dh_product(z_CV, weight_c, cfg.dh_split)
-            dh_CH.addcmul_(gt_M[start:stop, None], weight_c.index_select(0, targets_M[start:stop]))
-            d_hidden.index_copy_(0, rows_C, dh_CH.to(d_hidden.dtype))
+            tk.write_d_hidden_rows(
+                d_hidden,
+                rows_C,
+                _dh_product(z_CV, weight_c, cfg.dh_split),
+                gt_M[start:stop],
+                weight_c,
+                targets_M[start:stop],
+                block_h=cfg.row_block_h,
+            )
         if d_weight is not None:
             _accumulate(d_weight, z_CV.t(), hidden_CH, first=start == 0)
     del buf

@@ -66,12 +66,40 @@ def _softmax_grad_rows_kernel(
     if WRITE_GRAD:
         w = tl.load(weights_ptr + row)
         tl.store(gt_ptr + row, w * (tl.exp2((z_t - lse) * _LOG2E) - 1.0))
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
+        # Backwards over the row: its last tiles, read last by the first pass, are the likeliest still in L2.
+        last = tl.cdiv(V, BLOCK_V) - 1
+        for i in range(0, last + 1):
+            offs = (last - i) * BLOCK_V + cols
             mask = offs < V
             z = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.where(offs == t, 0.0, w * tl.exp2((z - lse) * _LOG2E))
             tl.store(base + offs, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _d_hidden_rows_kernel(
+    out_ptr,  # (N, H) d(hidden), rows written in place
+    stride_out,
+    rows_ptr,  # (C,) int64 the chunk's rows of d(hidden)
+    dh_ptr,  # (C, H) G0 @ W, float32 or the compute dtype
+    stride_dh,
+    gt_ptr,  # (C,) float32 target coefficients
+    w_ptr,  # (V, H) weight in the compute dtype
+    stride_w,
+    targets_ptr,  # (C,) int64
+    H,
+    BLOCK_H: tl.constexpr,
+):
+    """out[rows[c]] = dh[c] + g_t[c] * W[t[c]], summed in float32 and rounded once to out's dtype."""
+    c = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    t = tl.load(targets_ptr + c)
+    g = tl.load(gt_ptr + c)
+    dh = tl.load(dh_ptr + c * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+    w_t = tl.load(w_ptr + t * stride_w + cols, mask=mask, other=0.0).to(tl.float32)
+    dst = out_ptr + tl.load(rows_ptr + c) * stride_out + cols
+    tl.store(dst, (dh + g * w_t).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -210,6 +238,39 @@ def softmax_grad_rows(
         WRITE_GRAD=write_grad,
         BLOCK_V=block_v,
         num_warps=num_warps,
+    )
+
+
+def write_d_hidden_rows(
+    d_hidden: torch.Tensor,
+    rows_C: torch.Tensor,
+    dh_CH: torch.Tensor,
+    gt_C: torch.Tensor,
+    weight: torch.Tensor,
+    targets_C: torch.Tensor,
+    *,
+    block_h: int,
+) -> None:
+    """d_hidden[rows_C] = dh_CH + gt_C[:, None] * weight[targets_C] in float32, one rounding to d_hidden's
+    dtype: the target terms of d(hidden), the row scatter and the cast in one pass (dh_CH may be float32 or
+    the compute dtype)."""
+    rows, dim = dh_CH.shape
+    if rows == 0:
+        return
+    grid = (rows, triton.cdiv(dim, block_h))
+    _d_hidden_rows_kernel[grid](
+        d_hidden,
+        d_hidden.stride(0),
+        rows_C,
+        dh_CH,
+        dh_CH.stride(0),
+        gt_C,
+        weight,
+        weight.stride(0),
+        targets_C,
+        dim,
+        BLOCK_H=block_h,
+        num_warps=max(1, min(8, block_h // 256)),
     )
 
 

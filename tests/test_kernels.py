@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 # Tiny tiles, chunks and target-term segments so the interpreter covers partial vocabulary tiles, several
 # row chunks, and runs of equal targets that cross segments.
-TINY = KernelConfig(block_v=32, block_h=16, num_warps=1, max_chunk_rows=4, segment_rows=3)
+TINY = KernelConfig(block_v=32, block_h=16, row_block_h=16, num_warps=1, max_chunk_rows=4, segment_rows=3)
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -253,7 +253,7 @@ def _profile(h, w, t, rw, cfg: KernelConfig) -> dict[str, float]:
     }
     for bv, nw in ((4096, 8), (2048, 8), (8192, 16), (4096, 16)):
         out[f"rows_kernel_v{bv}_w{nw}"] = k * time_ms(rows_kernel(bv, nw))
-    out["dh_gemm"] = k * time_ms(lambda: masked_ce._mm_f32(buf, w.detach()))
+    out["dh_gemm"] = k * time_ms(lambda: masked_ce._mm_wide(buf, w.detach()))
     out["dw_gemm_acc"] = k * time_ms(lambda: masked_ce._accumulate(dw, buf.t(), hc, first=False))
     # An fp32 master weight: its bf16 copy once per call, d(weight) summed in float32 (out_dtype, or on the
     # torch-2.7 branch a pass of its own per chunk, over the separate-sum path's larger chunks)
