@@ -14,8 +14,8 @@ walked in chunks of C rows. Per chunk:
 2. Triton, one program per row: pass 1 streams the row once for an online max / sum-exp, the argmax and
    the target logit (lse, CE, correctness); pass 2 overwrites Z in place with G0 = w * softmax(Z), whose
    target entry is set to 0; the target coefficient g_t = w * (p_t - 1) is kept in float32;
-3. cuBLAS: dh_C = G0 @ W (float32 output where torch has `out_dtype`), plus g_t * W[t] in float32, one
-   rounding into d(hidden);
+3. cuBLAS: dh_C = G0 @ W (float32 output where torch has `out_dtype`, else bf16); then one Triton pass adds
+   g_t * W[t] in float32 and writes the rows of d(hidden) with one rounding;
 4. cuBLAS: dW += G0.T @ h_C, accumulated in place (beta = 1, float32 inside each product).
 
 After the last chunk two Triton kernels add the target terms dW[t] += sum_i g_t,i * h_i in float32, over
@@ -43,7 +43,9 @@ a d(weight) product whose contracted dimension is only C: 0.5 ms per chunk where
 one H200 (torch 2.11, 2026-12-01) at C = 1024 (k = 8): a profiled step is 36.4 ms of kernels (GEMMs 33.8 ms; row
 kernel 1.8 ms; target terms 0.2 ms; the rest 0.6 ms), the timed median 41.5 ms, the same with 90% of the rows on
 one target and on the forced torch-2.7 branch; Liger-Kernel, the same three products in chunks of 512 rows here
-(its formula: the next power of two of M / ceil(V / H)), 44.6 ms. C is a multiple of 1024 where the budget
+(its formula: the next power of two of M / ceil(V / H)), 44.6 ms. Timed back to back, the GPU runs at its
+power cap (SM clock ~1.5 GHz, not 1.98): a lone logits product then runs at ~680-700 TFLOP/s, so the three
+products alone take ~36-37 ms (README, "The power cap"). C is a multiple of 1024 where the budget
 allows: C = 1024 beat C = 1408 and 1664 (the d(hidden) product's C·H output then fills 1.3 and 1.6 waves of
 128 x 256 tiles on 132 SMs, where 1024 and 2048 fill 0.97 and 1.94); the default budget, chunk_bytes = 512 MiB, gives C = 2048 (k = 4: half the accumulator passes
 and launches of C = 1024). Transient memory is the (C, V) buffer (494 MiB at C = 2048) plus O(C·H). One

@@ -145,6 +145,12 @@ def test_cells_recomputed_by_hand(tmp_path):
     )
     assert "| native | 39.54 (39.40-39.90, n=3) | 35.40 (35.36-35.90, n=3) | 1620 (75%) | 0.56 |" in idle[2]
     assert idle[3].split(" | ")[5:7] == ["", ""]
+    # kernel_h200_power.json, Liger-Kernel: 25 steps, median 44.6156 (43.6378-52.4630); after idle 40.1085
+    # (39.7370-40.3214); SM clock median 1530 MHz over 37 samples, 22 of them power-capped (59%).
+    assert (
+        "| 44.62 (43.64-52.46, n=25) | 40.11 (39.74-40.32, n=4) | 1530 (59%) | 0.12 |"
+        in render(["kernel_h200_power.json"]).split("\n")[-1]
+    )
     # kernel_h200.json filtered to one row kind: 11 methods x 1 target kind at H = 2048.
     kernel = render(["kernel_h200.json", "hidden=2048", "targets=sft"]).split("\n")
     assert len(kernel) == 2 + 11 and all(row.startswith("| 2048 | sft |") for row in kernel[2:])
