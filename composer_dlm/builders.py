@@ -188,7 +188,12 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> Compose
         for block in model.blocks:
             block.compile()
     return ComposerLLaDA(
-        model, cfg.diffusion, mask_token_id=mask_id, loss_impl=cfg.model.loss_impl, seed=cfg.seed
+        model,
+        cfg.diffusion,
+        mask_token_id=mask_id,
+        loss_impl=cfg.model.loss_impl,
+        loss_chunk_mib=cfg.model.loss_chunk_mib,
+        seed=cfg.seed,
     )
 
 

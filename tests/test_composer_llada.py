@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +63,30 @@ def test_fused_and_plain_paths_agree():
     f.loss.backward()
     for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_loss_chunk_budget_reaches_the_kernel_from_the_yaml(monkeypatch):
+    """model.loss_chunk_mib, through the builder as train.py builds the model, is the kernel's chunk budget;
+    unset, the kernel's own default."""
+    from composer_dlm import builders
+    from composer_dlm.config import load_config
+    from composer_dlm.models import composer_llada
+    from kernels import masked_linear_cross_entropy
+
+    seen = []
+
+    def spy(*args, config=None, **kwargs):
+        seen.append(config.chunk_bytes)
+        return masked_linear_cross_entropy(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(composer_llada, "masked_linear_cross_entropy", spy)
+    for overrides, expected in (([], 512 << 20), (["model.loss_chunk_mib=2048"], 2048 << 20)):
+        cfg = load_config(Path(__file__).resolve().parents[1] / "yamls" / "quickstart.yaml", overrides)
+        tokenizer = builders.build_tokenizer(cfg)
+        model = builders.build_model(cfg, tokenizer)
+        model.set_noise_step(0)
+        model(batch(0))  # ids below 63: inside the embedded tokenizer's vocabulary
+        assert seen.pop() == expected
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "sft"])

@@ -61,6 +61,10 @@ def test_overrides_merge_and_are_typed():
             r"model: model.config and model.pretrained are both set.*add `model.config=null`",
         ),
         ("global_train_batch_size=0", r"global_train_batch_size must be positive"),
+        (
+            "model.loss_chunk_mib=0",
+            r"model.loss_chunk_mib is the fused loss's logits buffer in MiB and must be at",
+        ),
         ("diffusion.mode=ar", r"'ar' is not one of"),
         # Callbacks count batches: another unit, or zero (a modulo by zero at the first batch), is refused here.
         ("callbacks.samples.interval=1ep", r"callbacks.samples.interval must be in batches and at least 1"),

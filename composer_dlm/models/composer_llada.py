@@ -32,7 +32,7 @@ from composer_dlm.diffusion import (
 )
 from composer_dlm.models.architectures import AnyModel
 from composer_dlm.models.llada import eager_blocks
-from kernels import masked_linear_cross_entropy
+from kernels import DEFAULT_CONFIG, masked_linear_cross_entropy
 
 LossImpl = Literal["fused", "plain"]
 
@@ -137,6 +137,7 @@ class ComposerLLaDA(ComposerModel):
         *,
         mask_token_id: int | None = None,
         loss_impl: LossImpl = "fused",
+        loss_chunk_mib: int = DEFAULT_CONFIG.chunk_bytes >> 20,
         seed: int = 17,
     ) -> None:
         super().__init__()
@@ -149,6 +150,7 @@ class ComposerLLaDA(ComposerModel):
             raise ValueError("the model's config has no mask_token_id: pass mask_token_id (the tokenizer's)")
         self.mask_token_id: int = mask
         self.loss_impl = loss_impl
+        self.loss_kernel = dataclasses.replace(DEFAULT_CONFIG, chunk_bytes=loss_chunk_mib << 20)
         self.seed = seed
         self.train_metrics = _metrics()
         self.val_metrics = _metrics()
@@ -237,7 +239,7 @@ class ComposerLLaDA(ComposerModel):
             hidden_NH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
             if self.loss_impl == "fused":
                 return masked_linear_cross_entropy(
-                    hidden_NH, weight_VH, targets_N, weights_N, return_stats=True
+                    hidden_NH, weight_VH, targets_N, weights_N, return_stats=True, config=self.loss_kernel
                 )
             logits_NV = F.linear(hidden_NH, weight_VH).float()
             ce_N = F.cross_entropy(logits_NV, targets_N, reduction="none")
