@@ -10,6 +10,9 @@ transient memory (peak allocated minus inputs and outputs: loss and the two grad
 errors of the loss and both gradients against the float32 reference (kernels.masked_ce_reference on
 upcast copies, TF32 off). Liger-Kernel and Cut Cross-Entropy have no per-row weights: they get the
 weighted rows with unit weights, and their errors are taken against the unit-weight reference.
+Each method's back-to-back repetitions are also sampled for the SM clock and the power cap
+(composer_dlm/benchmarks/clocks.py); ``--idle-reps`` times extra steps after idle GPU, and ``--gemm-floor`` the
+lone logits product, whose rate estimates what the same GEMMs alone cost (README, "The power cap").
 Writes the table as markdown and the raw figures, with the environment, as JSON (PATH with .md and .json
 suffixes) when --out is given.
 """
