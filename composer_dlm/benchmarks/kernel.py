@@ -124,10 +124,14 @@ def _nbytes(*xs: torch.Tensor | None) -> int:
     return sum(x.numel() * x.element_size() for x in xs if x is not None)
 
 
-def _step(fn: LossFn, h, w, t, rw) -> torch.Tensor:
-    """One forward + backward from cleared gradients; returns the loss."""
+def _clear_grads(h: torch.Tensor, w: torch.Tensor) -> None:
     h.grad = None
     w.grad = None
+
+
+def _step(fn: LossFn, h, w, t, rw) -> torch.Tensor:
+    """One forward + backward from cleared gradients; returns the loss."""
+    _clear_grads(h, w)
     loss = fn(h, w, t, rw)
     loss.backward()
     return loss
@@ -145,8 +149,7 @@ def _cuda_ms(f: Callable[[], object]) -> float:
 
 def _timed_step(fn: LossFn, h, w, t, rw) -> float:
     """Milliseconds of one forward + backward, gradients cleared outside the timed region."""
-    h.grad = None
-    w.grad = None
+    _clear_grads(h, w)
     return _cuda_ms(lambda: fn(h, w, t, rw).backward())
 
 
@@ -164,8 +167,7 @@ def _measure(
     for _ in range(idle_reps):
         time.sleep(idle_s)
         after_idle.append(_timed_step(fn, h, w, t, rw))
-    h.grad = None
-    w.grad = None
+    _clear_grads(h, w)
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -182,10 +184,10 @@ def _measure(
     }
     if after_idle:
         out["ms_after_idle"] = repeats(after_idle)
-    if clocks.summary() is not None:
-        out["clocks"] = clocks.summary()
-    h.grad = None
-    w.grad = None
+    clock = clocks.summary()
+    if clock is not None:
+        out["clocks"] = clock
+    _clear_grads(h, w)
     return out
 
 
@@ -348,8 +350,7 @@ def _trace(fn: LossFn, h, w, t, rw) -> dict[str, object]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         _step(fn, h, w, t, rw)
         torch.cuda.synchronize()
-    h.grad = None
-    w.grad = None
+    _clear_grads(h, w)
     events = prof.key_averages()
     for key in ("self_device_time_total", "self_cuda_time_total"):
         try:

@@ -137,7 +137,7 @@ class ComposerLLaDA(ComposerModel):
         *,
         mask_token_id: int | None = None,
         loss_impl: LossImpl = "fused",
-        loss_chunk_mib: int = DEFAULT_CONFIG.chunk_bytes >> 20,
+        loss_chunk_mib: int | None = None,
         seed: int = 17,
     ) -> None:
         super().__init__()
@@ -150,7 +150,12 @@ class ComposerLLaDA(ComposerModel):
             raise ValueError("the model's config has no mask_token_id: pass mask_token_id (the tokenizer's)")
         self.mask_token_id: int = mask
         self.loss_impl = loss_impl
-        self.loss_kernel = dataclasses.replace(DEFAULT_CONFIG, chunk_bytes=loss_chunk_mib << 20)
+        # The fused loss's launch settings: the kernel's defaults, with the buffer budget the YAML may set.
+        self.loss_kernel = (
+            DEFAULT_CONFIG
+            if loss_chunk_mib is None
+            else dataclasses.replace(DEFAULT_CONFIG, chunk_bytes=loss_chunk_mib << 20)
+        )
         self.seed = seed
         self.train_metrics = _metrics()
         self.val_metrics = _metrics()
