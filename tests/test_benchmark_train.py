@@ -91,6 +91,10 @@ def test_train_benchmark_runs_and_reports(tmp_path, monkeypatch, capsys):
         assert r["executed_utilisation"] == pytest.approx(r["tokens_per_s_per_gpu"] * executed / 989e12)
     for r in results[2:]:  # full logits: every row projected
         assert r["executed_utilisation"] == r["mfu"]
+        # The reference keeps each timed step too: the run's figure lies within their range.
+        steps = r["tokens_per_s_steps"]
+        assert len(steps["repeats"]) == 2
+        assert steps["min"] * (1 - 1e-9) <= r["tokens_per_s_per_gpu"] <= steps["max"] * (1 + 1e-9)
     assert results[0]["path"].startswith("ours") and results[2]["path"].startswith("reference")
     table = capsys.readouterr().out
     assert table.count("| ours") == 2 and table.count("| reference") == 2

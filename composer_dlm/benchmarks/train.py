@@ -279,11 +279,13 @@ def run_reference(args: argparse.Namespace, micro_batch: int, compiled: bool) ->
             step()
         _sync()
         _reset_peak()
-        start = time.perf_counter()
+        step_s = []  # each timed step, synchronised at its end, so the JSON keeps their range as ours does
         for _ in range(args.steps - args.warmup):
+            start = time.perf_counter()
             step()
-        _sync()
-        dt = time.perf_counter() - start
+            _sync()
+            step_s.append(time.perf_counter() - start)
+        dt = sum(step_s)
     except torch.OutOfMemoryError:
         oom = True
     peak = _peak_gib()
@@ -301,6 +303,7 @@ def run_reference(args: argparse.Namespace, micro_batch: int, compiled: bool) ->
         "executed_utilisation": _mfu(model.config, args.seq_len, tps),  # full logits: every row projected
         "peak_gib": peak,
         "step_s": dt / (args.steps - args.warmup),
+        "tokens_per_s_steps": repeats([micro_batch * args.seq_len / s for s in step_s]),
     }
 
 
